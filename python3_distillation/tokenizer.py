@@ -1,0 +1,215 @@
+"""The GPT-2 tokenizer, found locally, on the hub, or rebuilt offline from GPT-2's BPE ranks.
+
+    python -m python3_distillation assets        # builds it (and the corpus) under the data dir
+
+Resolution order for a spec such as ``"gpt2"`` or ``"path/to/dir"``:
+
+1. a local directory holding a saved tokenizer;
+2. a hub id, when the hub is reachable (``HF_HUB_OFFLINE`` honoured, reachability probed in ~2 s
+   instead of the ~48 s a blocked hub costs);
+3. for ``gpt2`` only: rebuilt offline from ``whisper/assets/gpt2.tiktoken`` in the openai-whisper
+   20250625 source archive (the same ranks as tiktoken's ``r50k_base``), hash-checked, cached
+   under ``<data dir>/tokenizer/gpt2`` so it is built once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from python3_distillation.paths import data_dir as default_data_dir
+
+log = logging.getLogger(__name__)
+
+WHISPER_VERSION = "20250625"
+WHISPER_ARCHIVE = f"openai_whisper-{WHISPER_VERSION}.tar.gz"
+TIKTOKEN_MEMBER = f"openai_whisper-{WHISPER_VERSION}/whisper/assets/gpt2.tiktoken"
+TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+EOS_TOKEN = "<|endoftext|>"
+EOS_ID = 50256
+GPT2_VOCAB_SIZE = 50257
+# Known encodings of GPT-2's tokenizer, checked after every rebuild.
+KNOWN_ENCODINGS = {"Hello world": [15496, 995], " Hello world": [18435, 995]}
+
+
+class AssetError(RuntimeError):
+    """An asset could not be obtained or failed its check (message says which and why)."""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable-character map (from openai/gpt-2 ``encoder.py``)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """Rank-ordered BPE on ``token`` using only merges ranked below ``max_rank``."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        best_i, best_rank = -1, max_rank
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best_i, best_rank = i, rank
+        if best_i < 0:
+            return parts
+        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+
+
+def ranks_to_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Turn tiktoken-style ranks into GPT-2's ``vocab.json`` dict and ordered ``merges.txt`` pairs.
+
+    Each multi-byte token was made by exactly one merge; re-running BPE on its bytes with only the
+    merges ranked before it leaves the two halves of that merge.
+    """
+    b2u = bytes_to_unicode()
+
+    def show(b: bytes) -> str:
+        return "".join(b2u[x] for x in b)
+
+    vocab = {show(tok): rank for tok, rank in ranks.items()}
+    merges = []
+    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) == 1:
+            continue
+        parts = _bpe_split(ranks, tok, rank)
+        if len(parts) != 2:
+            raise AssetError(f"BPE rank {rank} does not split into one merge ({len(parts)} parts)")
+        merges.append((show(parts[0]), show(parts[1])))
+    vocab[EOS_TOKEN] = len(ranks)
+    return vocab, merges
+
+
+def read_tiktoken(data: bytes) -> dict[bytes, int]:
+    ranks = {}
+    for line in data.splitlines():
+        if line.strip():
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    return ranks
+
+
+def download_whisper_archive(download_dir: Path) -> Path:
+    """Fetch the openai-whisper source archive with pip (no install, no dependencies)."""
+    download_dir.mkdir(parents=True, exist_ok=True)
+    target = download_dir / WHISPER_ARCHIVE
+    if target.exists():
+        return target
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           f"openai-whisper=={WHISPER_VERSION}", "-d", str(download_dir)]
+    log.info("downloading %s with pip", WHISPER_ARCHIVE)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not target.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise AssetError(
+            f"could not download openai-whisper=={WHISPER_VERSION} source archive with pip ({tail[0]}); "
+            f"put {WHISPER_ARCHIVE} in {download_dir} by hand or set DISTILL_WHISPER_ARCHIVE")
+    return target
+
+
+def build_gpt2_tokenizer(out_dir: Path, archive: Path | None = None) -> Path:
+    """Rebuild GPT-2's tokenizer offline into ``out_dir`` (atomic: a temp dir renamed at the end)."""
+    from transformers import GPT2TokenizerFast
+
+    out_dir = Path(out_dir)
+    if archive is None:
+        env = os.environ.get("DISTILL_WHISPER_ARCHIVE")
+        archive = Path(env) if env else download_whisper_archive(out_dir.parent.parent / "downloads")
+    try:
+        with tarfile.open(archive) as tar:
+            data = tar.extractfile(TIKTOKEN_MEMBER).read()
+    except (OSError, KeyError, tarfile.TarError) as e:
+        raise AssetError(f"{archive}: cannot read {TIKTOKEN_MEMBER} ({e})") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != TIKTOKEN_SHA256:
+        raise AssetError(f"{archive}: gpt2.tiktoken has sha256 {digest}, expected {TIKTOKEN_SHA256}")
+    vocab, merges = ranks_to_vocab_and_merges(read_tiktoken(data))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=out_dir.parent))
+    try:
+        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (tmp / "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        # Loading the bare vocab/merges through the fast class and saving it again writes
+        # tokenizer.json + tokenizer_config.json, which AutoTokenizer needs.
+        tok = GPT2TokenizerFast.from_pretrained(str(tmp))
+        check_gpt2_tokenizer(tok)
+        tok.save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def check_gpt2_tokenizer(tok) -> None:
+    if len(tok) != GPT2_VOCAB_SIZE or tok.eos_token_id != EOS_ID:
+        raise AssetError(f"rebuilt tokenizer has {len(tok)} tokens / eos {tok.eos_token_id}, "
+                         f"expected {GPT2_VOCAB_SIZE} / {EOS_ID}")
+    for text, ids in KNOWN_ENCODINGS.items():
+        got = tok.encode(text)
+        if got != ids:
+            raise AssetError(f"rebuilt tokenizer encodes {text!r} as {got}, GPT-2 gives {ids}")
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True when the Hugging Face hub can be used: not offline by setting, and its host answers."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return False
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+        host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except Exception:
+        return False
+
+
+def is_local_tokenizer_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+
+
+def load_tokenizer(spec: str | os.PathLike | None = "gpt2", data_dir: Path | None = None):
+    """Return a transformers tokenizer for ``spec`` (local dir, hub id, or ``gpt2`` rebuilt offline)."""
+    from transformers import AutoTokenizer
+
+    spec = str(spec or "gpt2")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not is_local_tokenizer_dir(path):
+            raise AssetError(f"{path}: not a tokenizer folder (no tokenizer.json / vocab.json)")
+        return AutoTokenizer.from_pretrained(str(path))
+    if hub_reachable():
+        try:
+            return AutoTokenizer.from_pretrained(spec)
+        except Exception as e:  # a hub that answers but lacks the repo, or a flaky network
+            log.warning("hub tokenizer %s failed (%s); trying the offline copy", spec, e)
+    if spec not in {"gpt2", "openai-community/gpt2"}:
+        raise AssetError(f"tokenizer {spec!r}: not a local folder and the hub is not reachable")
+    cached = Path(data_dir or default_data_dir()) / "tokenizer" / "gpt2"
+    if not is_local_tokenizer_dir(cached):
+        log.info("rebuilding GPT-2's tokenizer offline into %s", cached)
+        build_gpt2_tokenizer(cached)
+    return AutoTokenizer.from_pretrained(str(cached))
