@@ -1,0 +1,65 @@
+"""Model cards: the README.md inside every saved model folder, from its measured numbers.
+
+    python -m python3_distillation report      # rewrites the cards with speed and size too
+"""
+
+from __future__ import annotations
+
+from python3_distillation.config import RunConfig
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: dict | None = None) -> str:
+    """Markdown card: lineage, shape, training, validation perplexity, and (when measured) speed."""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [gpt2, distillation]",
+        "---",
+        f"# {name}",
+        "",
+    ]
+    if meta.get("stage") == "teacher":
+        lines.append(f"GPT-2 teacher, {meta.get('init', '')}.")
+    else:
+        init = meta.get("student_init", {})
+        how = {"teacher": f"initialised from teacher blocks {init.get('layers')} + embeddings + final norm",
+               "base": f"initialised from the teacher's base checkpoint {init.get('base', '')}",
+               "random": "randomly initialised"}.get(init.get("init"), str(init))
+        if init.get("note"):
+            how += f" ({init['note']})"
+        kd = (f"KL soft targets at T={meta.get('temperature')} (alpha_kd={meta.get('alpha_kd')}, "
+              f"alpha_ce={meta.get('alpha_ce')}, alpha_cos={meta.get('alpha_cos')})")
+        if not meta.get("alpha_kd"):
+            kd = "labels only (CE baseline, alpha_kd=0)"
+        lines.append(f"Student distilled from `{meta.get('teacher')}` with {kd}; {how}.")
+    lines += [
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {meta.get('n_params', 0) / 1e6:.2f}M ({meta.get('n_layer')} layers × {meta.get('n_embd')}) |",
+        f"| training | {meta.get('train_steps')} steps, {meta.get('train_tokens', 0):,} tokens, "
+        f"{_fmt(meta.get('train_seconds'), '.0f')} s on `{meta.get('data')}` |",
+        f"| validation perplexity | {_fmt(meta.get('val_ppl'))} |",
+    ]
+    if meta.get("teacher_val_ppl") is not None:
+        lines.append(f"| teacher validation perplexity | {_fmt(meta.get('teacher_val_ppl'))} |")
+    for key, label in (("size_mb", "size on disk (MB)"), ("decode_tok_s_b1", "generation, batch 1 (tokens/s)"),
+                       ("decode_tok_s_b8", "generation, batch 8 (tokens/s)"), ("device", "measured on")):
+        if measured and measured.get(key) is not None:
+            lines.append(f"| {label} | {measured[key] if isinstance(measured[key], str) else _fmt(measured[key], '.1f')} |")
+    lines += [
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'tok = AutoTokenizer.from_pretrained("PATH"); model = AutoModelForCausalLM.from_pretrained("PATH")',
+        "```",
+        "",
+    ]
+    if cfg is not None:
+        lines.append("The resolved training config is in `distill_config.yaml` beside this card.")
+    return "\n".join(lines) + "\n"

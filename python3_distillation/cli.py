@@ -1,0 +1,137 @@
+"""Command line: one subcommand per stage of the pipeline.
+
+    gpt2-distill assets                       # GPT-2 tokenizer + Austen corpus, built offline once
+    gpt2-distill teacher [--resume]           # train the embedded teacher (or fine-tune: teacher.init_from=gpt2)
+    gpt2-distill distill --config v2          # 6-layer student (v1: --config v1; CE baseline: --config v2_ce)
+    gpt2-distill report                       # teacher / v1 / v2 / CE-only v2 side by side
+    gpt2-distill infer "It is a truth"        # generate (see `gpt2-distill infer --help`)
+    gpt2-distill serve                        # web page + API on 127.0.0.1:6006
+
+Training commands take ``--config FILE_OR_NAME`` (repeatable, names resolve to ``configs/NAME.yaml``)
+and dotted overrides such as ``train.max_steps=100 student.n_layer=4``. Errors in the input are
+reported in one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _training_parser(prog: str, description: str, default_config: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", action="append", default=None, metavar="FILE",
+                   help=f"YAML config (diff from the defaults); repeatable; default: {default_config or 'none'}")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.max_steps=100")
+    return p
+
+
+def _load(args, default_config: str | None):
+    from python3_distillation.config import load_config
+
+    files = args.config if args.config else ([default_config] if default_config else [])
+    return load_config(files, [o for o in args.overrides])
+
+
+def cmd_assets(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gpt2-distill assets", description="Build the GPT-2 tokenizer and the "
+                                "Austen corpus under the data dir ($DISTILL_DATA_DIR), offline, once.")
+    p.parse_args(argv)
+    from python3_distillation.corpus import build_austen_corpus
+    from python3_distillation.paths import data_dir
+    from python3_distillation.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("gpt2", data_dir())
+    paths = build_austen_corpus(data_dir())
+    print(f"tokenizer: {tok.name_or_path} ({len(tok):,} tokens)")
+    for split, path in paths.items():
+        print(f"corpus {split}: {path}")
+    return 0
+
+
+def cmd_stage(argv: list[str], stage: str, default_config: str | None) -> int:
+    from python3_distillation.config import ConfigError
+
+    prog = f"gpt2-distill {stage}"
+    desc = ("Train the GPT-2 teacher (from scratch, or fine-tune teacher.init_from)." if stage == "teacher" else
+            "Distil the teacher into a student (KL×T² soft targets + CE).")
+    args = _training_parser(prog, desc, default_config).parse_args(argv)
+    cfg = _load(args, default_config)
+    if cfg.stage != stage:
+        raise ConfigError(f"config is for stage {cfg.stage!r}, this command is {stage!r}")
+    if stage == "teacher":
+        from python3_distillation.teacher import run_teacher
+
+        run_teacher(cfg, resume=args.resume)
+    else:
+        from python3_distillation.distill import run_distill
+
+        run_distill(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from python3_distillation.evaluation import main as report_main
+
+    return report_main(argv)
+
+
+def cmd_infer(argv: list[str]) -> int:
+    from python3_distillation.infer import main as infer_main
+
+    return infer_main(argv)
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from python3_distillation.server import main as serve_main
+
+    return serve_main(argv)
+
+
+COMMANDS = {
+    "assets": cmd_assets,
+    "teacher": lambda argv: cmd_stage(argv, "teacher", "teacher"),
+    "distill": lambda argv: cmd_stage(argv, "distill", "v2"),
+    "report": cmd_report,
+    "infer": cmd_infer,
+    "serve": cmd_serve,
+}
+
+
+def run_guarded(fn, argv: list[str]) -> int:
+    """Run a command; known input errors become one line on stderr and exit status 2."""
+    from python3_distillation.config import ConfigError
+    from python3_distillation.data import DataError
+    from python3_distillation.models import ModelError
+    from python3_distillation.tokenizer import AssetError
+
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return fn(argv)
+    except (ConfigError, DataError, ModelError, AssetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(__doc__.strip())
+        return 0 if argv else EXIT_BAD_INPUT
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run_guarded(COMMANDS[name], rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""Typed run configuration: dataclass defaults, YAML files that are diffs, dotted overrides.
+
+    python -m python3_distillation teacher --config configs/teacher.yaml train.max_steps=50
+
+A YAML file in ``configs/`` only names what differs from the defaults below; ``section.key=value``
+overrides on the command line come last (values parsed as YAML, so ``3e-4``, ``true``, ``[0, 2]``
+work). Unknown keys and wrong types are errors that name the key; the resolved config is written
+beside every checkpoint and model (``distill_config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from python3_distillation.paths import model_dir
+
+CONFIG_FILE = "distill_config.yaml"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repo's configs/
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class DataConfig:
+    # "austen" (embedded: five novels train, Persuasion validation); a .txt/.jsonl file or folder
+    # (comma-separate several); or a `datasets` hub spec "name:config" such as
+    # "wikitext:wikitext-103-raw-v1" (needs the network).
+    train: str = "austen"
+    # Same forms as `train`; empty → the source's own validation split, else a held-out fraction.
+    validation: str = ""
+    validation_fraction: float = 0.05
+    text_field: str = "text"  # the JSONL / hub column holding the text
+    # How a .txt file splits into documents (an EOS token goes between documents):
+    # "line" (each non-empty line), "paragraph" (blank-line separated), "file", or "auto"
+    # (paragraph when the file has blank lines, else line).
+    document: Literal["auto", "line", "paragraph", "file"] = "auto"
+    block_size: int = 128  # tokens per training example (≤ the model's n_positions)
+    max_eval_blocks: int = 256  # validation blocks used for perplexity (0 = all)
+
+    def validate(self) -> None:
+        _check(self.block_size >= 2, "data.block_size must be ≥ 2")
+        _check(0.0 < self.validation_fraction < 1.0, "data.validation_fraction must be in (0, 1)")
+        _check(self.max_eval_blocks >= 0, "data.max_eval_blocks must be ≥ 0")
+        _check(bool(self.train.strip()), "data.train must name a data source")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600  # optimizer steps
+    batch_size: int = 8  # blocks per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr × this
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # applied to matrices only, not biases/norms/embeddings' positions
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # bf16 autocast is ~1.7× faster on this CPU
+    eval_every: int = 200  # steps between validation perplexity (0 = only at the end)
+    save_every: int = 200  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    run_dir: str = ""  # checkpoints + metrics.jsonl; empty → runs/<name>
+    cpu: bool = False  # force CPU even when CUDA is present
+
+    def validate(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            _check(getattr(self, key) >= 1, f"train.{key} must be ≥ 1")
+        for key in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
+            _check(getattr(self, key) >= 0, f"train.{key} must be ≥ 0")
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr must be a positive number")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
+        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "train.beta1/beta2 must be in [0, 1)")
+
+
+@dataclass
+class TeacherConfig:
+    # Teacher folder: written by the teacher stage, read by distillation.
+    path: str = str(model_dir("teacher"))
+    # GPT-2 checkpoint to fine-tune (hub id such as "gpt2" or a local folder); empty → train from
+    # scratch with the shape below (the embedded default: no hub needed).
+    init_from: str = ""
+    # From-scratch shape: 12 layers like GPT-2 small, narrower so it trains in minutes on 2 cores.
+    n_layer: int = 12
+    n_embd: int = 256
+    n_head: int = 4
+    n_positions: int = 256
+    dropout: float = 0.0  # short runs underfit; dropout only slows them
+
+    def validate(self) -> None:
+        _check(self.n_layer >= 1 and self.n_head >= 1, "teacher.n_layer and teacher.n_head must be ≥ 1")
+        _check(self.n_embd % self.n_head == 0, "teacher.n_embd must be divisible by teacher.n_head")
+        _check(self.n_positions >= 2, "teacher.n_positions must be ≥ 2")
+        _check(0.0 <= self.dropout < 1.0, "teacher.dropout must be in [0, 1)")
+
+
+@dataclass
+class StudentConfig:
+    output_dir: str = str(model_dir("v2"))
+    n_layer: int = 6  # 0 → the teacher's layer count
+    # "teacher": copy embeddings, final norm and the blocks in `layers` from the teacher
+    # (DistilGPT2's recipe); "base": the teacher's base checkpoint (the GPT-2 it was fine-tuned
+    # from), falling back to random when it was trained from scratch; "random".
+    init: Literal["teacher", "base", "random"] = "teacher"
+    layers: list[int] = field(default_factory=list)  # teacher blocks to copy; empty → evenly spread
+
+    def validate(self) -> None:
+        _check(self.n_layer >= 0, "student.n_layer must be ≥ 0 (0 = same as the teacher)")
+        _check(all(i >= 0 for i in self.layers), "student.layers must be non-negative block indices")
+        if self.layers and self.n_layer:
+            _check(len(self.layers) == self.n_layer,
+                   f"student.layers has {len(self.layers)} entries but student.n_layer is {self.n_layer}")
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 2.0
+    alpha_kd: float = 0.5  # weight of T²·KL(teacher_T ‖ student_T)
+    alpha_ce: float = 0.5  # weight of the causal-LM cross-entropy on the labels
+    alpha_cos: float = 0.0  # weight of 1 − cos(student hidden, teacher hidden) (equal widths only)
+    kd_chunk_rows: int = 256  # positions per chunk of the KL (bounds its fp32 memory)
+
+    def validate(self) -> None:
+        _check(self.temperature > 0 and math.isfinite(self.temperature), "distill.temperature must be > 0")
+        for key in ("alpha_kd", "alpha_ce", "alpha_cos"):
+            _check(getattr(self, key) >= 0, f"distill.{key} must be ≥ 0")
+        _check(self.alpha_kd + self.alpha_ce + self.alpha_cos > 0, "distill: at least one alpha must be > 0")
+        _check(self.kd_chunk_rows >= 1, "distill.kd_chunk_rows must be ≥ 1")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    stage: Literal["teacher", "distill"] = "teacher"
+    tokenizer: str = "gpt2"  # local folder or hub id; "gpt2" is rebuilt offline when the hub is unreachable
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self) -> "RunConfig":
+        _check(bool(self.name.strip()) and "/" not in self.name, "name must be a non-empty word (no '/')")
+        for section in (self.data, self.train, self.teacher, self.student, self.distill):
+            section.validate()
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir or Path("runs") / self.name)
+
+    @property
+    def output_dir(self) -> Path:
+        """The folder the finished model is saved to."""
+        return Path(self.teacher.path if self.stage == "teacher" else self.student.output_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (ints are accepted where floats are expected)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no`/`off` as false
+            value = next((c for c in (("yes", "true", "on") if value else ("no", "false", "off")) if c in get_args(tp)), value)
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)  # YAML reads `name: 123` as an int; a name is still a string
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key!s} (valid: {', '.join(names)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def parse_override(text: str) -> dict:
+    """``"train.lr=3e-4"`` → ``{"train": {"lr": 0.0003}}`` (leading dashes allowed)."""
+    body = text.lstrip("-")
+    if "=" not in body:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = body.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file as a mapping (its ``base:`` key, if any, included)."""
+    path = _resolve(Path(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: RunConfig | None = None) -> RunConfig:
+    """Defaults ← each YAML file in order (a file's ``base: other.yaml`` is applied first) ← overrides."""
+    cfg = base or RunConfig()
+    for f in files:
+        chain = [read_yaml(f)]
+        path = _resolve(Path(f))
+        while chain[-1].get("base"):
+            path = path.parent / chain[-1]["base"]
+            if len(chain) > 8:
+                raise ConfigError(f"config {f}: `base:` chain is too deep or circular")
+            chain.append(read_yaml(path))
+        for data in reversed(chain):
+            _apply(cfg, {k: v for k, v in data.items() if k != "base"})
+    for o in overrides:
+        _apply(cfg, parse_override(o))
+    return cfg.validate()
+
+
+def _resolve(path: Path) -> Path:
+    """A bare name such as ``v2`` means ``configs/v2.yaml``."""
+    if not path.exists() and not path.suffix and (CONFIGS_DIR / f"{path}.yaml").exists():
+        return CONFIGS_DIR / f"{path}.yaml"
+    return path
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, d)
+    return cfg.validate()

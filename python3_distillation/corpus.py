@@ -1,0 +1,325 @@
+"""Jane Austen's six novels as a train/validation text corpus, read from Debian's r-cran-janeaustenr.
+
+    DISTILL_DATA_DIR=./data python -m python3_distillation.corpus
+
+The novels are public domain. Debian ships them in ``r-cran-janeaustenr`` as R's lazy-load database
+``usr/lib/R/site-library/janeaustenr/data/Rdata.{rdx,rdb}`` (one character vector per book, one
+element per printed line). This module gets that .deb (``DISTILL_AUSTEN_DEB``, a copy already in
+``<data dir>/downloads``, or ``apt-get download``), reads it in pure Python (ar → data.tar.xz/gz →
+the two files → :mod:`python3_distillation.rdata`), joins lines into paragraphs and writes
+
+    <data dir>/austen/train.txt        Sense & Sensibility, Pride & Prejudice, Mansfield Park,
+                                       Emma, Northanger Abbey
+    <data dir>/austen/validation.txt   Persuasion
+    <data dir>/austen/manifest.json    sha256 of the .deb and both files, counts
+
+one paragraph per line, UTF-8. A held-out *novel* (not random paragraphs) is the validation split,
+so validation loss measures generalisation to unseen text rather than recall of neighbouring lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from python3_distillation.paths import data_dir as default_data_dir
+from python3_distillation.rdata import RDataError, read_lazyload_db
+from python3_distillation.tokenizer import AssetError
+
+log = logging.getLogger(__name__)
+
+DEB_PACKAGE = "r-cran-janeaustenr"
+DEB_GLOB = f"{DEB_PACKAGE}_*.deb"
+RDATA_DIR = "usr/lib/R/site-library/janeaustenr/data/"
+# R object name → title, in publication order (the order of the R package's austen_books()).
+BOOKS = {
+    "sensesensibility": "Sense & Sensibility",
+    "prideprejudice": "Pride & Prejudice",
+    "mansfieldpark": "Mansfield Park",
+    "emma": "Emma",
+    "northangerabbey": "Northanger Abbey",
+    "persuasion": "Persuasion",
+}
+VALIDATION_BOOKS = ("Persuasion",)
+# Bumped whenever the paragraph rules change, so an old build is not mistaken for a current one.
+CORPUS_VERSION = 1
+SPLITS = ("train", "validation")
+
+# "CHAPTER XII", "Chapter 3", "VOLUME I" — alone in their paragraph.
+HEADING = re.compile(r"(?:CHAPTER|Chapter|VOLUME|Volume)\s+(?:[IVXLC]+|\d+)\.?")
+# Where the novel's text stops: what follows is the edition's, not Austen's ("A NOTE ON THE TEXT").
+END_MARKERS = {"THE END", "FINIS", "Finis", "A NOTE ON THE TEXT"}
+# Transcribers' notes on where an edition's volumes ended: "[End volume one of this edition.",
+# "[At this point in the first and second editions, Volume 1 ends.]", "(End of volume one.)".
+EDITORIAL = re.compile(r"[\[(].*\b(?:edition|volume)\b", re.IGNORECASE)
+PROSE_END = re.compile(r"""[.!?;:"'\-]$""")
+
+
+class CorpusError(AssetError):
+    """The Austen corpus could not be fetched, read or built (message says which file and why)."""
+
+
+# -- getting the .deb --------------------------------------------------------------------------
+def fetch_austen_deb(download_dir: Path) -> Path:
+    """Path of the r-cran-janeaustenr .deb: ``$DISTILL_AUSTEN_DEB``, a copy in ``download_dir``,
+    or one fetched there with ``apt-get download`` (needs the apt lists, not root)."""
+    env = os.environ.get("DISTILL_AUSTEN_DEB")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise CorpusError(f"DISTILL_AUSTEN_DEB={env}: no such file")
+        return path
+    download_dir = Path(download_dir)
+    found = sorted(download_dir.glob(DEB_GLOB))
+    if found:
+        return found[-1]
+    download_dir.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s with apt-get into %s", DEB_PACKAGE, download_dir)
+    hint = (f"run `apt-get update` (as root) and retry, or pass a {DEB_PACKAGE} .deb path "
+            f"or set DISTILL_AUSTEN_DEB")
+    try:
+        proc = subprocess.run(["apt-get", "download", DEB_PACKAGE], cwd=download_dir,
+                              capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        raise CorpusError(f"apt-get not found, cannot download {DEB_PACKAGE}; {hint}") from None
+    except subprocess.TimeoutExpired:
+        raise CorpusError(f"apt-get download {DEB_PACKAGE} took over 600 s; {hint}") from None
+    found = sorted(download_dir.glob(DEB_GLOB))
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise CorpusError(f"apt-get download {DEB_PACKAGE} failed ({tail[0]}); {hint}")
+    return found[-1]
+
+
+# -- reading the .deb --------------------------------------------------------------------------
+def _ar_members(data: bytes, name: str) -> dict[str, bytes]:
+    """The members of an ar archive (a .deb's outer layer): 60-byte headers, even-padded bodies."""
+    if not data.startswith(b"!<arch>\n"):
+        raise CorpusError(f"{name}: not a .deb (no ar archive header)")
+    members, pos = {}, 8
+    while pos + 60 <= len(data):
+        header = data[pos : pos + 60]
+        if header[58:60] != b"`\n":
+            raise CorpusError(f"{name}: corrupt ar member header at byte {pos}")
+        member = header[:16].decode("ascii", "replace").strip().rstrip("/")
+        try:
+            size = int(header[48:58].decode("ascii").strip())
+        except ValueError:
+            raise CorpusError(f"{name}: corrupt ar member size at byte {pos}") from None
+        start = pos + 60
+        if start + size > len(data):
+            raise CorpusError(f"{name}: truncated (member {member} needs {size} bytes, "
+                              f"{len(data) - start} left)")
+        members[member] = data[start : start + size]
+        pos = start + size + (size & 1)
+    return members
+
+
+def read_deb_member(deb_path: Path, suffix: str) -> bytes:
+    """Bytes of the one file in the .deb's data archive whose path ends with ``suffix``."""
+    deb_path = Path(deb_path)
+    try:
+        data = deb_path.read_bytes()
+    except OSError as e:
+        raise CorpusError(f"{deb_path}: cannot read ({e.strerror or e})") from e
+    members = _ar_members(data, str(deb_path))
+    tar_names = [m for m in members if m.startswith("data.tar")]
+    if not tar_names:
+        raise CorpusError(f"{deb_path}: no data.tar.* member (has {sorted(members)})")
+    tar_name = tar_names[0]
+    if tar_name.endswith(".zst"):
+        raise CorpusError(f"{deb_path}: {tar_name} is zstd-compressed; only xz, gz, bz2 or none are read")
+    try:
+        # "r:*" lets tarfile pick xz (Debian's default), gzip, bzip2 or plain from the magic bytes.
+        with tarfile.open(fileobj=io.BytesIO(members[tar_name]), mode="r:*") as tar:
+            hits = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(suffix)]
+            if len(hits) != 1:
+                raise CorpusError(f"{deb_path}: {len(hits)} files end with {suffix!r} in {tar_name}, expected 1")
+            return tar.extractfile(hits[0]).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise CorpusError(f"{deb_path}: cannot read {tar_name} ({e})") from e
+
+
+def read_austen_books(deb_path: Path) -> dict[str, list[str]]:
+    """Book title → its printed lines, in publication order, read from the package's lazy-load DB."""
+    rdx = read_deb_member(deb_path, RDATA_DIR + "Rdata.rdx")
+    rdb = read_deb_member(deb_path, RDATA_DIR + "Rdata.rdb")
+    try:
+        objects = read_lazyload_db(rdx, rdb)
+    except RDataError as e:
+        raise CorpusError(f"{deb_path}: cannot read the R data ({e})") from e
+    books = {}
+    for name, title in BOOKS.items():
+        lines = objects.get(name)
+        if not isinstance(lines, list) or not all(x is None or isinstance(x, str) for x in lines):
+            raise CorpusError(f"{deb_path}: R object {name!r} is missing or not a character vector")
+        books[title] = ["" if x is None else x for x in lines]  # NA (none in 1.0.0) reads as blank
+    return books
+
+
+# -- lines → paragraphs ------------------------------------------------------------------------
+def _clean(text: str) -> str:
+    # Underscores mark italics (_very_) in three of the six transcriptions only; they are markup,
+    # not text, and would teach the student a typographic habit at ~1 token per mark.
+    return " ".join(text.replace("_", "").split())
+
+
+def to_paragraphs(lines: list[str]) -> list[str]:
+    """Join wrapped lines into paragraphs (a blank line ends one), collapse whitespace, strip the
+    italics underscores, and drop what is not the novel's text: the title block before the first
+    heading (prose there, such as Northanger Abbey's advertisement, is kept), chapter/volume
+    headings, "* * *" dividers, transcribers' volume notes, and everything from THE END/FINIS on."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in [*lines, ""]:
+        if line.strip():
+            current.append(line)
+            continue
+        if current:
+            paragraphs.append(_clean(" ".join(current)))
+            current = []
+
+    out: list[str] = []
+    in_front_matter = True
+    for p in paragraphs:
+        if p in END_MARKERS:
+            break
+        if HEADING.fullmatch(p):
+            in_front_matter = False
+            continue
+        if not any(c.isalnum() for c in p) or EDITORIAL.match(p):
+            continue
+        if in_front_matter and not (PROSE_END.search(p) and any(c.islower() for c in p)):
+            continue  # title, "By Jane Austen", "(1811)", an all-caps heading
+        out.append(p)
+    return out
+
+
+# -- the build ---------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_ok(out_dir: Path, deb_sha: str | None) -> dict | None:
+    """The manifest when it describes the files on disk (and ``deb_sha``'s .deb, if given)."""
+    try:
+        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+        if manifest.get("version") != CORPUS_VERSION:
+            return None
+        if deb_sha is not None and manifest["deb"]["sha256"] != deb_sha:
+            return None
+        for split in SPLITS:
+            entry = manifest["splits"][split]
+            if _sha256(out_dir / entry["file"]) != entry["sha256"]:
+                return None
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def split_paragraphs(books: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Train/validation paragraphs: whole books per split, train minus any validation paragraph."""
+    validation = [p for title in VALIDATION_BOOKS for p in to_paragraphs(books[title])]
+    held_out = set(validation)
+    train = [p for title, lines in books.items() if title not in VALIDATION_BOOKS
+             for p in to_paragraphs(lines) if p not in held_out]
+    return {"train": train, "validation": validation}
+
+
+def build_austen_corpus(data_dir: Path, deb: Path | None = None) -> dict[str, Path]:
+    """Write ``data_dir/austen/{train,validation}.txt`` once; return ``{"train": …, "validation": …}``.
+
+    A manifest that matches the files (and the .deb, when one is given or set by
+    ``DISTILL_AUSTEN_DEB``) makes this a no-op; otherwise the files are rebuilt into temp files
+    and moved into place, the manifest last, so an interrupted build is never taken as complete.
+    """
+    data_dir = Path(data_dir)
+    out_dir = data_dir / "austen"
+    paths = {split: out_dir / f"{split}.txt" for split in SPLITS}
+    if deb is None and not os.environ.get("DISTILL_AUSTEN_DEB"):
+        if _manifest_ok(out_dir, None):
+            return paths
+        deb = fetch_austen_deb(data_dir / "downloads")
+    elif deb is None:
+        deb = fetch_austen_deb(data_dir / "downloads")
+    deb = Path(deb)
+    if not deb.is_file():
+        raise CorpusError(f"{deb}: no such .deb")
+    deb_sha = _sha256(deb)
+    if _manifest_ok(out_dir, deb_sha):
+        return paths
+
+    splits = split_paragraphs(read_austen_books(deb))
+    for split, paragraphs in splits.items():
+        if not paragraphs:
+            raise CorpusError(f"{deb}: the {split} split came out empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".austen-", dir=out_dir))
+    try:
+        manifest = {"version": CORPUS_VERSION, "source": DEB_PACKAGE,
+                    "deb": {"file": deb.name, "sha256": deb_sha}, "splits": {}}
+        for split, paragraphs in splits.items():
+            text = "".join(p + "\n" for p in paragraphs)
+            (tmp / paths[split].name).write_text(text, encoding="utf-8", newline="\n")
+            manifest["splits"][split] = {
+                "file": paths[split].name, "sha256": _sha256(tmp / paths[split].name),
+                "books": list(VALIDATION_BOOKS) if split == "validation"
+                else [t for t in BOOKS.values() if t not in VALIDATION_BOOKS],
+                "paragraphs": len(paragraphs), "characters": sum(map(len, paragraphs))}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
+        (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest while files are swapped
+        for split in SPLITS:
+            os.replace(tmp / paths[split].name, paths[split])
+        os.replace(tmp / "manifest.json", out_dir / "manifest.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for split, entry in manifest["splits"].items():
+        log.info("austen %s: %d paragraphs, %d characters", split, entry["paragraphs"], entry["characters"])
+    return paths
+
+
+def load_manifest(data_dir: Path) -> dict:
+    """The manifest of a built corpus (counts, hashes)."""
+    path = Path(data_dir) / "austen" / "manifest.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CorpusError(f"{path}: cannot read the corpus manifest ({e})") from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 or (args and args[0].startswith("-")):
+        print("usage: python -m python3_distillation.corpus [PATH/TO/r-cran-janeaustenr.deb]", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data_dir = default_data_dir()
+    try:
+        paths = build_austen_corpus(data_dir, Path(args[0]) if args else None)
+    except AssetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    manifest = load_manifest(data_dir)
+    for split, path in paths.items():
+        entry = manifest["splits"][split]
+        print(f"{split}: {path} ({entry['paragraphs']} paragraphs, {entry['characters']} characters)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

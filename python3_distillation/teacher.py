@@ -1,0 +1,60 @@
+"""Teacher stage: fine-tune a GPT-2 checkpoint, or train one from scratch on the embedded corpus.
+
+    python -m python3_distillation teacher                          # embedded default (no hub)
+    python -m python3_distillation teacher teacher.init_from=gpt2   # fine-tune GPT-2 (hub or folder)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from python3_distillation.cards import model_card
+from python3_distillation.config import ConfigError, RunConfig
+from python3_distillation.data import load_blocks
+from python3_distillation.models import check_vocab, count_parameters, load_model, new_gpt2, save_model
+from python3_distillation.tokenizer import load_tokenizer
+from python3_distillation.train import lm_loss_fn, train
+
+log = logging.getLogger(__name__)
+
+
+def check_block_size(cfg: RunConfig, n_positions: int, what: str) -> None:
+    if cfg.data.block_size > n_positions:
+        raise ConfigError(f"data.block_size={cfg.data.block_size} is larger than the {what}'s context "
+                          f"(n_positions={n_positions})")
+
+
+def run_teacher(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
+    """Train the teacher and save it to ``cfg.teacher.path``; returns that folder."""
+    tc = cfg.teacher
+    if tc.init_from:
+        model = load_model(tc.init_from)
+        tokenizer = load_tokenizer(tc.init_from if Path(tc.init_from).is_dir() else cfg.tokenizer)
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        model = new_gpt2(tc, vocab_size=len(tokenizer))
+    check_vocab(tokenizer, model, "teacher")
+    check_block_size(cfg, model.config.n_positions, "teacher")
+    blocks = load_blocks(cfg.data, tokenizer, seed=cfg.train.seed)  # data errors surface before any writing
+
+    model, result = train(model, lm_loss_fn, blocks, cfg, resume=resume, **train_kwargs)
+    meta = {
+        "stage": "teacher",
+        "base_checkpoint": tc.init_from or None,
+        "init": f"fine-tuned from {tc.init_from}" if tc.init_from else "trained from scratch",
+        "n_params": count_parameters(model),
+        "n_layer": model.config.n_layer,
+        "n_embd": model.config.n_embd,
+        "val_loss": result.val_loss,
+        "val_ppl": result.val_ppl,
+        "train_steps": result.step,
+        "train_tokens": result.tokens,
+        "train_seconds": round(result.seconds, 1),
+        "data": cfg.data.train,
+    }
+    out = save_model(model, tokenizer, tc.path, cfg, meta, model_card("teacher", meta, cfg))
+    ppl = f"{result.val_ppl:.2f}" if result.val_ppl is not None and math.isfinite(result.val_ppl) else "n/a"
+    print(f"teacher saved to {out}: {meta['n_params'] / 1e6:.1f}M parameters, validation perplexity {ppl}")
+    return out

@@ -1,0 +1,74 @@
+"""Shared fixtures: the real GPT-2 tokenizer, tiny GPT-2 models and tiny text corpora.
+
+    python -m pytest -x -q
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Offline by design: a hub id would otherwise hang ~48 s before failing.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Share the project's data dir so the tokenizer/corpus are built once (for real, not mocked).
+os.environ.setdefault("DISTILL_DATA_DIR", str(ROOT / "data"))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife.\n"
+    "However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families.\n"
+    "The cat sat on the mat. The dog sat on the log. The cat sat on the mat again.\n"
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from python3_distillation.tokenizer import load_tokenizer
+
+    return load_tokenizer("gpt2")
+
+
+def tiny_gpt2(n_layer: int = 2, n_embd: int = 32, n_head: int = 2, n_positions: int = 64, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, vocab_size=50257,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def text_corpus(tmp_path) -> dict[str, Path]:
+    """A small train/validation pair of .txt files (one document per line)."""
+    train = tmp_path / "train.txt"
+    val = tmp_path / "validation.txt"
+    train.write_text(TEXT * 40, encoding="utf-8")
+    val.write_text(TEXT * 4, encoding="utf-8")
+    return {"train": train, "validation": val}
+
+
+def tiny_run_config(tmp_path: Path, corpus: dict[str, Path], stage: str = "teacher", **sections):
+    """A RunConfig for a seconds-long CPU run on ``corpus``."""
+    from python3_distillation.config import load_config
+
+    overrides = [
+        f"stage={stage}", f"name={stage}-tiny",
+        f"data.train={corpus['train']}", f"data.validation={corpus['validation']}", "data.block_size=32",
+        "data.max_eval_blocks=8",
+        "teacher.n_layer=2", "teacher.n_embd=32", "teacher.n_head=2", "teacher.n_positions=64",
+        f"teacher.path={tmp_path / 'teacher'}", f"student.output_dir={tmp_path / 'student'}",
+        "train.max_steps=8", "train.batch_size=4", "train.warmup_steps=2", "train.lr=3e-3",
+        "train.eval_every=0", "train.save_every=4", "train.log_every=1", "train.mixed_precision=no",
+        f"train.run_dir={tmp_path / 'runs' / stage}",
+    ]
+    for section, values in sections.items():
+        overrides += [f"{section}.{k}={v}" for k, v in values.items()]
+    return load_config([], overrides)
