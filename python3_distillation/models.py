@@ -159,6 +159,7 @@ def save_model(model, tokenizer, out_dir: str | Path, cfg: RunConfig | None = No
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
+        _make_readable(tmp)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old")
@@ -170,6 +171,16 @@ def save_model(model, tokenizer, out_dir: str | Path, cfg: RunConfig | None = No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder; give the model the modes a plain mkdir/write would (umask), so
+    another user (a container's non-root user, a server account) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def update_model_files(out_dir: str | Path, meta: dict | None = None, card: str | None = None) -> None:
