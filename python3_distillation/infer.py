@@ -1,0 +1,363 @@
+"""Command line generation with a trained model: one prompt, a few, or a whole file of them.
+
+    HF_HUB_OFFLINE=1 python python3_distillation/distill_infer_v2.py "It is a truth" --max-new-tokens 40 --seed 1
+
+``distill_infer_v2.py`` (v2 student) and ``distill_infer.py`` (v1 student) call :func:`main`, and so
+does ``gpt2-distill infer``; :func:`add_arguments` and :func:`run` let another parser reuse the options.
+Bad input (empty prompt, invalid sampling values, missing model folder, malformed JSONL line) is
+reported in one line on stderr with exit status 2; results of the good lines are still written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import shutil
+import sys
+import textwrap
+from dataclasses import dataclass
+from itertools import zip_longest
+from pathlib import Path
+from typing import IO, Any
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+
+EPILOG = """\
+prompts longer than the model's context (minus --max-new-tokens) are truncated from the left,
+keeping their end, with a warning on stderr.
+
+--prompts-file takes .txt (one prompt a line, blank lines skipped) or .jsonl, one object a line:
+  {"prompt": "It is a truth", "temperature": 0.7, "max_new_tokens": 32, "stop": ["\\n"]}
+(any sampling field overrides the command line flags for that line). Results are JSON lines
+  {"prompt", "completion", "prompt_tokens", "completion_tokens", "seconds", "finish_reason"}
+on stdout or in --output, in input order; a malformed line is reported as FILE:LINE and skipped.
+
+examples:
+  distill_infer_v2.py "It is a truth universally acknowledged" --seed 1
+  distill_infer_v2.py "It is a truth" --temperature 0 --max-new-tokens 20 --stream
+  distill_infer_v2.py "It is a truth" --compare            # teacher and student side by side
+  distill_infer.py --prompts-file prompts.jsonl --output results.jsonl --batch-size 16
+exit status: 0 ok, 2 bad input (one line on stderr)."""
+
+
+class InputError(Exception):
+    """Bad command line input; the message is the whole one-line report."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump) with exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _model_label(default_model: str) -> str:
+    return {"v1": "the v1 student", "v2": "the v2 student", "teacher": "the teacher"}.get(default_model, default_model)
+
+
+def add_arguments(p: argparse.ArgumentParser, default_model: str = "v2") -> argparse.ArgumentParser:
+    """Add the inference options to ``p`` (for ``gpt2-distill infer`` or the entry scripts)."""
+    from python3_distillation.paths import model_dir
+
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt(s) to continue")
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help=f"model folder (default: {_model_label(default_model)}, {model_dir(default_model)})")
+    p.add_argument("--prompts-file", metavar="FILE", help="a .txt or .jsonl file of prompts (see below)")
+    p.add_argument("--output", "-o", metavar="FILE", help="write JSON lines here instead of stdout")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts decoded together (default 8)")
+    g = p.add_argument_group("sampling (defaults: those of the server API)")
+    g.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate at most (default 64)")
+    g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default 1.0)")
+    g.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens; 0 = off (default)")
+    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, in (0, 1]; 1 = off (default)")
+    g.add_argument("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeats; 1 = off (default)")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    g.add_argument("--seed", type=int, help="same seed → same text (default: random)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the teacher; show both continuations side by side with their tokens/s")
+    p.add_argument("--teacher", metavar="DIR", default=None,
+                   help=f"teacher folder for --compare (default: {model_dir('teacher')})")
+    p.add_argument("--device", help="cpu, cuda, cuda:1… (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load the weights in this dtype")
+    p.set_defaults(default_model=default_model)
+    return p
+
+
+def build_parser(prog: str | None = None, default_model: str = "v2") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                description=f"Continue prompts with a GPT-2 model (default: {_model_label(default_model)}).")
+    return add_arguments(p, default_model)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass
+class Item:
+    """One prompt to complete; ``where`` names it in messages (``file:line`` or ``prompt 2``)."""
+
+    where: str
+    prompt: str
+    params: Any  # SamplingParams
+    line: int = 0  # line in the prompts file, to report errors in file order
+
+
+def cli_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags given on the command line (unset ones left to the defaults)."""
+    return {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+
+
+def read_prompts_file(path: Path, base: dict[str, Any]) -> tuple[list[Item], list[tuple[int, str]]]:
+    """Items of a .txt / .jsonl file and the one-line errors of its bad lines."""
+    from python3_distillation.generate import GenerationError, SamplingParams
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"prompts file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read prompts file {path}: {e}") from None
+    items, errors = [], []
+    jsonl = path.suffix.lower() == ".jsonl"
+    for n, line in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        if not line.strip():
+            continue
+        if not jsonl:
+            items.append(Item(where, line, SamplingParams.from_dict(base), n))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append((n, f"{where}: invalid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            errors.append((n, f"{where}: expected a JSON object with a \"prompt\", got {type(obj).__name__}"))
+            continue
+        prompt = obj.pop("prompt", None)
+        if not isinstance(prompt, str):
+            errors.append((n, f"{where}: needs a \"prompt\" string"))
+            continue
+        try:
+            items.append(Item(where, prompt, SamplingParams.from_dict({**base, **obj}), n))
+        except GenerationError as e:
+            errors.append((n, f"{where}: {e}"))
+    return items, errors
+
+
+def check_items(gen, items: list[Item], errors: list[tuple[int, str]]) -> list[Item]:
+    """Items whose prompt the model can take; warns about those it will truncate, reports the rest."""
+    from python3_distillation.generate import GenerationError
+
+    ok = []
+    for it in items:
+        try:
+            n = gen.count_tokens(it.prompt) if it.prompt.strip() else 0
+            gen.check_prompt(it.prompt, it.params, truncate=True)
+        except GenerationError as e:
+            errors.append((it.line, f"{it.where}: {e}"))
+            continue
+        room = gen.context_length - it.params.max_new_tokens
+        if n > room:
+            print(f"warning: {it.where}: prompt is {n} tokens, more than the {room} that fit with "
+                  f"{it.params.max_new_tokens} new tokens in the context of {gen.context_length}; "
+                  f"keeping its last {room}", file=sys.stderr)
+        ok.append(it)
+    return ok
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+def record(c) -> dict[str, Any]:
+    return {"prompt": c.prompt, "completion": c.text, "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens, "seconds": round(c.seconds, 4), "finish_reason": c.finish_reason}
+
+
+def tokens_per_second(c) -> float:
+    return c.completion_tokens / c.seconds if c.seconds > 0 else 0.0
+
+
+def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int | None = None) -> str:
+    """Two texts in columns under their titles, wrapped to the terminal width."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    col = max(20, (width - 3) // 2)
+
+    def wrap(text: str) -> list[str]:
+        out = []
+        for para in text.split("\n"):
+            out.extend(textwrap.wrap(para, col, replace_whitespace=False, drop_whitespace=True) or [""])
+        return out
+
+    rows = [(left_title, right_title), ("-" * min(col, len(left_title)), "-" * min(col, len(right_title)))]
+    rows += list(zip_longest(wrap(left), wrap(right), fillvalue=""))
+    return "\n".join(f"{a:<{col}} | {b}".rstrip() for a, b in rows)
+
+
+def describe(label: str, gen, c) -> str:
+    return (f"{label} {gen.name}: {c.completion_tokens} tokens, {tokens_per_second(c):.1f} tok/s, "
+            f"{c.finish_reason}")
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def load_generator(folder: Path, what: str, args: argparse.Namespace):
+    from python3_distillation.generate import GenerationError, Generator
+
+    if not folder.is_dir():
+        flag = "--teacher" if what == "teacher" else "--model"
+        raise InputError(f"{what + ' ' if what else ''}model folder {folder} not found; `make run` creates it "
+                         f"(or pass {flag} DIR)")
+    try:
+        return Generator.from_pretrained(folder, device=args.device, dtype=args.dtype)
+    except GenerationError as e:
+        raise InputError(str(e)) from None
+
+
+def run_file(args, gen, teacher, items: list[Item], out: IO[str]) -> None:
+    """Complete ``items`` in batches of ``--batch-size``, writing one JSON line each in input order."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), file=sys.stderr, unit="prompt", desc=gen.name, dynamic_ncols=True)
+    try:
+        for i in range(0, len(items), args.batch_size):
+            chunk = items[i:i + args.batch_size]
+            prompts, params = [it.prompt for it in chunk], [it.params for it in chunk]
+            done = gen.generate(prompts, params, truncate=True)
+            theirs = teacher.generate(prompts, params, truncate=True) if teacher is not None else [None] * len(done)
+            for c, t in zip(done, theirs):
+                rec = record(c)
+                if t is not None:
+                    rec["teacher"] = {k: v for k, v in record(t).items() if k != "prompt"}
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+def run_prompts(args, gen, teacher, items: list[Item]) -> None:
+    """Prompts from the command line: printed as text (streamed or whole), or side by side with the teacher."""
+    if teacher is None and not args.stream:
+        # Plain text: decode the prompts together, --batch-size at a time, print in order.
+        first = True
+        for i in range(0, len(items), args.batch_size):
+            chunk = items[i:i + args.batch_size]
+            for it, c in zip(chunk, gen.generate([it.prompt for it in chunk], [it.params for it in chunk],
+                                                 truncate=True)):
+                print(("" if first else "\n") + it.prompt + c.text)
+                print(f"[{describe('', gen, c).strip()}, {c.seconds:.2f} s]", file=sys.stderr)
+                first = False
+        return
+    for k, it in enumerate(items):
+        if k:
+            print()
+        if teacher is not None:
+            mine = gen.generate([it.prompt], it.params, truncate=True)[0]
+            theirs = teacher.generate([it.prompt], it.params, truncate=True)[0]
+            print(f"prompt: {it.prompt}\n")
+            print(side_by_side(describe("teacher", teacher, theirs), theirs.text,
+                               describe("student", gen, mine), mine.text))
+            if theirs.seconds > 0 and mine.seconds > 0:
+                ratio = tokens_per_second(mine) / max(tokens_per_second(theirs), 1e-9)
+                print(f"\nstudent speed: {ratio:.2f}× the teacher's tokens/s")
+            continue
+        sys.stdout.write(it.prompt)
+        sys.stdout.flush()
+        c = None
+        for ev in gen.stream_batch([it.prompt], it.params, truncate=True):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+            c = ev.completion or c
+        sys.stdout.write("\n")
+        print(f"[{describe('', gen, c).strip()}, {c.seconds:.2f} s]", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out parsed arguments (from :func:`build_parser` or a parser given :func:`add_arguments`)."""
+    from python3_distillation.generate import GenerationError, SamplingParams
+    from python3_distillation.paths import model_dir
+
+    errors: list[tuple[int, str]] = []
+    try:
+        if args.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if not args.prompts and not args.prompts_file:
+            raise InputError("no prompt: give one as an argument or use --prompts-file FILE")
+        if args.stream and (args.prompts_file or args.compare or args.output):
+            raise InputError("--stream prints prompts given as arguments; it does not combine with "
+                             "--prompts-file, --output or --compare")
+        base = cli_sampling(args)
+        try:
+            cli_params = SamplingParams.from_dict(base)
+        except GenerationError as e:
+            raise InputError(str(e)) from None
+        if args.compare and cli_params.seed is None and cli_params.temperature > 0:
+            # One seed for both models, so a rerun with it shows the same pair.
+            base["seed"] = random.randrange(2**31)
+            cli_params = SamplingParams.from_dict(base)
+        items = []
+        for k, prompt in enumerate(args.prompts, 1):
+            if not prompt.strip():
+                raise InputError(f"prompt {k} is empty" if len(args.prompts) > 1 else "prompt is empty")
+            items.append(Item(f"prompt {k}", prompt, cli_params))
+        if args.prompts_file:
+            file_items, errors = read_prompts_file(Path(args.prompts_file), base)
+            items += file_items
+        folder = Path(args.model) if args.model else model_dir(args.default_model)
+        gen = load_generator(folder, "student" if not args.model else "", args)
+        teacher = None
+        if args.compare:
+            teacher = load_generator(Path(args.teacher) if args.teacher else model_dir("teacher"), "teacher", args)
+        items = check_items(gen, items, errors)
+        if args.prompts_file or args.output:
+            out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+            try:
+                run_file(args, gen, teacher, items, out)
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+        else:
+            run_prompts(args, gen, teacher, items)
+    except InputError as e:
+        errors.append((0, str(e)))
+    for _, msg in sorted(errors, key=lambda e: e[0]):
+        print(f"error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT if errors else EXIT_OK
+
+
+def main(argv: list[str] | None = None, default_model: str = "v2", prog: str | None = None) -> int:
+    """Entry point of ``distill_infer*.py`` and ``gpt2-distill infer``; returns the exit status."""
+    if argv is None:  # run as a script: name it as invoked
+        prog = prog or Path(sys.argv[0]).name
+        argv = sys.argv[1:]
+    prog = prog or ("gpt2-distill infer" if default_model == "v2" else f"distill_infer ({default_model})")
+    try:
+        args = build_parser(prog, default_model).parse_args(argv)
+    except SystemExit as e:  # --help, or a one-line usage error
+        return int(e.code or 0)
+    gen_log = logging.getLogger("python3_distillation.generate")
+    level = gen_log.level
+    # The CLI prints its own truncation warnings, naming the prompt; silence the library's copy.
+    gen_log.setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    # Keep stderr to our lines and the batch bar: no loading bars or notices from transformers.
+    hf_verbosity, hf_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return run(args)
+    finally:
+        gen_log.setLevel(level)
+        hf_logging.set_verbosity(hf_verbosity)
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+
+if __name__ == "__main__":
+    raise SystemExit(main())
