@@ -44,7 +44,9 @@ class DataConfig:
     # "line" (each non-empty line), "paragraph" (blank-line separated), "file", or "auto"
     # (paragraph when the file has blank lines, else line).
     document: Literal["auto", "line", "paragraph", "file"] = "auto"
-    block_size: int = 128  # tokens per training example (≤ the model's n_positions)
+    # Tokens per training example (≤ the model's n_positions). Equal to the embedded teacher's
+    # context so every position the server may use has been trained.
+    block_size: int = 256
     max_eval_blocks: int = 256  # validation blocks used for perplexity (0 = all)
 
     def validate(self) -> None:
@@ -57,7 +59,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 600  # optimizer steps
-    batch_size: int = 8  # blocks per micro-batch per process
+    batch_size: int = 4  # blocks per micro-batch per process (4 × 256 = 1,024 tokens)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr × this
