@@ -29,6 +29,15 @@ TEXT = (
 )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models decode fastest on one thread; two threads on a busy 2-core machine thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from python3_distillation.tokenizer import load_tokenizer

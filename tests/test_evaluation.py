@@ -22,13 +22,6 @@ from python3_distillation.paths import MODEL_DIRS
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny models decode fastest on one thread (two threads on a busy 2-core machine thrash)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

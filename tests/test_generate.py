@@ -38,13 +38,7 @@ PROMPTS = [
 BACKENDS = ["gpt2", "hf"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and a busy machine makes thread hand-offs slow.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, n_positions: int = 64):

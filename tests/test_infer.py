@@ -20,12 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 KEYS = ["prompt", "completion", "prompt_tokens", "completion_tokens", "seconds", "finish_reason"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_tiny(out: Path, tokenizer, seed: int, n_layer: int = 2) -> Path:
