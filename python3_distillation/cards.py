@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from python3_distillation.config import RunConfig
 
 
@@ -14,6 +16,7 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: dict | None = None) -> str:
     """Markdown card: lineage, shape, training, validation perplexity, and (when measured) speed."""
+    folder = Path(cfg.output_dir).name if cfg is not None else "path/to/this/folder"
     lines = [
         "---",
         "library_name: transformers",
@@ -56,7 +59,7 @@ def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: di
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'tok = AutoTokenizer.from_pretrained("PATH"); model = AutoModelForCausalLM.from_pretrained("PATH")',
+        f'tok = AutoTokenizer.from_pretrained("{folder}"); model = AutoModelForCausalLM.from_pretrained("{folder}")',
         "```",
         "",
     ]

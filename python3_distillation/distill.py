@@ -27,6 +27,14 @@ from python3_distillation.train import train
 log = logging.getLogger(__name__)
 
 
+def _display_path(path: Path) -> str:
+    """Relative to the working directory when inside it, so cards don't carry build-machine paths."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def make_distill_loss(teacher: torch.nn.Module, dc: DistillConfig):
     """The batch loss for ``train``: returns (weighted total, each term for the log)."""
     teacher.eval()
@@ -84,7 +92,7 @@ def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
     student, result = train(student, loss_fn, blocks, cfg, resume=resume, extra_modules=[teacher], **train_kwargs)
     meta = {
         "stage": "distill",
-        "teacher": str(teacher_dir),
+        "teacher": _display_path(teacher_dir),
         "student_init": init_info,
         "n_params": count_parameters(student),
         "n_layer": student.config.n_layer,
