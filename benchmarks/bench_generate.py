@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from python3_distillation.generate import Generator, SamplingParams  # noqa: E402
-from python3_distillation.paths import model_dir  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import student_folder  # noqa: E402
 
 BANDWIDTH = 30e9  # bytes/s: the memory bandwidth taken as this machine's ceiling for batch-1 decoding
 BATCH_TARGET = 3.0  # batched throughput over one-at-a-time
@@ -42,17 +45,8 @@ PROMPTS = [
 
 def load(quick: bool) -> tuple[Generator, str]:
     """The trained v2 student on CPU, else a random 6-layer d256 GPT-2 (and a note saying which)."""
-    folder = model_dir("v2")
-    if (folder / "config.json").is_file():
-        return Generator.from_pretrained(folder, device="cpu"), f"trained v2 student ({folder.name})"
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from python3_distillation.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=6, n_embd=256, n_head=4, n_positions=1024, vocab_size=50257)
-    return (Generator(GPT2LMHeadModel(cfg).eval(), load_tokenizer("gpt2"), device="cpu", name="random-6x256"),
-            "random 6-layer d256 GPT-2 (no trained v2 yet)")
+    folder, note = student_folder(tempfile.mkdtemp(prefix="bench-generate-"))
+    return Generator.from_pretrained(folder, device="cpu"), note
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from python3_distillation.paths import model_dir  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import student_folder  # noqa: E402
 
 CLIENTS = 8
 PROMPTS = ["It is a truth universally acknowledged, that", "The weather in the north was",
@@ -46,21 +48,6 @@ def _percentile(values: list[float], q: float) -> float:
     k = (len(s) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def _model(workdir: Path) -> tuple[Path, str]:
-    trained = model_dir("v2")
-    if (trained / "config.json").is_file():
-        return trained, f"trained v2 student ({trained.name})"
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from python3_distillation.tokenizer import load_tokenizer
-
-    out = workdir / "random-6l-d256"
-    config = GPT2Config(n_layer=6, n_embd=256, n_head=4, n_positions=1024, vocab_size=50257)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    load_tokenizer("gpt2").save_pretrained(out)
-    return out, "random 6-layer d256 GPT-2 (no trained v2 found)"
 
 
 class Server:
@@ -187,7 +174,7 @@ def run(quick: bool = False) -> dict:
                      "note": note})
 
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
-        model, described = _model(Path(tmp))
+        model, described = student_folder(Path(tmp))
         with Server(model, Path(tmp) / "gunicorn.log") as server:
             server.wait_ready()
             warm = Client(server.port)
