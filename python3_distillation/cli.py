@@ -35,7 +35,7 @@ def _load(args, default_config: str | None):
     from python3_distillation.config import load_config
 
     files = args.config if args.config else ([default_config] if default_config else [])
-    return load_config(files, [o for o in args.overrides])
+    return load_config(files, args.overrides)
 
 
 def cmd_assets(argv: list[str]) -> int:

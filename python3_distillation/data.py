@@ -163,10 +163,9 @@ def read_splits(cfg: DataConfig, data_dir: Path | None = None, seed: int = 0) ->
     if cfg.train == "austen":
         from python3_distillation.corpus import build_austen_corpus
 
-        paths = build_austen_corpus(data_dir)
-        cfg_austen = DataConfig(**{**cfg.__dict__, "document": "line"})  # one paragraph per line
-        train, fp_train = read_local(str(paths["train"]), cfg_austen)
-        val, fp_val = read_local(str(paths["validation"]), cfg_austen)
+        paths = build_austen_corpus(data_dir)  # one paragraph per line: "auto" reads it as lines
+        train, fp_train = read_local(str(paths["train"]), cfg)
+        val, fp_val = read_local(str(paths["validation"]), cfg)
         splits, fingerprint = {"train": train, "validation": val}, f"austen:{fp_train}:{fp_val}"
     elif is_local_spec(cfg.train):
         train, fingerprint = read_local(cfg.train, cfg)

@@ -16,7 +16,7 @@ def test_distilgpt2_layer_choice():
     assert spread_layers(12, 6) == [0, 2, 4, 7, 9, 11]  # DistilGPT2's blocks
     assert spread_layers(12, 12) == list(range(12))
     assert spread_layers(12, 1) == [0]
-    assert spread_layers(4, 3) == [0, 2, 3] or spread_layers(4, 3) == [0, 1, 3]
+    assert spread_layers(4, 3) == [0, 2, 3]  # round(1.5) == 2 (round half to even)
 
 
 def test_student_from_all_teacher_layers_reproduces_the_teacher():
