@@ -23,7 +23,7 @@ import yaml
 from python3_distillation.paths import model_dir
 
 CONFIG_FILE = "distill_config.yaml"
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repo's configs/
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package (the repo's configs/ links here)
 
 
 class ConfigError(ValueError):
