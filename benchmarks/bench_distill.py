@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere without installing the package
     sys.path.insert(0, str(REPO))
 
-from python3_distillation import evaluation as ev  # noqa: E402
+from python3_distillation.evaluation import measure as ev  # noqa: E402
+from python3_distillation.evaluation.report import measure_perplexities  # noqa: E402
 from python3_distillation.models import is_model_dir  # noqa: E402
 from python3_distillation.paths import model_dir  # noqa: E402
 
@@ -131,7 +132,7 @@ def perplexity_rows(quick: bool) -> list[dict]:
         source = f"reports/report.json ({report['settings']['eval_blocks']} validation blocks)"
     else:
         max_blocks = 32 if quick else None
-        ppl = ev.measure_perplexities([(n, model_dir(n)) for n in names], max_blocks)
+        ppl = measure_perplexities([(n, model_dir(n)) for n in names], max_blocks)
         source = "measured here" + (" (quick: 32 validation blocks)" if quick else " (the teacher's data.max_eval_blocks)")
     r = ppl["v2"] / ppl["teacher"]
     rows = [_row("v2 ppl ÷ teacher ppl", r, "×", f"v2 {ppl['v2']:.2f}, teacher {ppl['teacher']:.2f}; {source}",
@@ -160,11 +161,11 @@ class _Phases:
             self.handles.append(m.register_forward_hook(lambda *_, n=name: self._stop(n)))
 
     def _start(self, name):
-        ev._sync()
+        ev.sync()
         self.t[name] = -time.perf_counter()
 
     def _stop(self, name):
-        ev._sync()
+        ev.sync()
         self.t[name] += time.perf_counter()
 
     def remove(self):
@@ -173,7 +174,7 @@ class _Phases:
 
 
 def _clock() -> float:
-    ev._sync()
+    ev.sync()
     return time.perf_counter()
 
 
@@ -183,12 +184,13 @@ def throughput_rows(quick: bool) -> list[dict]:
     from python3_distillation.config import TeacherConfig, load_config
     from python3_distillation.distill import make_distill_loss
     from python3_distillation.models import build_student, load_model, new_gpt2
+    from python3_distillation.precision import decide
     from python3_distillation.train import make_optimizer
 
     cfg = load_config(["v2"])
     tc, dc = cfg.train, cfg.distill
     trained = is_model_dir(model_dir("teacher"))
-    teacher = load_model(model_dir("teacher")) if trained else new_gpt2(TeacherConfig(), 50257)
+    teacher = load_model(model_dir("teacher")) if trained else new_gpt2(TeacherConfig(), 50257, seed=0)
     teacher.eval()
     torch.manual_seed(0)
     student0, _ = build_student(teacher, cfg.student.n_layer, "teacher")
@@ -197,8 +199,10 @@ def throughput_rows(quick: bool) -> list[dict]:
     ids = torch.randint(0, teacher.config.vocab_size, (batch_size, seq), generator=g)
     temp = dc.temperature
 
-    # Ours: train()'s step, line for line (accelerate, autocast, backward, clip, fused AdamW).
-    acc = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum, cpu=tc.cpu)
+    # Ours: train()'s step, line for line (accelerate, autocast as `auto` decides here, backward, clip,
+    # fused AdamW). On a CPU without native bf16, auto is fp32 and both sides run in fp32.
+    precision = decide(tc.mixed_precision, "cuda" if torch.cuda.is_available() and not tc.cpu else "cpu")
+    acc = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=tc.grad_accum, cpu=tc.cpu)
     ours_student = copy.deepcopy(student0).train()
     ours_model, ours_opt = acc.prepare(ours_student, make_optimizer(ours_student, tc))
     teacher.to(acc.device)
@@ -265,8 +269,10 @@ def throughput_rows(quick: bool) -> list[dict]:
             f"TARGET NOT MET; where our step's time goes: {shares} (phase rows below, naive beside each)")
     rows = [
         _row("distill step, ours", tokens / med["ours"], "tok/s",
-             f"accelerate {tc.mixed_precision} autocast, chunked kd_loss, fused AdamW; {setup}"),
-        _row("distill step, naive", tokens / med["naive"], "tok/s", "fp32, F.kl_div over the full vocab + CE, default AdamW"),
+             f"precision {precision.label} ({tc.mixed_precision}: {precision.reason}), accelerate, chunked "
+             f"kd_loss, fused AdamW; {setup}"),
+        _row("distill step, naive", tokens / med["naive"], "tok/s",
+             "precision fp32, F.kl_div over the full vocab + CE, default AdamW"),
         _row("distill throughput ours ÷ naive", speedup, "×", note, f">= {THROUGHPUT_SPEEDUP}", speedup >= THROUGHPUT_SPEEDUP),
     ]
     for p in breakdown["ours"]:

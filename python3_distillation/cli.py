@@ -76,7 +76,7 @@ def cmd_stage(argv: list[str], stage: str, default_config: str | None) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from python3_distillation.evaluation import main as report_main
+    from python3_distillation.evaluation.report import main as report_main
 
     return report_main(argv)
 

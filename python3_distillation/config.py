@@ -20,7 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from python3_distillation.paths import model_dir
+from python3_distillation.paths import default_model_path
 
 CONFIG_FILE = "distill_config.yaml"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package (the repo's configs/ links here)
@@ -68,7 +68,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm (0 = off)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # bf16 autocast is ~1.7× faster on this CPU
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: measured per machine (precision.py)
     eval_every: int = 200  # steps between validation perplexity (0 = only at the end)
     save_every: int = 200  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
@@ -90,7 +90,7 @@ class TrainConfig:
 @dataclass
 class TeacherConfig:
     # Teacher folder: written by the teacher stage, read by distillation.
-    path: str = str(model_dir("teacher"))
+    path: str = default_model_path("teacher")
     # GPT-2 checkpoint to fine-tune (hub id such as "gpt2" or a local folder); empty → train from
     # scratch with the shape below (the embedded default: no hub needed).
     init_from: str = ""
@@ -110,7 +110,7 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    output_dir: str = str(model_dir("v2"))
+    output_dir: str = default_model_path("v2")
     n_layer: int = 6  # 0 → the teacher's layer count
     # "teacher": copy embeddings, final norm and the blocks in `layers` from the teacher
     # (DistilGPT2's recipe); "base": the teacher's base checkpoint (the GPT-2 it was fine-tuned
@@ -174,7 +174,28 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        """The config as saved beside checkpoints and models: paths under the working directory are
+        written relative to it, so a saved config carries no build-machine paths."""
+        d = self.to_dict()
+        for section, key in PATH_KEYS:
+            node = d if section is None else d[section]
+            node[key] = ",".join(_portable(p) for p in str(node[key]).split(",")) if node[key] else node[key]
+        return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
+
+
+# Config values that hold paths (a comma-separated list for the data sources).
+PATH_KEYS = [(None, "tokenizer"), ("data", "train"), ("data", "validation"), ("train", "run_dir"),
+             ("teacher", "path"), ("teacher", "init_from"), ("student", "output_dir")]
+
+
+def _portable(path: str) -> str:
+    p = Path(path.strip()).expanduser()
+    if not p.is_absolute():
+        return path.strip()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return path.strip()
 
 
 def _check(ok: bool, message: str) -> None:

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from python3_distillation.cards import model_card
+from python3_distillation.evaluation.cards import model_card
 from python3_distillation.config import DistillConfig, RunConfig
 from python3_distillation.data import load_blocks
+from python3_distillation.lineage import data_fingerprint, weights_sha256
 from python3_distillation.losses import hidden_cosine_loss, kd_loss, lm_loss
 from python3_distillation.models import (ModelError, build_student, check_same_vocab, check_vocab, count_parameters,
                                          load_model, read_meta, save_model)
 from python3_distillation.teacher import check_block_size
 from python3_distillation.tokenizer import load_tokenizer
-from python3_distillation.train import train
+from python3_distillation.train import training_log_text, train
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,12 @@ def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
     teacher_meta = read_meta(teacher_dir) if teacher_dir.is_dir() else {"base_checkpoint": str(teacher_dir)}
 
     base = None
+    inputs = {"teacher": weights_sha256(teacher)}
     if cfg.student.init == "base" and teacher_meta.get("base_checkpoint"):
         base = load_model(teacher_meta["base_checkpoint"])
-    student, init_info = build_student(teacher, cfg.student.n_layer, cfg.student.init, cfg.student.layers, base)
+        inputs["base"] = weights_sha256(base)
+    student, init_info = build_student(teacher, cfg.student.n_layer, cfg.student.init, cfg.student.layers, base,
+                                       seed=cfg.train.seed)
     # Checked before step 1: the KL compares distributions over one shared vocabulary.
     check_same_vocab(teacher, student, teacher_tok, tokenizer)
     check_vocab(tokenizer, student, "student")
@@ -86,10 +90,12 @@ def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
     if cfg.distill.alpha_cos > 0 and student.config.n_embd != teacher.config.n_embd:
         raise ModelError("distill.alpha_cos needs equal hidden widths for teacher and student")
     blocks = load_blocks(cfg.data, tokenizer, seed=cfg.train.seed)
+    inputs["data"] = data_fingerprint(blocks)
     log.info("student: %d layers, init %s", student.config.n_layer, init_info)
 
     loss_fn = make_distill_loss(teacher, cfg.distill)
-    student, result = train(student, loss_fn, blocks, cfg, resume=resume, extra_modules=[teacher], **train_kwargs)
+    student, result = train(student, loss_fn, blocks, cfg, resume=resume, extra_modules=[teacher], inputs=inputs,
+                            **train_kwargs)
     meta = {
         "stage": "distill",
         "teacher": _display_path(teacher_dir),
@@ -108,8 +114,14 @@ def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
         "train_tokens": result.tokens,
         "train_seconds": round(result.seconds, 1),
         "data": cfg.data.train,
+        "seed": cfg.train.seed,
+        "precision": result.precision,
+        "teacher_sha256": inputs["teacher"],
+        "fingerprint": result.fingerprint,
+        "weights_sha256": weights_sha256(student),
     }
-    out = save_model(student, tokenizer, cfg.student.output_dir, cfg, meta, model_card(cfg.name, meta, cfg))
+    out = save_model(student, tokenizer, cfg.student.output_dir, cfg, meta, model_card(cfg.name, meta, cfg),
+                     training_log_text(cfg.run_dir))
     print(f"student saved to {out}: {meta['n_params'] / 1e6:.1f}M parameters, {meta['n_layer']} layers, "
           f"validation perplexity {result.val_ppl:.2f}")
     return out

@@ -7,9 +7,9 @@ positions. It walks the (N, V) rows in chunks, in fp32 whatever the input dtype,
 the closed-form gradient instead of an autograd graph: for one 8×128×50257 batch a naive
 ``F.kl_div`` graph keeps several 206 MB fp32 tensors alive, while this keeps only the inputs it was
 given plus a few chunk-sized temporaries (``chunk_rows × V × 4`` bytes each, 3.2 MB by default),
-and recomputes the two softmaxes chunk by chunk in backward. On CPU the chunks are shared out to
-``torch.get_num_threads()`` worker threads that each run torch single-threaded (see ``_map_chunks``);
-results are bit-identical for any thread count.
+and recomputes the two softmaxes chunk by chunk in backward. The chunks are run by
+``chunks.map_chunks`` (on CPU, shared out to single-threaded workers); results are bit-identical for
+any thread count. The functions here hold no state.
 
 The teacher never receives a gradient: ``kd_loss`` and ``hidden_cosine_loss`` detach the teacher
 tensor, so a teacher tensor that happens to require grad keeps ``.grad is None``.
@@ -18,19 +18,14 @@ tensor, so a teacher tensor that happens to require grad keeps ``.grad is None``
 from __future__ import annotations
 
 import math
-import os
-import threading
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-T_ = TypeVar("T_")
+from python3_distillation.chunks import map_chunks
 
-__all__ = ["kd_loss", "lm_loss", "hidden_cosine_loss", "combine", "CHUNK_ELEMENTS", "default_chunk_rows"]
+__all__ = ["kd_loss", "lm_loss", "hidden_cosine_loss", "CHUNK_ELEMENTS", "default_chunk_rows"]
 
 # Logits handled per chunk by default: 16 rows of GPT-2's 50257-token vocabulary, 3.2 MB per fp32
 # temporary, so a worker's few live temporaries stay near its core's cache (2 MB L2 per core, 32 MB
@@ -90,74 +85,6 @@ def _forward_kl_sum(s_c: Tensor, t_c: Tensor, temperature: float, dtype: torch.d
     return terms.sum(-1).sum(dtype=torch.float64)
 
 
-# One process-wide pool of CPU workers, each running torch single-threaded (see _map_chunks).
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_POOL_LOCK = threading.Lock()
-
-
-def _drop_pool_after_fork() -> None:
-    global _POOL, _POOL_SIZE
-    _POOL, _POOL_SIZE = None, 0  # threads do not survive fork(); a child builds its own pool
-
-
-os.register_at_fork(after_in_child=_drop_pool_after_fork)
-
-
-def _single_threaded_worker(barrier: threading.Barrier) -> None:
-    torch.get_num_threads()  # let torch initialise this thread's OpenMP setting now ...
-    torch.set_num_threads(1)  # ... then override it: OpenMP thread counts are per calling thread
-    barrier.wait()  # hold every worker until all exist, so each runs this exactly once
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """``workers`` threads whose torch ops run single-threaded; the caller's thread count is kept."""
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE != workers:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="kd-loss")
-            barrier = threading.Barrier(workers)
-            for future in [pool.submit(_single_threaded_worker, barrier) for _ in range(workers)]:
-                future.result()
-            # set_num_threads(1) in the workers also changed torch's process-wide default that new
-            # threads start from; restore it (the calling thread's own count never changed).
-            torch.set_num_threads(workers)
-            _POOL, _POOL_SIZE = pool, workers
-        return _POOL
-
-
-def _map_chunks(fn: Callable[[int, int], T_], n: int, chunk_rows: int, device: torch.device) -> list[T_]:
-    """``[fn(i, j) for each chunk [i, j) of range(n)]``, in chunk order.
-
-    On CPU the chunks are spread over ``torch.get_num_threads()`` worker threads that each run torch
-    single-threaded, instead of splitting every op of every chunk across OpenMP threads: a 16-row
-    chunk costs ~16 ops, each an OpenMP region ending in a barrier, and with the cores shared with
-    other processes a barrier can wait a whole scheduler slice (ms) for a descheduled thread. On a
-    2-core box at load 5 that made 1024 GPT-2 rows take 2-11 s instead of ~1 s. Each worker writes
-    disjoint rows and every chunk is computed single-threaded, so results depend neither on
-    scheduling nor on the thread count. CUDA tensors run inline (the GPU does the parallel work).
-    """
-    bounds = [(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
-
-    def run(part: list[tuple[int, int]]) -> list[T_]:
-        # Worker threads do not inherit the caller's no-grad or autocast state; pin both.
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            return [fn(i, j) for i, j in part]
-
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
-    if threads <= 1 or not bounds:
-        return run(bounds)
-    # Even a single chunk goes to a worker: inline it would run multi-threaded, whose reductions
-    # may round differently, and the bits would then depend on the thread count.
-    workers = min(threads, len(bounds))
-    pool = _pool(threads)
-    futures = [pool.submit(run, bounds[w::workers]) for w in range(workers)]
-    parts = [f.result() for f in futures]
-    return [parts[k % workers][k // workers] for k in range(len(bounds))]
-
-
 class _ChunkedKD(torch.autograd.Function):
     """Sum over rows of ``T² · D(p_t, p_s)`` / N with the analytic student gradient.
 
@@ -198,9 +125,9 @@ class _ChunkedKD(torch.autograd.Function):
 
         # fp64 accumulation: ~1e3-1e5 row sums; fixed chunk order keeps the result deterministic.
         zero = torch.zeros((), dtype=torch.float64, device=student.device)
-        total = sum(_map_chunks(chunk, n, chunk_rows, student.device), zero)
+        total = sum(map_chunks(chunk, n, chunk_rows, student.device), zero)
         if beta == 0.0 and torch.isnan(total):  # one check (one sync on GPU), not one per chunk
-            total = sum(_map_chunks(lambda i, j: chunk(i, j, safe=True), n, chunk_rows, student.device), zero)
+            total = sum(map_chunks(lambda i, j: chunk(i, j, safe=True), n, chunk_rows, student.device), zero)
         ctx.save_for_backward(student, teacher, rows, row_c)
         ctx.temperature, ctx.beta, ctx.chunk_rows, ctx.n = temperature, beta, chunk_rows, n
         return (total * (temperature**2 / max(n, 1))).to(dtype)
@@ -231,7 +158,7 @@ class _ChunkedKD(torch.autograd.Function):
             else:
                 grad.index_copy_(0, rows[i:j], g.mul_(scale).to(grad.dtype))
 
-        _map_chunks(chunk, n, chunk_rows, student.device)
+        map_chunks(chunk, n, chunk_rows, student.device)
         return grad, None, None, None, None, None
 
 
@@ -339,17 +266,3 @@ def hidden_cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Ten
     keep = mask != 0
     # where, not multiply: a NaN at a dropped position must not leak into the mean.
     return torch.where(keep, per_pos, 0.0).sum() / keep.sum().clamp(min=1)
-
-
-def combine(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
-    """``Σ weights[k] · terms[k]``; every term needs a weight (0 = computed for logging only)."""
-    missing = sorted(set(terms) - set(weights))
-    if missing:
-        raise KeyError(f"no weight for loss term(s) {missing}; give them weight 0 to only log them")
-    unknown = sorted(k for k, w in weights.items() if w != 0 and k not in terms)
-    if unknown:
-        raise KeyError(f"weighted loss term(s) {unknown} were not computed")
-    used = [weights[k] * terms[k] for k in terms if weights[k] != 0]
-    if not used:
-        raise ValueError("all loss weights are zero")
-    return torch.stack([u.float() for u in used]).sum()

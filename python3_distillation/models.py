@@ -8,22 +8,23 @@ Every model is ``transformers``' own ``GPT2LMHeadModel`` saved with ``save_pretr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
-import os
-import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from python3_distillation.config import CONFIG_FILE, RunConfig, TeacherConfig
+from python3_distillation.fsio import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 META_FILE = "distill_meta.json"  # lineage: stage, base checkpoint, copied layers, measured numbers
+TRAINING_LOG = "training_log.jsonl"  # the run's metrics, kept with the model so its curve travels with it
 
 
 class ModelError(ValueError):
@@ -61,12 +62,23 @@ def read_meta(path: str | Path) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def new_gpt2(cfg: TeacherConfig, vocab_size: int) -> GPT2LMHeadModel:
-    """A randomly initialised GPT-2 of the teacher's from-scratch shape."""
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with torch's RNG seeded from ``seed`` and put the previous state back afterwards:
+    every random initialisation (a from-scratch teacher, a random student, new projections) is then a
+    function of the config's ``train.seed`` alone, whatever ran before in the process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def new_gpt2(cfg: TeacherConfig, vocab_size: int, seed: int) -> GPT2LMHeadModel:
+    """A GPT-2 of the teacher's from-scratch shape, randomly initialised from ``seed``."""
     config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout,
                         embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, bos_token_id=50256, eos_token_id=50256)
-    return GPT2LMHeadModel(config)
+    with seeded(seed):
+        return GPT2LMHeadModel(config)
 
 
 def check_vocab(tokenizer, model, what: str = "model") -> None:
@@ -94,19 +106,20 @@ def spread_layers(n_teacher: int, n_student: int) -> list[int]:
 
 
 def build_student(teacher: GPT2LMHeadModel, n_layer: int = 0, init: str = "teacher", layers: list[int] | None = None,
-                  base: GPT2LMHeadModel | None = None) -> tuple[GPT2LMHeadModel, dict]:
+                  base: GPT2LMHeadModel | None = None, seed: int = 0) -> tuple[GPT2LMHeadModel, dict]:
     """A student of the teacher's width, vocabulary and context with ``n_layer`` blocks.
 
     ``init="teacher"`` copies token/position embeddings, the final norm and the chosen teacher
     blocks (the LM head is tied to the embeddings); ``"base"`` loads ``base`` (the GPT-2 the
     teacher was fine-tuned from) when given, else falls back to random; ``"random"`` is a fresh
-    init. Returns the model and a description of the init for the report.
+    init (from ``seed``). Returns the model and a description of the init for the report.
     """
     n_teacher = teacher.config.n_layer
     n_layer = n_layer or n_teacher
     config = copy.deepcopy(teacher.config)
     config.n_layer = n_layer
-    student = GPT2LMHeadModel(config)
+    with seeded(seed):  # whatever is not copied from the teacher starts from the config's seed
+        student = GPT2LMHeadModel(config)
     info: dict = {"init": init, "n_layer": n_layer}
     if init == "teacher":
         layers = list(layers) if layers else spread_layers(n_teacher, n_layer)
@@ -138,56 +151,37 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def dir_size_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def save_model(model, tokenizer, out_dir: str | Path, cfg: RunConfig | None = None, meta: dict | None = None,
-               card: str | None = None) -> Path:
-    """``save_pretrained`` model + tokenizer + resolved config + lineage, atomically (temp dir → rename)."""
+               card: str | None = None, training_log: str | None = None) -> Path:
+    """``save_pretrained`` model + tokenizer + resolved config + lineage (+ the training log), atomically."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model = getattr(model, "module", model)
         model.generation_config.pad_token_id = tokenizer.eos_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if cfg is not None:
-            (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+            (tmp / CONFIG_FILE).write_text(config_text(cfg, meta), encoding="utf-8")
         if meta is not None:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
-        _make_readable(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if training_log:
+            (tmp / TRAINING_LOG).write_text(training_log, encoding="utf-8")
     return out_dir
 
 
-def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder; give the model the modes a plain mkdir/write would (umask), so
-    another user (a container's non-root user, a server account) can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for f in folder.rglob("*"):
-        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+def config_text(cfg: RunConfig, meta: dict | None = None) -> str:
+    """The resolved config as saved beside a model, headed by the precision it was trained in."""
+    precision = (meta or {}).get("precision") or {}
+    head = f"# precision used: {precision.get('label')} — {precision.get('reason')}\n" if precision else ""
+    return head + cfg.to_yaml()
 
 
 def update_model_files(out_dir: str | Path, meta: dict | None = None, card: str | None = None) -> None:
     """Rewrite the lineage/card of a saved folder in place (each file replaced atomically)."""
     out_dir = Path(out_dir)
-    for name, text in ((META_FILE, meta and json.dumps(meta, indent=2, ensure_ascii=False)), ("README.md", card)):
-        if text is not None:
-            tmp = out_dir / f".{name}.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, out_dir / name)
+    if meta is not None:
+        atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False))
+    if card is not None:
+        atomic_write_text(out_dir / "README.md", card)

@@ -32,3 +32,9 @@ def model_dir(name: str) -> Path:
         return MODEL_DIRS[name]
     except KeyError:
         raise ValueError(f"unknown model name {name!r}; expected one of {sorted(MODEL_DIRS)}") from None
+
+
+def default_model_path(name: str) -> str:
+    """A config's default folder for a named model, relative to the working directory (the project
+    folder, where every documented command runs), so saved configs carry no machine paths."""
+    return f"{PACKAGE_DIR.name}/{model_dir(name).name}"

@@ -10,12 +10,13 @@ import logging
 import math
 from pathlib import Path
 
-from python3_distillation.cards import model_card
+from python3_distillation.evaluation.cards import model_card
 from python3_distillation.config import ConfigError, RunConfig
 from python3_distillation.data import load_blocks
+from python3_distillation.lineage import data_fingerprint, weights_sha256
 from python3_distillation.models import check_vocab, count_parameters, load_model, new_gpt2, save_model
 from python3_distillation.tokenizer import load_tokenizer
-from python3_distillation.train import lm_loss_fn, train
+from python3_distillation.train import training_log_text, lm_loss_fn, train
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +30,20 @@ def check_block_size(cfg: RunConfig, n_positions: int, what: str) -> None:
 def run_teacher(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
     """Train the teacher and save it to ``cfg.teacher.path``; returns that folder."""
     tc = cfg.teacher
+    inputs: dict = {}
     if tc.init_from:
         model = load_model(tc.init_from)
         tokenizer = load_tokenizer(tc.init_from if Path(tc.init_from).is_dir() else cfg.tokenizer)
+        inputs["init_from"] = weights_sha256(model)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
-        model = new_gpt2(tc, vocab_size=len(tokenizer))
+        model = new_gpt2(tc, vocab_size=len(tokenizer), seed=cfg.train.seed)
     check_vocab(tokenizer, model, "teacher")
     check_block_size(cfg, model.config.n_positions, "teacher")
     blocks = load_blocks(cfg.data, tokenizer, seed=cfg.train.seed)  # data errors surface before any writing
+    inputs["data"] = data_fingerprint(blocks)
 
-    model, result = train(model, lm_loss_fn, blocks, cfg, resume=resume, **train_kwargs)
+    model, result = train(model, lm_loss_fn, blocks, cfg, resume=resume, inputs=inputs, **train_kwargs)
     meta = {
         "stage": "teacher",
         "base_checkpoint": tc.init_from or None,
@@ -53,8 +57,13 @@ def run_teacher(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
         "train_tokens": result.tokens,
         "train_seconds": round(result.seconds, 1),
         "data": cfg.data.train,
+        "seed": cfg.train.seed,
+        "precision": result.precision,
+        "fingerprint": result.fingerprint,
+        "weights_sha256": weights_sha256(model),
     }
-    out = save_model(model, tokenizer, tc.path, cfg, meta, model_card("teacher", meta, cfg))
+    out = save_model(model, tokenizer, tc.path, cfg, meta, model_card("teacher", meta, cfg),
+                     training_log_text(cfg.run_dir))
     ppl = f"{result.val_ppl:.2f}" if result.val_ppl is not None and math.isfinite(result.val_ppl) else "n/a"
     print(f"teacher saved to {out}: {meta['n_params'] / 1e6:.1f}M parameters, validation perplexity {ppl}")
     return out

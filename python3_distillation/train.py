@@ -1,13 +1,17 @@
 """The one training loop: teacher training and distillation differ only in the loss function given.
 
     python -m python3_distillation teacher train.max_steps=100     # uses this loop
-    accelerate launch -m python3_distillation distill --config v2   # same loop, several GPUs
+    accelerate launch -m python3_distillation distill --config v2   # same loop, several processes
 
-Built on Hugging Face ``accelerate`` (device placement, bf16/fp16 autocast on CPU and CUDA,
-gradient accumulation, ``save_state``/``load_state``, multi-process launch). Checkpoints every
-``save_every`` steps are written to a temp folder and renamed, so a kill never leaves a half
-checkpoint; ``resume=True`` continues from the newest one and reaches the same weights as an
-uninterrupted run (data order is a pure function of the step, RNG state is restored).
+Built on Hugging Face ``accelerate`` (device placement, bf16/fp16 autocast on CPU and CUDA, gradient
+accumulation, multi-process launch). The precision is ``train.mixed_precision`` as decided for this
+machine (``auto``: see precision.py), logged in one line at the start and recorded in the model's
+meta. Checkpoints (checkpoint.py: safetensors + JSON, no pickles, a manifest of hashes) are written
+every ``save_every`` steps into a temp folder and renamed, so a kill never leaves a half checkpoint;
+``resume=True`` continues from the newest checkpoint that verifies, and reaches the same weights as
+an uninterrupted run (data order is a pure function of the step; RNG states are restored). Resume
+compares the run's fingerprint (lineage.py): changed inputs (a retrained teacher, other data) start
+the stage afresh with a notice; a changed config is an error, except a larger step budget.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +29,20 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from python3_distillation.config import CONFIG_FILE, RunConfig, TrainConfig
+from python3_distillation import checkpoint as ckpt_io
+from python3_distillation.config import CONFIG_FILE, ConfigError, RunConfig, TrainConfig
 from python3_distillation.data import Blocks, batch_indices
+from python3_distillation.fsio import atomic_write_text, publish_dir
+from python3_distillation.lineage import differences, stage_fingerprint
+from python3_distillation.precision import Precision, decide_for_run
 
 log = logging.getLogger(__name__)
 
 # loss_fn(model, batch) → (loss to minimise, {name: value} to log). batch = {"input_ids",
 # "attention_mask", "labels"} on the right device, inside autocast.
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
-STATE_FILE = "trainer_state.json"
+STATE_FILE = ckpt_io.STATE_FILE
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -44,6 +53,8 @@ class TrainResult:
     val_loss: float | None = None
     val_ppl: float | None = None
     history: list[dict] = field(default_factory=list)
+    precision: dict = field(default_factory=dict)
+    fingerprint: dict = field(default_factory=dict)
 
 
 class StopTraining(Exception):
@@ -111,102 +122,175 @@ def evaluate_loss(model, blocks: Blocks, batch_size: int, max_blocks: int, accel
     return total / max(1, count)
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = _checkpoints(Path(run_dir))
-    return found[-1] if found else None
+    """The newest checkpoint that verifies against its manifest (None if there is none)."""
+    return ckpt_io.newest_valid(Path(run_dir))[0]
 
 
-def _write_jsonl(path: Path, row: dict) -> None:
+def read_metrics_rows(path: Path, up_to_step: int | None = None) -> list[str]:
+    """The log's lines that parse (a line torn by a kill is dropped), optionally up to a step."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: dropping a torn line (%d characters)", path, len(line))
+            continue
+        if isinstance(row, dict) and (up_to_step is None or row.get("step", 0) <= up_to_step):
+            rows.append(line)
+    return rows
+
+
+def training_log_text(run_dir: Path) -> str:
+    """The run's metrics log as saved beside the finished model."""
+    return "".join(r + "\n" for r in read_metrics_rows(Path(run_dir) / METRICS_FILE))
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop rows logged past the checkpoint so the log reads as one run."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+def _resume_point(run_dir: Path, fingerprint: dict, world: int, max_steps: int,
+                  say: Callable[[str], None] = print) -> tuple[Path | None, dict | None]:
+    """The checkpoint to continue from, or (None, None) to start afresh; raises ConfigError on a changed config."""
+    ckpt, state = ckpt_io.newest_valid(run_dir, warn=say)
+    if ckpt is None:
+        if ckpt_io.list_checkpoints(run_dir):
+            say(f"{run_dir}: no checkpoint verifies; starting this stage afresh")
+        return None, None
+    old = state.get("fingerprint") or {}
+    changed_inputs = differences(old.get("inputs", {}), fingerprint["inputs"])
+    if changed_inputs:
+        say(f"{run_dir}: what this stage is built from changed since {ckpt.name} "
+              f"({'; '.join(changed_inputs)}); starting it afresh")
+        return None, None
+    changed = differences(old.get("config", {}), fingerprint["config"])
+    if changed:
+        raise ConfigError(f"cannot resume {run_dir}: the config differs from the run being resumed "
+                          f"({'; '.join(changed)}); restore it, or run without --resume to start afresh")
+    if state.get("world_size", 1) != world:
+        raise ConfigError(f"cannot resume {run_dir}: it ran on {state.get('world_size', 1)} process(es), this "
+                          f"launch has {world}; relaunch with the same number")
+    if state["step"] > max_steps:
+        raise ConfigError(f"cannot resume {run_dir}: {ckpt.name} is past train.max_steps={max_steps} "
+                          "(the step budget may grow, not shrink); run without --resume to start afresh")
+    return ckpt, state
+
+
+def _clear_run(run_dir: Path, say: Callable[[str], None] = print) -> None:
+    """A fresh start: old checkpoints and the old log go, so nothing of another run is resumed later."""
+    old = ckpt_io.list_checkpoints(run_dir) + [p for p in run_dir.glob(".tmp-checkpoint-*")]
+    if old:
+        say(f"{run_dir}: starting afresh, removing {len(old)} old checkpoint folder(s)")
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
 
 
 def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cfg: RunConfig,
           resume: bool = False, extra_modules: list[torch.nn.Module] = (),
-          on_step: Callable[[int], None] | None = None) -> tuple[torch.nn.Module, TrainResult]:
+          on_step: Callable[[int], None] | None = None, inputs: dict | None = None,
+          precision: Precision | None = None,
+          on_checkpoint_write: Callable[[Path], None] | None = None) -> tuple[torch.nn.Module, TrainResult]:
     """Train ``model`` with ``loss_fn`` for ``cfg.train.max_steps``; returns the unwrapped model.
 
     ``extra_modules`` (the teacher) are moved to the device but never optimised or saved.
+    ``inputs`` names what the stage is built from (hashes; see lineage.py). ``on_checkpoint_write``
+    is called with the temp folder after the weights are written (tests use it to die mid-write).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     tc = cfg.train
     run_dir = cfg.run_dir
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                              cpu=tc.cpu)
-    set_seed(tc.seed)
+    precision = precision or decide_for_run(tc.mixed_precision, cpu=tc.cpu)
+    accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=tc.grad_accum, cpu=tc.cpu)
     main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    fingerprint = stage_fingerprint(cfg, inputs or {})
+
+    def say(message: str) -> None:  # one line on stderr, from the main process only
+        if main:
+            tqdm.write(message, file=sys.stderr)
+
+    say(f"{cfg.name}: {precision.line()}")
+
+    ckpt, state = _resume_point(run_dir, fingerprint, world, tc.max_steps, say) if resume else (None, None)
+    accelerator.wait_for_everyone()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        if ckpt is None:
+            _clear_run(run_dir, say)
+        atomic_write_text(run_dir / CONFIG_FILE, f"# precision used: {precision.line()[11:]}\n" + cfg.to_yaml())
+    accelerator.wait_for_everyone()
+    set_seed(tc.seed)
     for m in extra_modules:
         m.to(accelerator.device)
 
-    optimizer = make_optimizer(model, tc)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
-    # once per process), and registered so save_state/load_state still carry it.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
     step, tokens, elapsed = 0, 0, 0.0
-    metrics_path = run_dir / "metrics.jsonl"
-    ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / STATE_FILE).read_text())
+        ckpt_io.load_model_weights(accelerator.unwrap_model(model), ckpt)
+    optimizer = make_optimizer(model, tc)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    metrics_path = run_dir / METRICS_FILE
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt_io.load_optimizer_state(ckpt))
+        for group in optimizer.param_groups:
+            group["initial_lr"] = tc.lr
+        if not ckpt_io.restore_rng(ckpt, rank):
+            log.warning("%s: no RNG state for process %d; continuing from the seed", ckpt, rank)
         step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
         if main:
-            _truncate_metrics(metrics_path, step)
-        accelerator.print(f"resumed from {ckpt} at step {step}")
-    elif main and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
+            atomic_write_text(metrics_path, "".join(r + "\n" for r in read_metrics_rows(metrics_path, step)))
+        say(f"resumed from {ckpt} at step {step}")
+    # The schedule is a function of the step: rebuilt, not stored (last_epoch = steps already taken − 1).
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", tc.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc), last_epoch=step - 1)
     if step >= tc.max_steps:
-        accelerator.print(f"{run_dir}: already trained to step {step} (train.max_steps={tc.max_steps})")
+        say(f"{run_dir}: already trained to step {step} (train.max_steps={tc.max_steps})")
 
     train_blocks, val_blocks = blocks["train"], blocks["validation"]
-    world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = tc.batch_size * world
-    result = TrainResult(step=step, tokens=tokens, seconds=elapsed)
+    result = TrainResult(step=step, tokens=tokens, seconds=elapsed, precision=precision.to_dict(),
+                         fingerprint=fingerprint)
+
+    last_eval = -1
 
     def run_eval(at_step: int) -> None:
         loss = evaluate_loss(model, val_blocks, tc.batch_size, cfg.data.max_eval_blocks, accelerator)
         loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), reduction="mean").item()
         result.val_loss, result.val_ppl = loss, math.exp(min(loss, 50.0))
+        nonlocal last_eval
+        last_eval = at_step
         row = {"step": at_step, "val_loss": round(loss, 5), "val_ppl": round(result.val_ppl, 3)}
         result.history.append(row)
         if main:
-            _write_jsonl(metrics_path, row)
+            _append_jsonl(metrics_path, row)
         bar.write(f"step {at_step}: validation loss {loss:.4f}, perplexity {result.val_ppl:.2f}")
 
     def save_checkpoint(at_step: int) -> None:
-        target = run_dir / f"checkpoint-{at_step}"
         tmp = run_dir / f".tmp-checkpoint-{at_step}"
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        ckpt_io.save_rng(tmp, rank)
         if main:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": at_step, "tokens": tokens, "seconds": elapsed}))
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)  # atomic: a checkpoint folder either is complete or does not exist
-            for old in _checkpoints(run_dir)[:-tc.keep_checkpoints]:
+            ckpt_io.save_model_weights(accelerator.unwrap_model(model), tmp)
+            if on_checkpoint_write is not None:
+                on_checkpoint_write(tmp)
+            ckpt_io.save_optimizer(optimizer, tmp)
+        accelerator.wait_for_everyone()
+        if main:
+            val = {"step": at_step, "loss": result.val_loss} if last_eval == at_step else None
+            ckpt_io.write_manifest(tmp, {"step": at_step, "tokens": tokens, "seconds": elapsed, "world_size": world,
+                                         "val": val, "precision": precision.to_dict(), "fingerprint": fingerprint})
+            publish_dir(tmp, run_dir / f"checkpoint-{at_step}")  # a checkpoint is complete or absent
+            for old in ckpt_io.list_checkpoints(run_dir)[:-tc.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
@@ -248,15 +332,20 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
                        "seconds": round(elapsed, 2)}
                 result.history.append(row)
                 if main:
-                    _write_jsonl(metrics_path, row)
+                    _append_jsonl(metrics_path, row)
                 bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{tps:,.0f}")
             bar.update(1)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
                 run_eval(step)
             if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
                 save_checkpoint(step)
-        run_eval(step)
-        save_checkpoint(step)
+        done = (state or {}).get("val") or {}
+        if ckpt is not None and step == state["step"] and done.get("step") == step and done.get("loss") is not None:
+            # A finished run resumed: nothing new to measure or save.
+            result.val_loss, result.val_ppl = done["loss"], math.exp(min(done["loss"], 50.0))
+        else:
+            run_eval(step)
+            save_checkpoint(step)
     finally:
         bar.close()
     result.step, result.tokens, result.seconds = step, tokens, elapsed

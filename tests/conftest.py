@@ -64,10 +64,8 @@ def text_corpus(tmp_path) -> dict[str, Path]:
     return {"train": train, "validation": val}
 
 
-def tiny_run_config(tmp_path: Path, corpus: dict[str, Path], stage: str = "teacher", **sections):
-    """A RunConfig for a seconds-long CPU run on ``corpus``."""
-    from python3_distillation.config import load_config
-
+def tiny_overrides(tmp_path: Path, corpus: dict[str, Path], stage: str = "teacher", **sections) -> list[str]:
+    """Dotted overrides for a seconds-long CPU run on ``corpus`` (for the CLI or ``load_config``)."""
     overrides = [
         f"stage={stage}", f"name={stage}-tiny",
         f"data.train={corpus['train']}", f"data.validation={corpus['validation']}", "data.block_size=32",
@@ -80,4 +78,11 @@ def tiny_run_config(tmp_path: Path, corpus: dict[str, Path], stage: str = "teach
     ]
     for section, values in sections.items():
         overrides += [f"{section}.{k}={v}" for k, v in values.items()]
-    return load_config([], overrides)
+    return overrides
+
+
+def tiny_run_config(tmp_path: Path, corpus: dict[str, Path], stage: str = "teacher", **sections):
+    """A RunConfig for a seconds-long CPU run on ``corpus``."""
+    from python3_distillation.config import load_config
+
+    return load_config([], tiny_overrides(tmp_path, corpus, stage, **sections))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_gpt2, tiny_run_config
-from python3_distillation import evaluation
-from python3_distillation.evaluation import forward_flops_per_token, non_embedding_params
+from python3_distillation.evaluation import report as evaluation
+from python3_distillation.evaluation.measure import forward_flops_per_token, non_embedding_params
 from python3_distillation.models import build_student, save_model
 from python3_distillation.paths import MODEL_DIRS
 
@@ -68,10 +68,26 @@ def _independent_ppl(model_dir, validation_txt, tokenizer, block_size: int) -> f
     return math.exp(sum(losses) / len(losses))
 
 
+def _independent_fidelity(student_dir, teacher_dir, ids):
+    """Top-1 agreement and mean KL(teacher ‖ student) per position, with F.kl_div, from the saved folders."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    s_model = AutoModelForCausalLM.from_pretrained(str(student_dir)).eval()
+    t_model = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
+    with torch.no_grad():
+        s, t = s_model(input_ids=ids).logits.double(), t_model(input_ids=ids).logits.double()
+    v = s.shape[-1]
+    kl = F.kl_div(F.log_softmax(s, -1).view(-1, v), F.log_softmax(t, -1).view(-1, v), log_target=True,
+                  reduction="batchmean")
+    return (s.argmax(-1) == t.argmax(-1)).double().mean().item(), kl.item()
+
+
 def test_report_perplexity_files_and_cards(tmp_path, saved_models, text_corpus, tokenizer, capsys, one_thread):
     out = tmp_path / "reports"
     spec = ",".join(f"{k}={v}" for k, v in saved_models.items()) + f",v1={tmp_path / 'no_v1'}"
     assert evaluation.main(["--models", spec, "--out", str(out), "--quick", "--max-eval-blocks", "0"]) == 0
+    assert "v2_ce" in capsys.readouterr().out.split("## KD")[0]  # the table goes to stdout
 
     report = json.loads((out / "report.json").read_text())
     assert set(report["models"]) == {"teacher", "v2", "v2_ce"}
@@ -92,10 +108,16 @@ def test_report_perplexity_files_and_cards(tmp_path, saved_models, text_corpus, 
     assert kc["equal_steps"] and ("did NOT beat" in kc["statement"]) == (not kc["kd_beats_ce"])
 
     md = (out / "report.md").read_text()
-    assert "| model | layers | params | size MB | val ppl |" in md and kc["statement"] in md
-    for png in ("training_curves.png", "ppl_vs_speed.png"):
+    assert "| model | precision | layers × width | params | size MB | val ppl |" in md and kc["statement"] in md
+    # Fidelity to the teacher, against an independent computation over the same blocks.
+    blocks = evaluation.validation_blocks([evaluation.load_entry("teacher", saved_models["teacher"])],
+                                          evaluation.eval_data_config([evaluation.load_entry("teacher", saved_models["teacher"])])[0], 0, 1337)
+    want = _independent_fidelity(saved_models["v2"], saved_models["teacher"], blocks.ids)
+    assert kd["top1_teacher"] == pytest.approx(want[0], abs=1e-9) and kd["kl_teacher"] == pytest.approx(want[1], rel=1e-4)
+    assert t["top1_teacher"] == 1.0 and t["kl_teacher"] == 0.0
+    assert set(report["pareto"]) == {"speed", "size"}
+    for png in ("training_curves.png", "tradeoffs.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
-    assert "| v2_ce |" in capsys.readouterr().out  # the table goes to stdout
 
 
 def test_missing_teacher_or_v2_exits_2(tmp_path, saved_models, monkeypatch, capsys):
@@ -158,3 +180,35 @@ def test_bench_harness_writes_results_and_survives_a_failing_section(tmp_path):
     # --only runs just that section, and a clean run exits 0.
     assert harness.main(["--only", "fake", "--bench-dir", str(bench), "--out-dir", str(out)]) == 0
     assert [s["name"] for s in json.loads((out / "results.json").read_text())["sections"]] == ["fake"]
+
+
+def test_report_refuses_a_student_of_another_teacher(tmp_path, saved_models, capsys):
+    from python3_distillation.lineage import weights_sha256
+    from python3_distillation.models import META_FILE, load_model
+
+    meta_file = saved_models["v2"] / META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["teacher_sha256"] = weights_sha256(load_model(saved_models["teacher"]))
+    meta_file.write_text(json.dumps(meta))
+    spec = f"teacher={saved_models['teacher']},v2={saved_models['v2']}"
+    assert evaluation.main(["--models", spec, "--out", str(tmp_path / "ok"), "--quick", "--max-eval-blocks", "2"]) == 0
+    # The teacher is retrained (its weights change): the old student no longer belongs beside it.
+    teacher = load_model(saved_models["teacher"])
+    with torch.no_grad():
+        teacher.transformer.ln_f.bias.add_(0.01)
+    teacher.save_pretrained(saved_models["teacher"])
+    capsys.readouterr()
+    assert evaluation.main(["--models", spec, "--out", str(tmp_path / "bad"), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "v2" in err and "distilled from a teacher whose weights hash is" in err and "retrained" in err
+    assert not (tmp_path / "bad" / "report.json").exists()
+
+
+def test_pareto_front():
+    from python3_distillation.evaluation.plots import pareto_front
+
+    pts = {"a": (100.0, 50.0), "b": (200.0, 60.0), "c": (150.0, 70.0), "d": (90.0, 40.0), "e": (200.0, 60.0)}
+    # c is beaten by b (faster and lower); b and e tie and both stay; a, d trade speed for quality.
+    assert pareto_front(pts, higher_x_better=True) == {"a", "b", "d", "e"}
+    size = {"small": (10.0, 80.0), "big": (40.0, 50.0), "worse": (20.0, 90.0)}
+    assert pareto_front(size, higher_x_better=False) == {"small", "big"}

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from python3_distillation.losses import combine, hidden_cosine_loss, kd_loss, lm_loss
+from python3_distillation.losses import hidden_cosine_loss, kd_loss, lm_loss
 
 SHAPES = [(2, 3, 5), (3, 7, 50257)]  # tiny, and GPT-2's vocabulary (21 rows: no chunk size below divides it)
 TEMPERATURES = [0.5, 1.0, 2.0, 4.0]
@@ -369,21 +369,6 @@ def test_cosine_masking_teacher_and_errors():
     assert zero.item() == 0.0
     with pytest.raises(ValueError, match="widths differ"):
         hidden_cosine_loss(s, _logits((2, 3, 8), 51))
-
-
-# ----------------------------------------------------------------------------------------- combine
-
-
-def test_combine_weighted_sum_and_errors():
-    terms = {"kd": torch.tensor(2.0), "lm": torch.tensor(3.0), "cos": torch.tensor(5.0)}
-    assert combine(terms, {"kd": 0.5, "lm": 2.0, "cos": 0.0}).item() == pytest.approx(7.0)
-    assert combine({"kd": torch.tensor(2.0)}, {"kd": 1.0, "lm": 0.0}).item() == pytest.approx(2.0)
-    with pytest.raises(KeyError, match="no weight"):
-        combine(terms, {"kd": 1.0, "lm": 1.0})
-    with pytest.raises(KeyError, match="not computed"):
-        combine({"kd": torch.tensor(1.0)}, {"kd": 1.0, "lm": 1.0})
-    with pytest.raises(ValueError, match="all loss weights are zero"):
-        combine({"kd": torch.tensor(1.0)}, {"kd": 0.0})
 
 
 def test_kd_nan_logits_are_not_hidden():

@@ -1,6 +1,6 @@
 """Model cards: the README.md inside every saved model folder, from its measured numbers.
 
-    python -m python3_distillation report      # rewrites the cards with speed and size too
+    python -m python3_distillation report      # rewrites the cards with speed, size and fidelity too
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ def _fmt(value, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: dict | None = None) -> str:
+def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: dict | None = None,
+               folder: str | None = None) -> str:
     """Markdown card: lineage, shape, training, validation perplexity, and (when measured) speed."""
-    folder = Path(cfg.output_dir).name if cfg is not None else "path/to/this/folder"
+    folder = folder or (Path(cfg.output_dir).name if cfg is not None else "path/to/this/folder")
     lines = [
         "---",
         "library_name: transformers",
@@ -49,12 +50,20 @@ def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: di
         f"{_fmt(meta.get('train_seconds'), '.0f')} s on `{meta.get('data')}` |",
         f"| validation perplexity | {_fmt(meta.get('val_ppl'))} |",
     ]
+    if meta.get("precision"):
+        lines.append(f"| trained in | {meta['precision'].get('label')} ({meta['precision'].get('reason')}) |")
+    if meta.get("seed") is not None:
+        lines.append(f"| seed | {meta['seed']} |")
     if meta.get("teacher_val_ppl") is not None:
         lines.append(f"| teacher validation perplexity | {_fmt(meta.get('teacher_val_ppl'))} |")
-    for key, label in (("size_mb", "size on disk (MB)"), ("decode_tok_s_b1", "generation, batch 1 (tokens/s)"),
+    for key, label in (("size_mb", "size on disk (MB)"), ("top1_teacher", "top-1 agreement with the teacher"),
+                       ("kl_teacher", "mean KL(teacher ‖ model) per position"),
+                       ("decode_tok_s_b1", "generation, batch 1 (tokens/s)"),
                        ("decode_tok_s_b8", "generation, batch 8 (tokens/s)"), ("device", "measured on")):
         if measured and measured.get(key) is not None:
-            lines.append(f"| {label} | {measured[key] if isinstance(measured[key], str) else _fmt(measured[key], '.1f')} |")
+            value = measured[key]
+            spec = ".3f" if key in ("top1_teacher", "kl_teacher") else ".1f"
+            lines.append(f"| {label} | {value if isinstance(value, str) else _fmt(value, spec)} |")
     lines += [
         "",
         "```python",

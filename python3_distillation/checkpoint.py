@@ -1,0 +1,215 @@
+"""Training checkpoints that load nothing executable: safetensors for tensors, JSON for the rest.
+
+    python -m python3_distillation.checkpoint runs/v2/checkpoint-200     # verify one, print its state
+
+A checkpoint folder holds the model weights, the optimizer state (tensors + a JSON of its param
+groups), each process's RNG states (tensors + JSON), ``trainer_state.json`` (step, tokens, seconds,
+the run's fingerprint) and, written last, ``manifest.json``: the size and sha256 of every other file.
+Nothing is unpickled on resume (accelerate's ``save_state`` writes ``.pkl``/``.bin`` pickles that
+``load_state`` opens with ``weights_only=False``, so a run folder from someone else could run code).
+A checkpoint whose files do not match its manifest (truncated, corrupt, tampered with, or holding
+files the manifest does not list) is refused with a warning and the previous one is tried. The LR
+schedule is not stored: it is a pure function of the step and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_TENSORS, OPTIMIZER_GROUPS = "optimizer.safetensors", "optimizer.json"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete, corrupt or not what its manifest says."""
+
+
+def rng_files(rank: int) -> tuple[str, str]:
+    return f"rng-{rank}.safetensors", f"rng-{rank}.json"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    name = Path(path).name
+    if not name.startswith("checkpoint-"):
+        return None
+    tail = name.split("-", 1)[1]
+    return int(tail) if tail.isdigit() else None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders of a run, oldest first (temp folders of an interrupted write excluded)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+# ------------------------------------------------------------------------------------- writing
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model_weights(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(Path(folder) / MODEL_FILE))  # drops tied duplicates (lm_head = wte)
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Per-parameter state as tensors ``"<param index>.<name>"``; param groups and scalars as JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    save_file(tensors, str(Path(folder) / OPTIMIZER_TENSORS))
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    (Path(folder) / OPTIMIZER_GROUPS).write_text(json.dumps({"param_groups": groups, "scalars": scalars}))
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states: torch (CPU and every CUDA device) as tensors, Python's and NumPy's as JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(state), gauss],
+            "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]}
+    return tensors, meta
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    tensors, meta = capture_rng()
+    t_name, j_name = rng_files(rank)
+    save_file(tensors, str(Path(folder) / t_name))
+    (Path(folder) / j_name).write_text(json.dumps(meta))
+
+
+def write_manifest(folder: Path, state: dict) -> None:
+    """Write ``trainer_state.json``, then the manifest of every file (the last write of a checkpoint)."""
+    folder = Path(folder)
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+
+
+# ------------------------------------------------------------------------------------- reading
+
+def verify(folder: Path) -> dict:
+    """Check every file against the manifest; returns the trainer state. Raises CheckpointError."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        listed = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {MANIFEST} (the write did not finish)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({e})") from None
+    present = {p.name for p in folder.iterdir() if p.name != MANIFEST}
+    extra = sorted(present - set(listed))
+    if extra:
+        raise CheckpointError(f"{folder}: files not in its manifest: {', '.join(extra)} (tampered with?)")
+    for name, entry in listed.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing")
+        if path.stat().st_size != entry.get("bytes"):
+            raise CheckpointError(f"{folder}: {name} does not match its manifest: {path.stat().st_size} bytes, "
+                                  f"not {entry.get('bytes')} (truncated, corrupt or tampered with)")
+        if _sha256(path) != entry.get("sha256"):
+            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest (corrupt or tampered with)")
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        int(state["step"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}: unreadable {STATE_FILE} ({e})") from None
+    return state
+
+
+def newest_valid(run_dir: Path, warn=None) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that verifies, and its state; each refused one is reported through ``warn``."""
+    warn = warn or log.warning
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            return ckpt, verify(ckpt)
+        except CheckpointError as e:
+            warn(f"{e}; falling back to an earlier checkpoint")
+    return None, None
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(model, str(Path(folder) / MODEL_FILE), strict=False)
+    # Tied weights are stored once; the other name is reported missing by design.
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_optimizer_state(folder: Path) -> dict:
+    folder = Path(folder)
+    tensors = load_file(str(folder / OPTIMIZER_TENSORS))
+    extra = json.loads((folder / OPTIMIZER_GROUPS).read_text())
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(extra["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in extra["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def restore_rng(folder: Path, rank: int) -> bool:
+    """Restore this process's RNG states; False (states left as seeded) when the file is absent."""
+    t_name, j_name = rng_files(rank)
+    if not (Path(folder) / t_name).exists():
+        return False
+    tensors = load_file(str(Path(folder) / t_name))
+    meta = json.loads((Path(folder) / j_name).read_text())
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return True
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        print(json.dumps(verify(Path(sys.argv[1])), indent=1))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,99 @@
+"""What a stage was built from: fingerprints of its inputs and its config, compared on resume and in the report.
+
+    python -c "from python3_distillation.models import load_model; from python3_distillation.lineage import weights_sha256; \
+print(weights_sha256(load_model('python3_distillation/gpt2_teacher')))"
+
+Each saved model records ``weights_sha256`` (a hash of its own tensors) and ``fingerprint``:
+``{"inputs": {...}, "config": {...}}``, where inputs are the hashes of what it was made from (the
+teacher's weights, a base checkpoint, the data) and config is the resolved config minus what does
+not change the weights (where files go, logging and checkpoint cadence, the step budget, which may
+grow on resume). A changed input makes ``--resume`` start that stage afresh; a changed config makes
+it stop with an error; the report refuses a student whose teacher hash is not the teacher's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+import yaml
+
+from python3_distillation.config import RunConfig
+
+# Keys that change where results go or how often they are logged, not what is trained.
+VOLATILE = {
+    ("name",), ("train", "max_steps"), ("train", "eval_every"), ("train", "save_every"),
+    ("train", "keep_checkpoints"), ("train", "log_every"), ("train", "run_dir"),
+    ("teacher", "path"), ("student", "output_dir"), ("data", "max_eval_blocks"),
+}
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the model's unique tensors by name (dtype, shape, bytes): file-format independent."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name, t in sorted(model.state_dict(keep_vars=False).items()):
+        if t.data_ptr() in seen and t.numel():  # a tied weight (lm_head = wte) is counted once
+            continue
+        seen.add(t.data_ptr())
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tensor_sha256(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def fingerprint_config(cfg: RunConfig) -> dict:
+    d = yaml.safe_load(cfg.to_yaml())  # paths as saved: relative to the working directory
+    for path in VOLATILE:
+        node = d
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return d
+
+
+def stage_fingerprint(cfg: RunConfig, inputs: dict) -> dict:
+    return {"inputs": dict(inputs), "config": fingerprint_config(cfg)}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """``"key: old → new"`` for every differing leaf of two nested dicts."""
+    a, b = _flatten(old or {}), _flatten(new or {})
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True):
+            out.append(f"{key}: {_short(a.get(key, '(unset)'))} → {_short(b.get(key, '(unset)'))}")
+    return out
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s[:12] + "…" if len(s) == 64 and all(c in "0123456789abcdef" for c in s) else s
+
+
+def data_fingerprint(blocks: dict) -> str:
+    """The token data's identity: the cache key when the blocks carry one, else a hash of the tokens."""
+    key = getattr(blocks["train"], "fingerprint", None)
+    if key:
+        return str(key)
+    return tensor_sha256(*(torch.as_tensor(blocks[s].ids[:]) for s in ("train", "validation")))

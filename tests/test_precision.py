@@ -1,0 +1,78 @@
+"""``mixed_precision: auto``: the decision with the measurements injected, and one real probe.
+
+    HF_HUB_OFFLINE=1 python -m pytest tests/test_precision.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from conftest import tiny_run_config
+from python3_distillation import precision
+from python3_distillation.precision import MIN_SPEEDUP, Precision, decide
+
+
+def test_cpu_auto_follows_the_probe():
+    fast = decide("auto", "cpu", probe=lambda: 2.1)
+    assert fast.mode == "bf16" and "2.10× fp32" in fast.reason and fast.bf16_speedup == 2.1
+    slow = decide("auto", "cpu", probe=lambda: 0.011)
+    assert slow.mode == "no" and slow.label == "fp32"
+    assert slow.line() == "precision: fp32 — bf16 autocast measured 0.01× fp32 on this CPU (no native bf16)"
+    marginal = decide("auto", "cpu", probe=lambda: MIN_SPEEDUP - 0.05)
+    assert marginal.mode == "no" and "not worth it" in marginal.reason
+
+
+def test_explicit_choices_are_kept_and_a_slow_bf16_warns():
+    assert decide("no", "cpu", probe=lambda: 3.0).mode == "no"
+    with pytest.warns(RuntimeWarning, match=r"0\.01× fp32.*use train.mixed_precision=auto or no"):
+        forced = decide("bf16", "cpu", probe=lambda: 0.01)
+    assert forced.mode == "bf16" and forced.requested == "bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a bf16 that is really faster raises no warning
+        assert decide("bf16", "cpu", probe=lambda: 2.0).mode == "bf16"
+    with pytest.raises(ValueError, match="expected auto, bf16, fp16 or no"):
+        decide("fp8", "cpu")
+
+
+def test_cuda_follows_the_device_capability():
+    def capability(bf16: bool, major: int):
+        def choose(device):
+            if bf16:
+                return Precision("bf16", "test GPU supports bf16")
+            if major >= 7:
+                return Precision("fp16", f"test GPU (compute capability {major}.0) has fp16 tensor cores but no bf16")
+            return Precision("no", "old GPU")
+        return choose
+
+    never = lambda: pytest.fail("the CPU probe must not run for a CUDA device")  # noqa: E731
+    assert decide("auto", "cuda", probe=never, cuda_choice=capability(True, 8)).mode == "bf16"
+    assert decide("auto", "cuda", probe=never, cuda_choice=capability(False, 7)).mode == "fp16"
+    assert decide("auto", "cuda", probe=never, cuda_choice=capability(False, 6)).mode == "no"
+    assert decide("fp16", "cuda", probe=never, cuda_choice=capability(True, 8)).mode == "fp16"
+
+
+def test_the_real_probe_returns_a_valid_choice():
+    speedup = precision.probe_cpu_bf16()
+    assert speedup > 0
+    choice = decide("auto", "cpu")
+    assert choice.mode in ("bf16", "no") and choice.bf16_speedup == pytest.approx(precision.cpu_bf16_speedup())
+    assert (choice.mode == "bf16") == (choice.bf16_speedup >= MIN_SPEEDUP)
+
+
+def test_the_choice_is_logged_and_recorded(tmp_path, text_corpus, capsys):
+    from python3_distillation.teacher import run_teacher
+
+    cfg = tiny_run_config(tmp_path, text_corpus, train={"mixed_precision": "auto", "max_steps": 2})
+    out = run_teacher(cfg)
+    err = capsys.readouterr().err
+    meta = json.loads((out / "distill_meta.json").read_text())
+    line = f"precision: {meta['precision']['label']} — {meta['precision']['reason']}"
+    assert line in err
+    assert meta["precision"]["requested"] == "auto" and meta["precision"]["mode"] in ("bf16", "no")
+    saved = (out / "distill_config.yaml").read_text()
+    assert saved.startswith(f"# precision used: {meta['precision']['label']} — ") and "mixed_precision: auto" in saved
+    assert torch.get_default_dtype() == torch.float32
