@@ -24,23 +24,13 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from python3_distillation.generate import Generator, SamplingParams  # noqa: E402
+from python3_distillation.generation import Generator, SamplingParams  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import student_folder  # noqa: E402
+from common import PROMPTS, student_folder  # noqa: E402
 
 BANDWIDTH = 30e9  # bytes/s: the memory bandwidth taken as this machine's ceiling for batch-1 decoding
 BATCH_TARGET = 3.0  # batched throughput over one-at-a-time
-PROMPTS = [
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune",
-    "Emma Woodhouse, handsome, clever, and rich,",
-    "The family of Dashwood had long been settled in Sussex.",
-    "No one who had ever seen Catherine Morland in her infancy",
-    "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who",
-    "About thirty years ago Miss Maria Ward, of Huntingdon,",
-    "She was",
-    "Mr. Bennet was among the earliest of those who waited on Mr. Bingley.",
-]
 
 
 def load(quick: bool) -> tuple[Generator, str]:

@@ -1,4 +1,4 @@
-"""What several benchmark sections share: the model they run on.
+"""What several benchmark sections share: the model they run on and the prompts they time.
 
     python -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.student_folder('/tmp/x'))"
 """
@@ -8,6 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from python3_distillation.paths import model_dir
+
+# Eight openings of Austen novels: the prompts every decode-speed section times.
+PROMPTS = [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune",
+    "Emma Woodhouse, handsome, clever, and rich,",
+    "The family of Dashwood had long been settled in Sussex.",
+    "No one who had ever seen Catherine Morland in her infancy",
+    "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who",
+    "About thirty years ago Miss Maria Ward, of Huntingdon,",
+    "She was",
+    "Mr. Bennet was among the earliest of those who waited on Mr. Bingley.",
+]
 
 
 def student_folder(workdir: str | Path) -> tuple[Path, str]:

@@ -2,7 +2,7 @@
 
     python python3_distillation/distill_api_server.py [--port 6006] [--compare python3_distillation/gpt2_teacher]
 
-Flask's development server; for production see ``python3_distillation/wsgi.py`` (gunicorn).
+The production server (gunicorn, as in the Docker images); ``--help`` lists the options.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     sys.path.insert(0, str(here.parent))
 
-from python3_distillation.server import main  # noqa: E402
+from python3_distillation.serving.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:], default_model="v1"))

@@ -22,8 +22,10 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import IO, Any
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
-SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+from python3_distillation.errors import EXIT_BAD_INPUT
+
+EXIT_OK = 0
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed", "ignore_eos")
 
 EPILOG = """\
 prompts longer than the model's context (minus --max-new-tokens) are truncated from the left,
@@ -64,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str = "v2") -> argp
 
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt(s) to continue")
     p.add_argument("--model", metavar="DIR", default=None,
-                   help=f"model folder (default: {_model_label(default_model)}, {model_dir(default_model)})")
+                   help=f"model folder or name, e.g. v2_int8 (default: {_model_label(default_model)}, {model_dir(default_model)})")
     p.add_argument("--prompts-file", metavar="FILE", help="a .txt or .jsonl file of prompts (see below)")
     p.add_argument("--output", "-o", metavar="FILE", help="write JSON lines here instead of stdout")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts decoded together (default 8)")
@@ -76,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str = "v2") -> argp
     g.add_argument("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeats; 1 = off (default)")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     g.add_argument("--seed", type=int, help="same seed → same text (default: random)")
+    g.add_argument("--ignore-eos", action="store_true", default=None,
+                   help="the end-of-text token does not end a prompt's text: always --max-new-tokens tokens")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--compare", action="store_true",
                    help="also run the teacher; show both continuations side by side with their tokens/s")
@@ -112,8 +116,12 @@ def cli_sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def read_prompts_file(path: Path, base: dict[str, Any]) -> tuple[list[Item], list[tuple[int, str]]]:
-    """Items of a .txt / .jsonl file and the one-line errors of its bad lines."""
-    from python3_distillation.generate import GenerationError, SamplingParams
+    """Items of a .txt / .jsonl file and the one-line errors of its bad lines.
+
+    A JSONL line is checked by the same schema (field bounds included) as the server's requests.
+    """
+    from python3_distillation.generation import GenerationError, SamplingParams
+    from python3_distillation.serving.schemas import PromptLine, SchemaError, validate
 
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -143,15 +151,16 @@ def read_prompts_file(path: Path, base: dict[str, Any]) -> tuple[list[Item], lis
             errors.append((n, f"{where}: needs a \"prompt\" string"))
             continue
         try:
-            items.append(Item(where, prompt, SamplingParams.from_dict({**base, **obj}), n))
-        except GenerationError as e:
+            line_params = validate(PromptLine, {**base, **obj, "prompt": prompt}).params()
+            items.append(Item(where, prompt, line_params, n))
+        except (SchemaError, GenerationError) as e:
             errors.append((n, f"{where}: {e}"))
     return items, errors
 
 
 def check_items(gen, items: list[Item], errors: list[tuple[int, str]]) -> list[Item]:
     """Items whose prompt the model can take; warns about those it will truncate, reports the rest."""
-    from python3_distillation.generate import GenerationError
+    from python3_distillation.generation import GenerationError
 
     ok = []
     for it in items:
@@ -207,7 +216,7 @@ def describe(label: str, gen, c) -> str:
 
 
 def load_generator(folder: Path, what: str, args: argparse.Namespace):
-    from python3_distillation.generate import GenerationError, Generator
+    from python3_distillation.generation import GenerationError, Generator
 
     if not folder.is_dir():
         flag = "--teacher" if what == "teacher" else "--model"
@@ -280,8 +289,8 @@ def run_prompts(args, gen, teacher, items: list[Item]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Carry out parsed arguments (from :func:`build_parser` or a parser given :func:`add_arguments`)."""
-    from python3_distillation.generate import GenerationError, SamplingParams
-    from python3_distillation.paths import model_dir
+    from python3_distillation.generation import GenerationError, SamplingParams
+    from python3_distillation.paths import model_arg, model_dir
 
     errors: list[tuple[int, str]] = []
     try:
@@ -309,11 +318,11 @@ def run(args: argparse.Namespace) -> int:
         if args.prompts_file:
             file_items, errors = read_prompts_file(Path(args.prompts_file), base)
             items += file_items
-        folder = Path(args.model) if args.model else model_dir(args.default_model)
+        folder = model_arg(args.model) if args.model else model_dir(args.default_model)
         gen = load_generator(folder, "student" if not args.model else "", args)
         teacher = None
         if args.compare:
-            teacher = load_generator(Path(args.teacher) if args.teacher else model_dir("teacher"), "teacher", args)
+            teacher = load_generator(model_arg(args.teacher) if args.teacher else model_dir("teacher"), "teacher", args)
         items = check_items(gen, items, errors)
         if args.prompts_file or args.output:
             out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
@@ -341,7 +350,7 @@ def main(argv: list[str] | None = None, default_model: str = "v2", prog: str | N
         args = build_parser(prog, default_model).parse_args(argv)
     except SystemExit as e:  # --help, or a one-line usage error
         return int(e.code or 0)
-    gen_log = logging.getLogger("python3_distillation.generate")
+    gen_log = logging.getLogger("python3_distillation.generation")
     level = gen_log.level
     # The CLI prints its own truncation warnings, naming the prompt; silence the library's copy.
     gen_log.setLevel(logging.ERROR)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from python3_distillation import infer, paths
-from python3_distillation.generate import Generator, SamplingParams
+from python3_distillation.generation import Generator, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = ["prompt", "completion", "prompt_tokens", "completion_tokens", "seconds", "finish_reason"]
@@ -98,6 +98,9 @@ def test_jsonl_file_per_line_params_and_bad_lines(capsys, tmp_path, student, gen
         {"text": "no prompt"},
         {"prompt": "Hello", "temprature": 1},
         {"prompt": "The cat", "seed": 4, "temperature": 0.9},
+        {"prompt": "Hi", "stop": ["s" * 300]},
+        {"prompt": "Hi", "top_k": 2**63},
+        '{"prompt": "\\ud800"}',
     ]
     f.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n", encoding="utf-8")
     rc, out, err = run(capsys, "--model", student, "--prompts-file", f, *GREEDY)
@@ -110,9 +113,12 @@ def test_jsonl_file_per_line_params_and_bad_lines(capsys, tmp_path, student, gen
     assert recs[1]["completion"] == gen.generate(["The cat"], SamplingParams(max_new_tokens=6, temperature=0.9,
                                                                              seed=4))[0].text
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert [e.split(":")[2] for e in errors] == ["2", "3", "4", "5", "6", "7"]
+    assert [e.split(":")[2] for e in errors] == ["2", "3", "4", "5", "6", "7", "9", "10", "11"]
     assert "invalid JSON" in errors[0] and "top_p" in errors[1] and "prompt is empty" in errors[2]
     assert "JSON object" in errors[3] and '"prompt" string' in errors[4] and "temprature" in errors[5]
+    # the server's schema, bounds included
+    assert "'stop.0'" in errors[6] and "256" in errors[6] and "'top_k'" in errors[7]
+    assert "unicode" in errors[8]  # a lone surrogate
 
 
 def test_compare_side_by_side(capsys, student, teacher):
@@ -141,11 +147,11 @@ def test_long_prompt_is_truncated_with_a_warning(capsys, student):
 
 @pytest.mark.parametrize("argv,message", [
     (["", "--model", "{student}"], "prompt is empty"),
-    (["hi", "--model", "{student}", "--temperature", "-1"], "temperature must be a number >= 0"),
+    (["hi", "--model", "{student}", "--temperature", "-1"], "temperature must be a number in [0, 100]"),
     (["hi", "--model", "{student}", "--top-p", "0"], "top_p must be a number in (0, 1]"),
     (["hi", "--model", "{student}", "--top-p", "1.5"], "top_p must be a number in (0, 1]"),
     (["hi", "--model", "{student}", "--max-new-tokens", "2.5"], "--max-new-tokens: invalid int value"),
-    (["hi", "--model", "{student}", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    (["hi", "--model", "{student}", "--max-new-tokens", "0"], "max_new_tokens must be an integer in [1, "),
     (["hi", "--model", "{student}", "--max-new-tokens", "64"], "leaves no room for a prompt"),
     (["hi", "--model", "{student}", "--repetition-penalty", "0"], "repetition_penalty"),
     (["hi", "--model", "{student}", "--stop", ""], "stop strings must be non-empty"),

@@ -1,11 +1,48 @@
 // Playground page: streams /v1/completions (SSE over fetch) into the output panel.
 // Everything generated or typed is inserted with textContent / text nodes, never as HTML,
-// so a prompt such as <script>…</script> is shown, not run.
+// so a prompt such as <script>…</script> is shown, not run. The page's own strings come from the
+// #i18n JSON block (中文 / English); generated text is never translated.
 "use strict";
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const state = { info: null, controllers: [] };
+  const state = { info: null, controllers: [], lang: "en", serverState: null, speeds: {} };
+  const STRINGS = JSON.parse(document.getElementById("i18n").textContent);
+
+  function t(key, vars) {
+    const entry = STRINGS[key];
+    let text = entry ? (entry[state.lang] ?? entry.en) : key;
+    for (const [k, v] of Object.entries(vars || {})) text = text.replace(`{${k}}`, String(v));
+    return text;
+  }
+
+  function chooseLanguage() {
+    let saved = null;
+    try {
+      saved = localStorage.getItem("lang");
+    } catch (_) { /* storage disabled: follow the browser */ }
+    if (saved === "zh" || saved === "en") return saved;
+    const preferred = navigator.languages && navigator.languages.length ? navigator.languages[0] : navigator.language;
+    return (preferred || "en").toLowerCase().startsWith("zh") ? "zh" : "en";
+  }
+
+  function applyLanguage(lang) {
+    state.lang = lang;
+    document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
+    document.documentElement.dataset.lang = lang;
+    for (const node of document.querySelectorAll("[data-i18n]")) node.textContent = t(node.dataset.i18n);
+    for (const node of document.querySelectorAll("[data-i18n-label]")) {
+      node.setAttribute("aria-label", t(node.dataset.i18nLabel));
+    }
+    for (const node of document.querySelectorAll("[data-i18n-placeholder]")) {
+      node.setAttribute("placeholder", t(node.dataset.i18nPlaceholder));
+    }
+    for (const button of document.querySelectorAll("[data-set-lang]")) {
+      button.setAttribute("aria-pressed", String(button.dataset.setLang === lang));
+    }
+    if (state.serverState) setServerState(...state.serverState);
+    if (state.info) renderModels(state.info);
+  }
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
@@ -23,13 +60,16 @@
 
   function setStatus(text, kind) {
     const status = $("status");
+    status.removeAttribute("data-i18n");
     status.textContent = text;
     status.dataset.state = kind;
   }
 
-  function setServerState(text, kind) {
+  // The pill is re-rendered on a language switch: kept as (key, vars, kind).
+  function setServerState(key, vars, kind) {
+    state.serverState = [key, vars, kind];
     const pill = $("server-state");
-    pill.textContent = text;
+    pill.textContent = t(key, vars) + (state.info && state.info.backend ? ` · ${t("state_backend")}` : "");
     pill.dataset.state = kind;
   }
 
@@ -46,16 +86,19 @@
       card.dataset.model = m.id;
       card.append(el("div", "card-title", m.id));
       const dl = el("dl");
+      const known = (v) => (v === null || v === undefined ? "–" : v);
       const rows = [
-        ["Parameters", `${formatCount(m.n_params)} (${m.n_params.toLocaleString("en")})`],
-        ["Size", `${m.size} (${m.dtype})`],
-        ["Layers · context", `${m.n_layer ?? "?"} · ${m.context_length}`],
-        ["Device", m.device],
-        ["Measured", "–"],
+        ["card_params", m.n_params ? `${formatCount(m.n_params)} (${m.n_params.toLocaleString("en")})` : "–", ""],
+        ["card_size", known(m.size), ""],
+        ["card_precision", known(m.precision), "precision"],
+        ["card_layers", `${known(m.n_layer)} · ${known(m.context_length)}`, ""],
+        ["card_device", known(m.device), ""],
+        ["card_measured", state.speeds[m.id] ?? "–", "speed"],
       ];
-      for (const [k, v] of rows) {
-        dl.append(el("dt", "", k));
-        dl.append(el("dd", k === "Measured" ? "speed" : "", v));
+      for (const [key, v, cls] of rows) {
+        const dt = el("dt", "", t(key));
+        dt.dataset.i18n = key;
+        dl.append(dt, el("dd", cls, v));
       }
       card.append(dl);
       cards.append(card);
@@ -73,15 +116,16 @@
       const res = await fetch("/api/info", { cache: "no-store" });
       const info = await res.json();
       if (!info.ready) {
-        setServerState(info.error ? "failed to load models" : "loading models…", info.error ? "error" : "loading");
-        if (!info.error) setTimeout(loadInfo, 1000);
+        setServerState(info.error ? "state_failed" : "state_loading", {}, info.error ? "error" : "loading");
+        if (info.error) $("server-state").title = info.error;
+        setTimeout(loadInfo, info.error ? 5000 : 1000);
         return;
       }
       state.info = info;
       renderModels(info);
-      setServerState(`ready · ${info.models.length} model${info.models.length > 1 ? "s" : ""}`, "ready");
+      setServerState("state_models", { n: info.models.length }, "ready");
     } catch (err) {
-      setServerState("server unreachable", "error");
+      setServerState("state_unreachable", {}, "error");
       setTimeout(loadInfo, 2000);
     }
   }
@@ -157,7 +201,7 @@
     pre.append(el("span", "prompt", prompt));
     const gen = el("span", "gen");
     pre.append(gen);
-    const foot = el("div", "result-foot", "waiting…");
+    const foot = el("div", "result-foot", t("waiting"));
     card.append(pre, foot);
     return { card, gen, foot };
   }
@@ -180,11 +224,11 @@
         if (choice.text) {
           if (tFirst === null) tFirst = performance.now();
           target.gen.append(document.createTextNode(choice.text));
-          target.foot.textContent = "generating…";
+          target.foot.textContent = t("generating");
         }
         if (choice.finish_reason) {
           reasons[choice.index] = choice.finish_reason;
-          target.foot.textContent = `finish: ${choice.finish_reason}`;
+          target.foot.textContent = `${t("finish")}: ${choice.finish_reason}`;
         }
       }
     }, signal);
@@ -192,14 +236,15 @@
     const tokens = usage ? usage.completion_tokens : 0;
     const decodeSeconds = Math.max((t1 - (tFirst ?? t0)) / 1000, 1e-3);
     const rate = tokens / decodeSeconds;
-    const summary = `${tokens} tokens · ${((t1 - t0) / 1000).toFixed(2)} s · ${rate.toFixed(1)} tok/s` +
-      (tFirst !== null ? ` · first token ${Math.round(tFirst - t0)} ms` : "");
+    const summary = `${tokens} ${t("tokens")} · ${((t1 - t0) / 1000).toFixed(2)} s · ${rate.toFixed(1)} tok/s` +
+      (tFirst !== null ? ` · ${t("first_token")} ${Math.round(tFirst - t0)} ms` : "");
     cards.forEach((c, i) => {
-      c.foot.textContent = `finish: ${reasons[i] ?? "?"}` + (prompts.length > 1 ? "" : ` · ${summary}`);
+      c.foot.textContent = `${t("finish")}: ${reasons[i] ?? "?"}` + (prompts.length > 1 ? "" : ` · ${summary}`);
     });
     column.querySelector(".column-stats").textContent = summary;
+    state.speeds[model] = `${rate.toFixed(1)} tok/s`;
     const speed = document.querySelector(`.model-card[data-model="${CSS.escape(model)}"] .speed`);
-    if (speed) speed.textContent = `${rate.toFixed(1)} tok/s`;
+    if (speed) speed.textContent = state.speeds[model];
     return tokens;
   }
 
@@ -211,7 +256,7 @@
       ? text.split("\n").map((s) => s.trim()).filter((s) => s.length > 0)
       : [text];
     if (prompts.length === 0 || prompts.every((p) => p.trim() === "")) {
-      setStatus("type a prompt first", "error");
+      setStatus(t("type_prompt_first"), "error");
       return;
     }
     const models = $("compare").checked && state.info.models.length > 1
@@ -234,7 +279,7 @@
     state.controllers = models.map(() => new AbortController());
     $("generate").disabled = true;
     $("stop").disabled = false;
-    setStatus("generating…", "running");
+    setStatus(t("generating"), "running");
     const results = await Promise.allSettled(
       models.map((m, i) => runModel(m, prompts, params, columns[i], state.controllers[i].signal)));
     $("generate").disabled = false;
@@ -243,10 +288,10 @@
     if (failed.length) {
       const reason = failed[0].reason;
       const aborted = reason && reason.name === "AbortError";
-      setStatus(aborted ? "stopped" : `error: ${reason.message}`, aborted ? "stopped" : "error");
+      setStatus(aborted ? t("stopped") : `${t("error")}: ${reason.message}`, aborted ? "stopped" : "error");
       if (!aborted) output.prepend(el("p", "error", reason.message));
     } else {
-      setStatus("done", "done");
+      setStatus(t("done"), "done");
     }
   }
 
@@ -255,6 +300,15 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
+    applyLanguage(chooseLanguage());
+    for (const button of document.querySelectorAll("[data-set-lang]")) {
+      button.addEventListener("click", () => {
+        try {
+          localStorage.setItem("lang", button.dataset.setLang);
+        } catch (_) { /* storage disabled: the switch lasts for this page */ }
+        applyLanguage(button.dataset.setLang);
+      });
+    }
     $("form").addEventListener("submit", generate);
     $("stop").addEventListener("click", stop);
     $("compare").addEventListener("change", () => {

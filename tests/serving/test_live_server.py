@@ -1,6 +1,7 @@
-"""The production command (gunicorn, gthread) on a free port, driven by the official ``openai`` client.
+"""The production command (gunicorn, gthread) on a free port, driven by the official ``openai`` client;
+and the seed's entry script serving with the same server.
 
-    HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=./data python -m pytest tests/test_server_live.py -q
+    HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=./data python -m pytest tests/serving/test_live_server.py -q
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
+JSON = {"Content-Type": "application/json"}
 MAX_TOKENS = 900  # long enough that a disconnect is seen long before the end
 
 
@@ -35,8 +37,8 @@ def free_port() -> int:
 def gunicorn_command(port: int) -> list[str]:
     exe = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which("gunicorn")
     base = [exe] if exe else [sys.executable, "-m", "gunicorn"]
-    return base + ["--bind", f"127.0.0.1:{port}", "--worker-class", "gthread", "--workers", "1", "--threads", "8",
-                   "--timeout", "120", "python3_distillation.wsgi:app"]
+    return base + ["--config", "python:python3_distillation.serving.gunicorn_conf", "--bind", f"127.0.0.1:{port}",
+                   "python3_distillation.serving.wsgi:app"]
 
 
 def get(url: str, timeout: float = 5.0) -> tuple[int, str]:
@@ -109,7 +111,8 @@ def ready_server(server):
 
 def test_health_and_ready(ready_server):
     base = ready_server
-    assert get(base + "/health") == (200, '{"status":"ok"}\n')
+    status, body = get(base + "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok", "models": "ready"}
     status, body = get(base + "/ready")
     assert status == 200 and json.loads(body)["status"] == "ready"
     status, body = get(base + "/no-such-page")
@@ -151,11 +154,11 @@ def test_openai_client_sees_api_errors(ready_server):
 
 def test_concurrent_requests_are_batched(ready_server):
     base = ready_server
-    before = metric(base, "distill_batches_total")
+    before = metric(base, "distill_prefills_total")
     results = []
 
     def one(i: int) -> None:
-        req = urllib.request.Request(base + "/api/generate", method="POST",
+        req = urllib.request.Request(base + "/api/generate", method="POST", headers=JSON,
                                      data=json.dumps({"prompt": f"n{i}", "max_new_tokens": 64}).encode())
         with urllib.request.urlopen(req, timeout=60) as r:
             results.append(json.loads(r.read()))
@@ -167,7 +170,7 @@ def test_concurrent_requests_are_batched(ready_server):
         t.join(timeout=60)
     assert len(results) == 6
     assert max(r["timings"]["batch_rows"] for r in results) >= 2
-    assert metric(base, "distill_batches_total") - before < 6
+    assert metric(base, "distill_prefills_total") - before < 6
 
 
 def test_disconnect_mid_stream_stops_the_generation(ready_server):
@@ -190,3 +193,35 @@ def test_disconnect_mid_stream_stops_the_generation(ready_server):
     assert metric(base, "distill_completions_total", reason="cancelled") == before + 1
     assert metric(base, "distill_generated_tokens_total") - tokens_before < MAX_TOKENS
     assert metric(base, "distill_generations_in_flight") == 0
+
+
+def test_the_entry_script_serves_with_gunicorn(tiny_dir):
+    port = free_port()
+    env = {**os.environ, "DISTILL_DEVICE": "cpu"}
+    proc = subprocess.Popen([sys.executable, "python3_distillation/distill_api_server_v2.py", "--model", str(tiny_dir),
+                             "--port", str(port), "--device", "cpu"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(base + "/ready", timeout=2) as r:
+                    assert r.headers["Server"].startswith("gunicorn")
+                    break
+            except (OSError, urllib.error.HTTPError):
+                time.sleep(0.2)
+        else:
+            pytest.fail("the entry script's server was not ready in 90 s")
+        req = urllib.request.Request(base + "/v1/completions", method="POST", headers=JSON,
+                                     data=json.dumps({"prompt": "Hello", "max_tokens": 3}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] >= 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # gunicorn's master and worker: their own session
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

@@ -1,12 +1,11 @@
 """Flask test-client tests of every route and every error of the server, on a tiny random model.
 
-    HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=./data python -m pytest tests/test_server.py -q
+    HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=./data python -m pytest tests/serving/test_api.py -q
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import re
 import subprocess
 import sys
@@ -16,121 +15,25 @@ from pathlib import Path
 
 import pytest
 
-from python3_distillation.generate import Generator
-from python3_distillation.server import ServeConfig, create_app, main
+from python3_distillation.serving.cli import main
+from python3_distillation.serving.settings import ServeConfig
 
-REPO = Path(__file__).resolve().parent.parent
-FAST = {"batch_window_ms": 1.0}
+from .helpers import FAST, assert_error, metric, sse_events, wait_for
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from python3_distillation.tokenizer import load_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny")
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50257))
-    model.save_pretrained(out)
-    load_tokenizer("gpt2").save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir) -> Generator:
-    return Generator.from_pretrained(tiny_dir, device="cpu")
-
-
-class Throttle:
-    """Slows a Generator down: before each decode event it waits for ``gate``, then sleeps ``delay``.
-
-    It wraps ``stream_batch`` (the decode is lazy, so each pulled event is a decode step), which
-    keeps the tests independent of how the generator runs the model.
-    """
-
-    def __init__(self, generator: Generator, delay: float = 0.0):
-        self.delay, self.gate, self.steps = delay, threading.Event(), 0
-        self.gate.set()
-        inner = generator.stream_batch
-
-        def stream_batch(*args, **kwargs):
-            for event in inner(*args, **kwargs):
-                self.steps += 1
-                self.gate.wait(timeout=10)
-                if self.delay:
-                    time.sleep(self.delay)
-                yield event
-
-        generator.stream_batch = stream_batch  # instance attribute: only this generator
-
-    def remove(self) -> None:
-        self.gate.set()
-
-
-@pytest.fixture
-def slow(tiny_dir):
-    """A private copy of the tiny model (hooks must not leak into other tests), 20 ms per step."""
-    gen = Generator.from_pretrained(tiny_dir, device="cpu")
-    throttle = Throttle(gen, delay=0.02)
-    yield gen, throttle
-    throttle.remove()
-
-
-@pytest.fixture
-def client(tiny):
-    return create_app(FAST, generators={"tiny": tiny}).test_client()
-
-
-def metric(client, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
-    total = 0.0
-    for line in client.get("/metrics").get_data(as_text=True).splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{.*\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def sse_events(body: str) -> list:
-    events = [block[len("data: "):] for block in body.split("\n\n") if block.startswith("data: ")]
-    assert events and events[-1] == "[DONE]", body[-300:]
-    return [json.loads(e) for e in events[:-1]]
-
-
-def assert_error(resp, status: int, type_: str | None = None, contains: str | None = None) -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.get_data(as_text=True)[:500])
-    assert resp.mimetype == "application/json"
-    err = resp.get_json()["error"]
-    assert err["message"] and err["type"]
-    if type_:
-        assert err["type"] == type_, err
-    if contains:
-        assert contains in err["message"], err
-    return err
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- plain routes
 
 
 def test_health_ready_info_models(client):
-    assert client.get("/health").get_json() == {"status": "ok"}
-    assert client.get("/ready").status_code == 200
+    assert client.get("/health").get_json() == {"status": "ok", "models": "ready"}
+    assert client.get("/ready").get_json() == {"status": "ready", "models": ["tiny"]}
     info = client.get("/api/info").get_json()
     assert info["ready"] and info["default"] == "tiny"
     (m,) = info["models"]
-    assert m["n_params"] > 1_000_000 and m["context_length"] == 64 and m["size_bytes"] == 4 * m["n_params"]
+    assert m["n_params"] > 1_000_000 and m["context_length"] == 64 and m["size_bytes"] >= 4 * m["n_params"]
+    assert m["precision"] == "fp32" and "path" not in m
     models = client.get("/v1/models").get_json()
     assert models["object"] == "list" and [d["id"] for d in models["data"]] == ["tiny"]
 
@@ -148,8 +51,8 @@ def test_page_and_static_assets_need_no_cdn(client):
     assert "innerHTML" not in client.get("/static/app.js").get_data(as_text=True)
 
 
-def test_ready_is_503_until_models_are_loaded(tiny_dir, tiny, monkeypatch):
-    import python3_distillation.server as server
+def test_ready_is_503_until_models_are_loaded(make_app, tiny_dir, tiny, monkeypatch):
+    import python3_distillation.serving.state as state
 
     release = threading.Event()
 
@@ -157,11 +60,13 @@ def test_ready_is_503_until_models_are_loaded(tiny_dir, tiny, monkeypatch):
         release.wait(timeout=10)
         return tiny
 
-    monkeypatch.setattr(server.Generator, "from_pretrained", staticmethod(slow_load))
-    app = create_app(ServeConfig(model_dirs=[str(tiny_dir)], batch_window_ms=1))
+    monkeypatch.setattr(state.Generator, "from_pretrained", staticmethod(slow_load))
+    app = make_app(ServeConfig(model_dirs=[str(tiny_dir)], batch_window_ms=1))
     c = app.test_client()
-    assert c.get("/health").status_code == 200
-    assert_error(c.get("/ready"), 503, "not_ready")
+    assert c.get("/health").get_json() == {"status": "ok", "models": "loading"}
+    resp = c.get("/ready")
+    assert_error(resp, 503, "not_ready", contains="still loading")
+    assert resp.get_json()["status"] == "loading" and resp.headers["Retry-After"]
     assert_error(c.post("/api/generate", json={"prompt": "hi"}), 503, "not_ready")
     assert c.get("/api/info").get_json()["ready"] is False
     release.set()
@@ -169,9 +74,9 @@ def test_ready_is_503_until_models_are_loaded(tiny_dir, tiny, monkeypatch):
     assert c.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
 
 
-def test_missing_model_folder_fails_at_startup(tmp_path):
+def test_missing_model_folder_fails_at_startup(make_app, tmp_path):
     with pytest.raises(ValueError, match="not found"):
-        create_app({"model_dirs": [str(tmp_path / "nope")]})
+        make_app({"model_dirs": [str(tmp_path / "nope")]})
     assert main(["--model", str(tmp_path / "nope")]) == 2
 
 
@@ -187,6 +92,7 @@ def test_api_generate_single_and_batch(client):
     assert c["finish_reason"] in {"length", "stop"} and 1 <= c["completion_tokens"] <= 5
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert body["timings"]["total_seconds"] > 0 and body["timings"]["batch_rows"] == 1
+    assert body["completions"][0]["tokens_per_second"] > 0
 
     many = client.post("/api/generate", json={"prompts": ["a", "b c", "<script>x</script>"], "max_new_tokens": 3,
                                               "temperature": 0}).get_json()
@@ -247,6 +153,7 @@ def test_v1_completions_streamed_matches_non_streamed(client):
     ("{not json", 400, "invalid_json"),
     ("", 400, "invalid_json"),
     ('["a list"]', 422, "invalid_request_error"),
+    ('{"prompt": "x"} trailing', 400, "invalid_json"),
 ])
 def test_body_errors(client, route, raw, status, type_):
     assert_error(client.post(route, data=raw, content_type="application/json"), status, type_)
@@ -283,6 +190,8 @@ def test_v1_invalid_fields_are_422(client, body, param):
     {"prompt": "x", "unknown": 1},
     {"prompt": "x", "prompts": ["y"]},
     {"prompt": ""},
+    {"prompt": "x", "top_k": 50258},
+    {"prompts": []},
 ])
 def test_api_generate_invalid_values_are_422(client, body):
     assert_error(client.post("/api/generate", json=body), 422, "invalid_request_error")
@@ -296,15 +205,15 @@ def test_prompt_beyond_context_is_422(client):
     assert err["param"] == "max_tokens" and "context is 64" in err["message"]
 
 
-def test_too_many_prompts_is_422(tiny):
-    c = create_app({**FAST, "max_prompts": 2}, generators={"tiny": tiny}).test_client()
+def test_too_many_prompts_is_422(make_app, tiny):
+    c = make_app({**FAST, "max_prompts": 2}, {"tiny": tiny}).test_client()
     assert_error(c.post("/api/generate", json={"prompts": ["a", "b", "c"]}), 422, contains="limit is 2")
     assert_error(c.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2}), 422, contains="limit is 2")
     assert c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1}).status_code == 200
 
 
-def test_body_over_limit_is_413(tiny):
-    c = create_app({**FAST, "max_body_bytes": 1024}, generators={"tiny": tiny}).test_client()
+def test_body_over_limit_is_413(make_app, tiny):
+    c = make_app({**FAST, "max_body_bytes": 1024}, {"tiny": tiny}).test_client()
     assert_error(c.post("/v1/completions", json={"prompt": "x" * 2000}), 413, "request_too_large")
     assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
 
@@ -321,25 +230,34 @@ def test_unknown_model_route_and_method(client):
 # --------------------------------------------------------------------------- limits under load
 
 
-def test_concurrency_cap_answers_429_without_waiting(slow):
+def test_full_waiting_line_answers_429_at_once_with_retry_after(make_app, slow):
     gen, _ = slow
-    c = create_app({**FAST, "max_concurrent": 1}, generators={"slow": gen}).test_client()
+    c = make_app({**FAST, "max_batch_rows": 1, "max_prompts": 1, "max_queue": 1}, {"slow": gen}).test_client()
     held = c.post("/v1/completions", json={"prompt": "hold", "max_tokens": 40, "stream": True}, buffered=False)
     assert held.status_code == 200
-    next(iter(held.response))  # the generation is running and holds the only slot
+    next(iter(held.response))  # decoding: the batch's only row is taken
+    waiting = {}
+    thread = threading.Thread(target=lambda: waiting.update(
+        r=c.post("/api/generate", json={"prompt": "wait", "max_new_tokens": 2})))
+    thread.start()
+    assert wait_for(lambda: metric(c, "distill_queue_depth", model="slow") == 1)
     t0 = time.monotonic()
-    err = assert_error(c.post("/api/generate", json={"prompt": "x", "max_new_tokens": 1}), 429, "rate_limit_exceeded")
-    assert time.monotonic() - t0 < 1.0 and "limit 1" in err["message"]
-    assert metric(c, "distill_generations_in_flight") == 1
+    resp = c.post("/api/generate", json={"prompt": "x", "max_new_tokens": 1})
+    err = assert_error(resp, 429, "rate_limit_exceeded", contains="limit 1")
+    assert time.monotonic() - t0 < 1.0 and resp.headers["Retry-After"] == "1"
+    assert metric(c, "distill_generations_in_flight") == 2
     assert metric(c, "distill_generations_rejected_total") == 1
-    held.close()
-    assert metric(c, "distill_generations_in_flight") == 0
+    held.close()  # the running request leaves: the waiting one gets its place
+    thread.join(timeout=20)
+    assert waiting["r"].status_code == 200 and waiting["r"].get_json()["completions"][0]["completion_tokens"] == 2
+    assert wait_for(lambda: metric(c, "distill_generations_in_flight") == 0)
     assert c.post("/api/generate", json={"prompt": "x", "max_new_tokens": 1}).status_code == 200
+    assert "queue" in err["message"] or "waiting" in err["message"]
 
 
-def test_client_disconnect_cancels_its_generation(slow):
+def test_client_disconnect_cancels_its_generation(make_app, slow):
     gen, throttle = slow
-    c = create_app(FAST, generators={"slow": gen}).test_client()
+    c = make_app(FAST, {"slow": gen}).test_client()
     resp = c.post("/v1/completions", json={"prompt": "go on", "max_tokens": 50, "stream": True}, buffered=False)
     chunks = iter(resp.response)
     next(chunks), next(chunks)
@@ -353,9 +271,9 @@ def test_client_disconnect_cancels_its_generation(slow):
     assert metric(c, "distill_generations_in_flight") == 0
 
 
-def test_time_limit_stops_generation_and_reports_it(slow):
+def test_time_limit_stops_generation_and_reports_it(make_app, slow):
     gen, _ = slow
-    c = create_app({**FAST, "time_limit_s": 0.3}, generators={"slow": gen}).test_client()
+    c = make_app({**FAST, "time_limit_s": 0.3}, {"slow": gen}).test_client()
     t0 = time.monotonic()
     body = c.post("/api/generate", json={"prompt": "long", "max_new_tokens": 60}).get_json()
     assert time.monotonic() - t0 < 3
@@ -366,10 +284,10 @@ def test_time_limit_stops_generation_and_reports_it(slow):
     assert metric(c, "distill_completions_total", reason="time_limit") == 2
 
 
-def test_time_limit_while_queued_is_504(slow):
+def test_time_limit_while_queued_is_504(make_app, slow):
     gen, throttle = slow
-    c = create_app({**FAST, "time_limit_s": 0.5}, generators={"slow": gen}).test_client()
-    throttle.gate.clear()  # the model is stuck in a step: later requests wait in the queue
+    c = make_app({**FAST, "time_limit_s": 0.5}, {"slow": gen}).test_client()
+    throttle.gate.clear()  # the model is stuck in a step: later requests wait in the line
     first = threading.Thread(target=lambda: c.post("/api/generate", json={"prompt": "a", "max_new_tokens": 5}))
     first.start()
     assert wait_for(lambda: throttle.steps >= 1)
@@ -378,8 +296,8 @@ def test_time_limit_while_queued_is_504(slow):
     first.join(timeout=10)
 
 
-def test_concurrent_requests_share_one_batch(tiny):
-    c = create_app({"batch_window_ms": 400, "batch_max_wait_ms": 3000}, generators={"tiny": tiny}).test_client()
+def test_concurrent_requests_share_one_prefill(make_app, tiny):
+    c = make_app({"batch_window_ms": 400, "batch_max_wait_ms": 3000}, {"tiny": tiny}).test_client()
     results: dict[int, object] = {}
 
     def native(i):
@@ -397,10 +315,40 @@ def test_concurrent_requests_share_one_batch(tiny):
         t.join(timeout=30)
     assert len(results) == 5
     assert {results[i]["timings"]["batch_rows"] for i in range(3)} == {5}
-    assert len({results[i]["timings"]["batch_id"] for i in range(3)}) == 1
     assert [results[i]["completions"][0]["prompt"] for i in range(3)] == ["p0", "p1", "p2"]
-    assert metric(c, "distill_batches_total", model="tiny") == 1
-    assert metric(c, "distill_batch_rows_sum", model="tiny") == 5
+    assert metric(c, "distill_prefills_total", model="tiny") == 1
+    # Decoded in shared steps: 5 at most (the longest row's tokens), not one run per request (20).
+    assert metric(c, "distill_decode_steps_total", model="tiny") <= 5
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_request_joins_the_running_decode_instead_of_waiting_for_it(make_app, slow, batching):
+    """Continuous: a short request arriving mid-decode is answered while the long one still runs. Static: after."""
+    gen, _ = slow
+    c = make_app({**FAST, "batching": batching}, {"slow": gen}).test_client()
+    order = []
+    long = c.post("/v1/completions", json={"prompt": "long", "max_tokens": 30, "stream": True,
+                                           "ignore_eos": True}, buffered=False)
+    chunks = iter(long.response)
+    next(chunks)  # the long request is decoding
+
+    def finish_long():
+        for _ in chunks:
+            pass
+        order.append("long")
+
+    reader = threading.Thread(target=finish_long)
+    reader.start()
+    short = c.post("/api/generate", json={"prompt": "short", "max_new_tokens": 3, "ignore_eos": True}).get_json()
+    order.append("short")
+    reader.join(timeout=30)
+    long.close()
+    assert short["completions"][0]["completion_tokens"] == 3
+    if batching == "continuous":
+        assert order == ["short", "long"] and short["timings"]["batch_rows"] == 2
+        assert short["timings"]["queue_seconds"] < 0.5  # about one step (20 ms here), not the long request's 30
+    else:
+        assert order == ["long", "short"] and short["timings"]["batch_rows"] == 1
 
 
 # --------------------------------------------------------------------------- metrics, config, scripts
@@ -410,33 +358,56 @@ def test_metrics_exposition(client):
     # buffered: the test client then closes the response, as every WSGI server does, which is
     # when request latency is observed.
     client.post("/api/generate", json={"prompt": "count me", "max_new_tokens": 2}, buffered=True)
-    client.post("/api/generate", data="{")
+    client.post("/api/generate", data="{", content_type="application/json")
     client.get("/missing")
     resp = client.get("/metrics")
-    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain; version=")
     text = resp.get_data(as_text=True)
     for name in ("distill_http_requests_total", "distill_http_errors_total", "distill_http_request_duration_seconds",
                  "distill_generated_tokens_total", "distill_generations_in_flight", "distill_queue_depth",
-                 "distill_time_to_first_token_seconds", "distill_batches_total"):
+                 "distill_time_to_first_token_seconds", "distill_decode_steps_total", "distill_prefills_total",
+                 "distill_queue_wait_seconds", "distill_running_rows", "distill_batch_rows"):
         assert f"# TYPE {name} " in text, name
     assert metric(client, "distill_http_requests_total", route="/api/generate", status="200") == 1
     assert metric(client, "distill_http_errors_total", route="/api/generate", type="invalid_json") == 1
-    assert metric(client, "distill_http_requests_total", route="<unmatched>", status="404") == 1
+    assert metric(client, "distill_http_requests_total", route="other", status="404") == 1
     assert metric(client, "distill_generated_tokens_total", model="tiny") >= 1
     assert metric(client, "distill_http_request_duration_seconds_count", route="/api/generate") >= 1
     assert 'le="+Inf"' in text
 
 
+def test_metric_labels_are_a_closed_set(client):
+    """Made-up methods and paths land on "other": no request can add series to /metrics."""
+    before = client.get("/metrics").get_data(as_text=True).count("\n")
+    for i in range(20):
+        client.open(f"/made/up/{i}", method=f"BREW{i}")
+        client.get(f"/nothing/{i}")
+    lines = client.get("/metrics").get_data(as_text=True).splitlines()
+    assert not [line for line in lines if "BREW" in line or "/made/up" in line or "/nothing" in line]
+    assert metric(client, "distill_http_requests_total", route="other", method="other") == 20
+    assert metric(client, "distill_http_requests_total", route="other", method="GET", status="404") == 20
+    assert len(lines) - before < 20  # a handful of new series, not one per request
+
+
 def test_serve_config_from_env_and_validation(tmp_path):
     cfg = ServeConfig.from_env({"DISTILL_MODEL_DIR": "/m/a", "DISTILL_COMPARE_DIRS": "/m/b, /m/c,",
-                                "DISTILL_DEVICE": "cpu", "DISTILL_TIME_LIMIT_S": "12.5", "DISTILL_MAX_CONCURRENT": "3"})
+                                "DISTILL_DEVICE": "cpu", "DISTILL_TIME_LIMIT_S": "12.5", "DISTILL_MAX_QUEUE": "3",
+                                "DISTILL_ALLOWED_HOSTS": "box.local, 10.0.0.5", "DISTILL_BATCHING": "static"})
     assert cfg.model_dirs == ["/m/a", "/m/b", "/m/c"] and cfg.device == "cpu"
-    assert cfg.time_limit_s == 12.5 and cfg.max_concurrent == 3
+    assert cfg.time_limit_s == 12.5 and cfg.max_queue == 3 and cfg.batching == "static"
+    assert cfg.allowed_hosts == ["box.local", "10.0.0.5"]
+    assert cfg.server_threads == cfg.max_batch_rows + 3 + 8
     assert ServeConfig.from_env({}).model_dirs[0].endswith("gpt2_student_v2")
+    proxied = ServeConfig.from_env({"DISTILL_BACKEND_URL": "http://127.0.0.1:8000/"})
+    assert proxied.model_dirs == [] and proxied.backend_url == "http://127.0.0.1:8000"
     with pytest.raises(ValueError, match="unknown ServeConfig keys"):
         ServeConfig.from_dict({"nope": 1})
-    with pytest.raises(ValueError, match="max_concurrent"):
-        ServeConfig(max_concurrent=0).validate()
+    with pytest.raises(ValueError, match="max_queue"):
+        ServeConfig(max_queue=0).validate()
+    with pytest.raises(ValueError, match="batching"):
+        ServeConfig(batching="sometimes").validate()
+    with pytest.raises(ValueError, match="http"):
+        ServeConfig(backend_url="ftp://x").validate()
     with pytest.raises(ValueError, match="DISTILL_MAX_PROMPTS"):
         ServeConfig.from_env({"DISTILL_MAX_PROMPTS": "many"})
 
@@ -444,11 +415,15 @@ def test_serve_config_from_env_and_validation(tmp_path):
 def test_wsgi_module_reads_the_environment(tiny_dir, monkeypatch):
     monkeypatch.setenv("DISTILL_MODEL_DIR", str(tiny_dir))
     monkeypatch.setenv("DISTILL_DEVICE", "cpu")
-    sys.modules.pop("python3_distillation.wsgi", None)
-    wsgi = importlib.import_module("python3_distillation.wsgi")
-    c = wsgi.app.test_client()
-    assert wait_for(lambda: c.get("/ready").status_code == 200)
-    assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+    sys.modules.pop("python3_distillation.serving.wsgi", None)
+    wsgi = importlib.import_module("python3_distillation.serving.wsgi")
+    try:
+        c = wsgi.app.test_client()
+        assert wait_for(lambda: c.get("/ready").status_code == 200)
+        assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+    finally:
+        wsgi.app.extensions["distill"].close()
+        sys.modules.pop("python3_distillation.serving.wsgi", None)
 
 
 @pytest.mark.parametrize("script, name", [("distill_api_server_v2.py", "v2"), ("distill_api_server.py", "v1")])
@@ -457,3 +432,36 @@ def test_entry_scripts_run_from_the_repo_root(script, name):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "6006" in proc.stdout and "--compare" in proc.stdout and f"Serve the {name} student" in proc.stdout
+    assert "gunicorn" in proc.stdout and "--backend" in proc.stdout
+
+
+def test_close_stops_the_batcher_threads(tiny):
+    from python3_distillation.serving.app import create_app
+
+    app = create_app(FAST, generators={"tiny": tiny})
+    st = app.extensions["distill"]
+    thread = st.batchers["tiny"]._thread
+    assert thread.is_alive()
+    st.close()
+    assert not thread.is_alive()
+    st.close()  # twice is fine
+    assert_error(app.test_client().post("/api/generate", json={"prompt": "hi"}), 503, "not_ready")
+
+
+def test_precision_comes_from_the_folders_lineage(make_app, tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from python3_distillation.generation import Generator
+
+    folder = tmp_path / "int8_student"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "distill_meta.json").write_text(json.dumps({"quantization": {"scheme": "int8"}}), encoding="utf-8")
+    gen = Generator.from_pretrained(folder, device="cpu")
+    assert gen.precision == "int8"
+    c = make_app(FAST, {"q": gen}).test_client()
+    assert c.get("/api/info").get_json()["models"][0]["precision"] == "int8"
+    assert c.get("/v1/models").get_json()["data"][0]["precision"] == "int8"
+    assert "int8" in c.get("/").get_data(as_text=True)
+    bf16 = Generator.from_pretrained(tiny_dir, device="cpu", dtype="bf16")
+    assert bf16.precision == "bf16"

@@ -1,6 +1,6 @@
 """The decode loop checked against transformers: greedy and penalised greedy token for token, sampling filters.
 
-    HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=./data python -m pytest tests/test_generate.py -q
+    HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=./data python -m pytest tests/generation -q
 
 Models are tiny random GPT-2s (initialised with a wide spread so their greedy text varies instead of
 repeating one token) and a scripted LM that emits a fixed token sequence, for exact text checks
@@ -15,18 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from python3_distillation.generate import (
-    Completion,
-    GenerationError,
-    Generator,
-    SamplingParams,
-    StreamEvent,
-    _GPT2Decoder,
-    _HFDecoder,
-    _RowText,
-    _sample,
-    token_byte_table,
-)
+from python3_distillation.generation import Completion, GenerationError, Generator, SamplingParams, StreamEvent
+from python3_distillation.generation.decoders import GPT2Decoder, HFDecoder
+from python3_distillation.generation.sampling import sample
+from python3_distillation.generation.text import RowText, token_byte_table
 
 EOS = 50256
 PROMPTS = [
@@ -144,7 +136,7 @@ def test_gpt2_decoder_logits_equal_the_hf_forward(tokenizer):
         width = max(map(len, batch))
         ids = torch.tensor([[EOS] * (width - len(r)) + r for r in batch])
         mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in batch])
-        dec = _GPT2Decoder(model, _GPT2Decoder.cpu_head_t(model))
+        dec = GPT2Decoder(model, GPT2Decoder.cpu_head_t(model))
         logits = dec.prefill(ids, mask, width + 3)
         nxt = [1000 + 7 * i for i in range(len(batch))]
         stepped = dec.step(torch.tensor(nxt))
@@ -155,12 +147,12 @@ def test_gpt2_decoder_logits_equal_the_hf_forward(tokenizer):
                 torch.testing.assert_close(stepped[j], ref[-1], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("decoder", [_GPT2Decoder, _HFDecoder])
+@pytest.mark.parametrize("decoder", [GPT2Decoder, HFDecoder])
 def test_finished_rows_stop_costing_compute(gens, monkeypatch, decoder):
     sizes: list[int] = []
     step = decoder.step
     monkeypatch.setattr(decoder, "step", lambda self, tokens: (sizes.append(len(tokens)), step(self, tokens))[1])
-    gen = gens["gpt2" if decoder is _GPT2Decoder else "hf"]
+    gen = gens["gpt2" if decoder is GPT2Decoder else "hf"]
     gen.generate(PROMPTS, [SamplingParams(max_new_tokens=n, temperature=0) for n in (1, 12, 2, 12)])
     assert sizes[0] == 3 and set(sizes) == {3, 2} and len(sizes) == 11
 
@@ -224,7 +216,7 @@ def test_sampling_filters_keep_exactly_transformers_support():
             ref = TopPLogitsWarper(p)(None, ref)
         support = set(torch.isfinite(ref[0]).nonzero().flatten().tolist())
         x = logits.expand(draws, vocab)
-        got = _sample(x, [k] * draws, torch.full((draws, 1), p), [k == 0 and p >= 1] * draws, u)
+        got = sample(x, [k] * draws, torch.full((draws, 1), p), [k == 0 and p >= 1] * draws, u)
         probs = torch.softmax(ref[0], -1)
         assert set(got.tolist()) <= support, (k, p)
         assert {i for i in support if probs[i] > 0.003} <= set(got.tolist()), (k, p)
@@ -237,7 +229,7 @@ def test_plain_sampling_follows_the_softmax():
     torch.manual_seed(1)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
     draws = 20000
-    got = _sample(logits.expand(draws, 5), [0] * draws, torch.ones(draws, 1), [True] * draws, torch.rand(draws, 1))
+    got = sample(logits.expand(draws, 5), [0] * draws, torch.ones(draws, 1), [True] * draws, torch.rand(draws, 1))
     freq = torch.bincount(got, minlength=5).float() / draws
     assert (freq - torch.softmax(logits[0], -1)).abs().max() < 0.015
     assert freq[4] == 0
@@ -315,7 +307,7 @@ def test_stop_strings_cut_and_never_leak(tokenizer, stop, expected):
 
 
 def test_held_back_stop_prefix_is_released_when_it_turns_out_not_to_be_one():
-    rt = _RowText(["bcd"])
+    rt = RowText(["bcd"])
     assert rt.add(b"ab") == "a"          # "b" could start "bcd"
     assert rt.add(b"c") == ""            # "bc" still could
     assert rt.add(b"x") == "bcx"         # it was not
@@ -427,7 +419,7 @@ def test_prompt_checks(gens, caplog):
         gen.check_prompt(long, p)
     with pytest.raises(GenerationError):
         gen.generate(["ok", long], p)  # the whole call is refused before any decoding
-    with caplog.at_level(logging.WARNING, logger="python3_distillation.generate"):
+    with caplog.at_level(logging.WARNING, logger="python3_distillation.generation.generator"):
         ids = gen.check_prompt(long, p, truncate=True)
     assert ids == gen.tokenizer.encode(long)[-54:] and "keeping its last 54" in caplog.text
     c = gen.generate([long], p, truncate=True)[0]

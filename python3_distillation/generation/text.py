@@ -1,0 +1,101 @@
+"""Token ids → text that is safe to hand out: whole UTF-8 characters, stop strings cut and never leaked.
+
+    python -c "from python3_distillation.generation.text import RowText; t = RowText(['bcd']); print(t.add(b'ab'), t.finish())"
+
+Text is produced from token bytes through an incremental UTF-8 decoder, so a streamed piece never
+holds half a character, and text that could be the start of a stop string is held back until it
+is known not to be one.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+
+def token_byte_table(tokenizer, size: int) -> list[bytes]:
+    """UTF-8 bytes of every token id, so text can be assembled token by token without half characters.
+
+    Exact for byte-level BPE (GPT-2: each token's characters map back to bytes); for other tokenizers
+    an approximation from decoding each id alone.
+    """
+    from python3_distillation.tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    n = min(size, len(tokenizer))
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    table: list[bytes] = []
+    for i, piece in enumerate(pieces):
+        if piece is None:
+            table.append(b"")
+        elif piece in special:
+            table.append(piece.encode("utf-8"))
+        elif all(c in byte_of for c in piece):
+            table.append(bytes(byte_of[c] for c in piece))
+        else:
+            table.append(tokenizer.decode([i]).encode("utf-8"))
+    # Ids past the tokenizer (a model whose vocab was padded) have no text.
+    return table + [b""] * (size - n)
+
+
+class RowText:
+    """Text of one row: token bytes → whole characters → stop-string cut → the part safe to hand out."""
+
+    def __init__(self, stop: list[str]):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stop = stop
+        self.longest_stop = max((len(s) for s in stop), default=0)
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, data: bytes) -> str:
+        """Feed one token's bytes; returns the newly safe text (maybe empty)."""
+        return self._settle(self.decoder.decode(data))
+
+    def finish(self) -> str:
+        """The row ended: flush a dangling partial character (as U+FFFD, like ``decode``) and release held text."""
+        delta = "" if self.stopped else self._settle(self.decoder.decode(b"", final=True))
+        if self.stopped:
+            return delta
+        rest = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return delta + rest
+
+    def _settle(self, new: str) -> str:
+        if self.stopped:
+            return ""
+        old = len(self.text)
+        self.text += new
+        if not self.stop:
+            return self._emit(len(self.text))
+        # A stop string first completed by this piece starts no earlier than this.
+        start = max(0, old - self.longest_stop + 1)
+        hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+            return self._emit(len(self.text))
+        return self._emit(len(self.text) - self._held())
+
+    def _held(self) -> int:
+        """Length of the longest tail of the unsent text that is a proper prefix of a stop string.
+
+        Only unsent text is looked at (what was sent already can no longer be held), which bounds the
+        work per token by the stop strings' length (at most MAX_STOP_CHARS each), not the row's text.
+        """
+        pending = len(self.text) - self.emitted
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, pending), hold, -1):
+                if self.text.endswith(s[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        out = self.text[self.emitted:upto]
+        self.emitted = upto
+        return out

@@ -1,0 +1,311 @@
+"""Continuous batching: requests join the running decode at its next step and leave when finished.
+
+    HF_HUB_OFFLINE=1 python -m pytest tests/serving/test_batching.py -q
+
+Each model gets one worker thread, the only thread that runs that model. Request threads validate
+and tokenize their input first (admission.py), then ``submit`` a ``Job`` to the model's bounded
+waiting line and read the job's event queue. The worker loops over decode steps; before each step
+it takes jobs from the line (oldest first) while their rows fit into ``max_rows``, and they join the
+running ``DecodeBatch`` at that step. So a request waits for one step, not for a whole batch.
+Finished rows leave the batch; a row stops early when its job is cancelled (client gone) or its
+deadline passes. A full line refuses new jobs at once (``LineFull`` → 429); jobs whose deadline
+passes while they wait fail with ``JobTimeout`` (→ 504).
+
+``continuous=False`` is static batching, kept for the side-by-side benchmark: jobs wait until the
+running batch has finished, then the waiting ones start together.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from python3_distillation.generation import Generator, RowInput, StreamEvent
+from python3_distillation.serving.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+# Message kinds on a job's queue: STARTED (its rows joined), EVENT, FAILED, DONE.
+STARTED, EVENT, FAILED, DONE = "started", "event", "failed", "done"
+
+
+class JobTimeout(TimeoutError):
+    """The job's deadline passed before the model produced what was waited for."""
+
+
+class JobFailed(RuntimeError):
+    """The worker rejected or failed the job; ``cause`` is the original exception."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class LineFull(RuntimeError):
+    """The waiting line holds its maximum number of requests."""
+
+
+class BatcherStopped(RuntimeError):
+    """The worker is closed or dead; ``reason`` says which."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's rows (checked and tokenized) on their way through the running batch."""
+
+    rows: list[RowInput]  # keys are ignored: the batcher keys rows by (job, index)
+    deadline: float  # time.monotonic() at which its rows are stopped
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when its rows joined the batch
+    batch_rows: int = 0  # rows decoding when it joined, its own included
+    first_text: float | None = None
+    remaining: int = 0  # rows not finished (worker thread only)
+    failed: bool = False
+    _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise ValueError("a job needs at least one row")
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r.prompt for r in self.rows]
+
+    def cancel(self) -> None:
+        """Stop this job's rows at the next decode step (the client went away or gave up)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def timed_out(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def should_stop(self) -> bool:
+        return self.cancelled or self.failed or self.timed_out
+
+    def put(self, kind: str, payload: Any = None) -> None:
+        self._events.put((kind, payload))
+
+    def _get(self, timeout: float) -> tuple[str, Any]:
+        try:
+            return self._events.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            raise JobTimeout("timed out waiting for the model") from None
+
+    def wait_started(self) -> None:
+        """Block until the job's rows joined the batch; raise JobTimeout or JobFailed."""
+        kind, payload = self._get(self.deadline - time.monotonic())
+        if kind == FAILED:
+            raise JobFailed(payload)
+        if kind != STARTED:  # the protocol always starts with STARTED or FAILED
+            raise JobFailed(RuntimeError(f"unexpected {kind} before start"))
+
+    def events(self, grace: float = 10.0):
+        """Yield ``(row, StreamEvent)`` until every row finished.
+
+        Rows stop at the deadline by themselves; ``grace`` only bounds the wait when a single
+        decode step hangs far beyond it.
+        """
+        while True:
+            kind, payload = self._get(self.deadline - time.monotonic() + grace)
+            if kind == DONE:
+                return
+            if kind == FAILED:
+                raise JobFailed(payload)
+            yield payload
+
+
+class Batcher:
+    """Owns one Generator; runs the jobs of its waiting line in one continuously batched decode."""
+
+    def __init__(self, generator: Generator, name: str, *, max_rows: int = 32, max_queue: int = 64,
+                 window_s: float = 0.002, max_wait_s: float = 0.02, continuous: bool = True,
+                 metrics: ServerMetrics | None = None):
+        self.generator, self.name = generator, name
+        self.max_rows, self.max_queue, self.continuous = max_rows, max_queue, continuous
+        self.window_s, self.max_wait_s = window_s, max(max_wait_s, window_s)
+        self.metrics = metrics
+        self._line: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.error: str | None = None  # why the worker died, if it did
+        self.running_rows = 0
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------- request threads
+
+    def submit(self, job: Job) -> None:
+        """Put ``job`` in the waiting line; ``LineFull`` when it holds ``max_queue`` jobs already."""
+        if len(job.rows) > self.max_rows:
+            raise ValueError(f"{len(job.rows)} rows in one request; at most {self.max_rows}")
+        with self._cond:
+            if self._closed or not self._thread.is_alive():
+                raise BatcherStopped(self.error or "the model's worker is closed")
+            if len(self._line) >= self.max_queue:
+                raise LineFull(f"{len(self._line)} requests are waiting for the model (limit {self.max_queue})")
+            self._line.append(job)
+            self._set_depth()
+            self._cond.notify()
+
+    def withdraw(self, job: Job) -> None:
+        """Take ``job`` out of the line if it is still waiting (its client gave up)."""
+        with self._cond:
+            try:
+                self._line.remove(job)
+            except ValueError:
+                return
+            self._set_depth()
+
+    def close(self) -> None:
+        """Stop the worker: unfinished jobs fail, later submits are refused. Safe to call twice."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._line)
+
+    # ------------------------------------------------------------------------------- the worker
+
+    def _set_depth(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.labels(model=self.name).set(len(self._line))
+
+    def _take(self, running: int, accepts: bool) -> list[Job] | None:
+        """Jobs that join at this step (None: closed). Blocks only while nothing is decoding."""
+        with self._cond:
+            if not running:
+                while not self._line and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return None
+                # An idle model waits a moment for company: a burst of requests shares one prefill.
+                start, seen = time.monotonic(), len(self._line)
+                quiet_until = start + self.window_s
+                while sum(len(j.rows) for j in self._line) < self.max_rows and not self._closed:
+                    now = time.monotonic()
+                    end = min(quiet_until, start + self.max_wait_s)
+                    if now >= end:
+                        break
+                    self._cond.wait(timeout=end - now)
+                    if len(self._line) != seen:  # an arrival (or a withdrawal): the window restarts
+                        quiet_until, seen = time.monotonic() + self.window_s, len(self._line)
+            if self._closed:
+                return None
+            if running and (not self.continuous or not accepts):
+                return []
+            jobs, rows = [], running
+            while self._line and rows + len(self._line[0].rows) <= self.max_rows:
+                job = self._line.popleft()
+                jobs.append(job)
+                rows += len(job.rows)
+            if jobs:
+                self._set_depth()
+            return jobs
+
+    def _run(self) -> None:
+        live: dict[Job, None] = {}
+        try:
+            self._loop(live)
+        except BaseException as e:  # a bug in the loop itself: /health reports it; clients are answered below
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("the batcher of %s stopped", self.name)
+        finally:
+            with self._cond:
+                self._closed = True
+                waiting = list(self._line)
+                self._line.clear()
+            reason = BatcherStopped(self.error or "the server is shutting down")
+            for job in list(live) + waiting:
+                job.put(FAILED, reason)
+            self.running_rows = 0
+
+    def _loop(self, live: dict[Job, None]) -> None:
+        batch = self.generator.new_batch()
+        while True:
+            jobs = self._take(len(batch), batch.accepts_rows)
+            if jobs is None:
+                return
+            new: list[RowInput] = []
+            joining: list[Job] = []
+            now = time.monotonic()
+            for job in jobs:
+                if job.cancelled:
+                    job.put(FAILED, JobTimeout("cancelled before it started"))
+                elif job.timed_out:
+                    job.put(FAILED, JobTimeout("the time limit passed while waiting for the model"))
+                else:
+                    joining.append(job)
+                    new += [RowInput((job, i), r.prompt, r.ids, r.params) for i, r in enumerate(job.rows)]
+            decoding = len(batch) + len(new)
+            for job in joining:
+                job.started, job.remaining, job.batch_rows = now, len(job.rows), decoding
+                live[job] = None
+                job.put(STARTED)
+                if self.metrics:
+                    self.metrics.queue_wait.labels(model=self.name).observe(now - job.submitted)
+            events = batch.step(new, stop=lambda key: key[0].should_stop())
+            self.running_rows = len(batch)
+            for event in events:
+                self._deliver(event, live)
+            self._count_step(batch, bool(new))
+
+    def _deliver(self, event: StreamEvent, live: dict[Job, None]) -> None:
+        job, local = event.row
+        if job.failed:
+            return
+        if event.error is not None:  # this job's row failed: the whole request fails, its other rows stop
+            job.failed = True
+            job.put(FAILED, event.error)
+            live.pop(job, None)
+            return
+        if event.text and job.first_text is None:
+            job.first_text = time.monotonic()
+            if self.metrics:
+                self.metrics.ttft.labels(model=self.name).observe(job.first_text - job.submitted)
+        job.put(EVENT, (local, StreamEvent(local, event.text, event.finished, event.completion)))
+        if event.finished:
+            if event.completion is not None:
+                self._count(event.completion, job)
+            job.remaining -= 1
+            if job.remaining == 0:
+                job.put(DONE)
+                live.pop(job, None)
+
+    def _count_step(self, batch, joined: bool) -> None:
+        if not self.metrics:
+            return
+        m = self.metrics
+        m.running_rows.labels(model=self.name).set(self.running_rows)
+        if batch.rows_in_use:
+            m.steps.labels(model=self.name).inc()
+            m.batch_rows.labels(model=self.name).observe(batch.rows_in_use)
+        if joined:
+            m.joins.labels(model=self.name).inc()
+
+    def _count(self, completion, job: Job) -> None:
+        if self.metrics:
+            reason = completion.finish_reason
+            if reason == "cancelled" and not job.cancelled:
+                reason = "time_limit"  # the generator only knows it was told to stop
+            self.metrics.prompt_tokens.labels(model=self.name).inc(completion.prompt_tokens)
+            self.metrics.generated_tokens.labels(model=self.name).inc(completion.completion_tokens)
+            self.metrics.finished.labels(model=self.name, reason=reason).inc()

@@ -1,0 +1,38 @@
+"""The production server's settings, shared by the entry scripts, ``make serve-prod`` and the Docker images.
+
+    gunicorn --config python:python3_distillation.serving.gunicorn_conf --bind 127.0.0.1:6006 \\
+        python3_distillation.serving.wsgi:app
+
+One worker (the models are loaded once and one batcher sees every request) with threads: each
+request decoding or waiting in the line holds a thread, so there are as many as the batch and the
+line can hold, plus spares that keep /health, /metrics and 429s answering under full load
+(``ServeConfig.server_threads``, from ``DISTILL_MAX_BATCH_ROWS`` and ``DISTILL_MAX_QUEUE``).
+Command line options override these.
+"""
+
+from __future__ import annotations
+
+import os
+
+from python3_distillation.serving.settings import ServeConfig
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw.isdigit() else default
+
+
+_defaults = ServeConfig()
+bind = ["127.0.0.1:6006"]
+worker_class = "gthread"
+workers = 1
+threads = ServeConfig(max_batch_rows=_int_env("DISTILL_MAX_BATCH_ROWS", _defaults.max_batch_rows),
+                      max_queue=_int_env("DISTILL_MAX_QUEUE", _defaults.max_queue)).server_threads
+# A streamed generation holds its connection far longer than gunicorn's default 30 s.
+timeout = 120
+graceful_timeout = 30
+
+
+def on_starting(server) -> None:
+    """Tell the app its bind address (for the Host allow-list); the worker inherits the environment."""
+    os.environ.setdefault("DISTILL_HOST", ",".join(str(b).rsplit(":", 1)[0] for b in server.cfg.bind))

@@ -1,0 +1,177 @@
+"""The page in front of any OpenAI-compatible server (``DISTILL_BACKEND_URL``, e.g. vLLM) instead of local models.
+
+    vllm serve python3_distillation/gpt2_student_v2 --port 8000
+    DISTILL_BACKEND_URL=http://127.0.0.1:8000 python python3_distillation/distill_api_server_v2.py
+
+The browser only ever talks to this server (same origin, same Host and Content-Type guards); this
+server forwards ``POST /v1/completions`` (validated by the same schema first, then sent as is, a
+stream passed through chunk by chunk) and ``GET /v1/models``, and builds ``/api/info`` from the
+backend's model list. A client that disconnects closes the backend connection, which stops the
+backend's generation. ``/health`` is this process; ``/ready`` asks the backend.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import time
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+
+from python3_distillation.serving.errors import ApiError, invalid
+from python3_distillation.serving.metrics import ServerMetrics
+from python3_distillation.serving.native_api import limits
+from python3_distillation.serving.openai_api import read
+from python3_distillation.serving.schemas import CompletionRequest
+from python3_distillation.serving.settings import ServeConfig
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("proxy", __name__)
+CONNECT_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 2.0
+CHUNK = 16384
+
+
+class Backend:
+    """HTTP(S) requests to the backend's base URL."""
+
+    def __init__(self, url: str):
+        u = urllib.parse.urlsplit(url)
+        self.https = u.scheme == "https"
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or (443 if self.https else 80)
+        self.base = u.path.rstrip("/")
+
+    def open(self, method: str, path: str, body: bytes | None, timeout: float) -> tuple[Any, Any]:
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=min(timeout, CONNECT_TIMEOUT_S))
+        try:
+            conn.connect()
+            conn.sock.settimeout(timeout)  # reading a long generation may take the whole time limit
+            headers = {"Accept": "application/json, text/event-stream"}
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            conn.request(method, self.base + path, body=body, headers=headers)
+            return conn, conn.getresponse()
+        except (socket.timeout, TimeoutError):
+            conn.close()
+            raise ApiError(504, "the OpenAI-compatible backend did not answer in time", "timeout") from None
+        except OSError as e:
+            conn.close()
+            raise ApiError(502, f"the OpenAI-compatible backend is unreachable ({type(e).__name__})",
+                           "backend_error") from None
+
+    def get_json(self, path: str, timeout: float) -> tuple[int, Any]:
+        conn, resp = self.open("GET", path, None, timeout)
+        try:
+            raw = resp.read()
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            raise ApiError(502, f"the backend answered {path} with something that is not JSON",
+                           "backend_error") from None
+
+
+class ProxyState:
+    """What probes, the page and the routes need, when an OpenAI-compatible backend answers."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.backend = Backend(config.backend_url or "")
+        self.default: str | None = None
+        self.info: dict[str, dict[str, Any]] = {}  # the page renders its model cards from /api/info
+
+    def models(self) -> list[dict[str, Any]]:
+        status, body = self.backend.get_json("/v1/models", PROBE_TIMEOUT_S)
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            raise ApiError(502, f"the backend answered /v1/models with HTTP {status}", "backend_error")
+        out = []
+        for m in body["data"]:
+            if isinstance(m, dict) and isinstance(m.get("id"), str):
+                out.append({"id": m["id"], "n_params": m.get("n_params"),
+                            "context_length": m.get("context_length") or m.get("max_model_len"),
+                            "precision": m.get("precision"), "device": "backend", "n_layer": m.get("n_layer"),
+                            "size": None})
+        return out
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        return 200, {"status": "ok", "models": "backend"}
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        try:
+            models = self.models()
+        except ApiError as e:
+            return 503, {"status": "failed", "reason": e.message}
+        return 200, {"status": "ready", "models": [m["id"] for m in models]}
+
+    def close(self) -> None:
+        pass  # nothing runs in the background
+
+
+def state() -> ProxyState:
+    return current_app.extensions["distill"]
+
+
+@bp.get("/v1/models")
+def models() -> Response:
+    status, body = state().backend.get_json("/v1/models", PROBE_TIMEOUT_S)
+    return Response(json.dumps(body), status=status, mimetype="application/json")
+
+
+@bp.get("/api/info")
+def info() -> Response:
+    st = state()
+    try:
+        models, error = st.models(), None
+    except ApiError as e:
+        models, error = [], e.message
+    body = {"ready": bool(models), "error": error, "default": models[0]["id"] if models else None,
+            "backend": "openai-compatible", "models": models, "limits": limits(st.config)}
+    return Response(json.dumps(body), mimetype="application/json")
+
+
+@bp.post("/v1/completions")
+def completions() -> Response:
+    st = state()
+    raw = request.get_data(cache=True)
+    req: CompletionRequest = read(CompletionRequest)  # the same bounds as the built-in generator
+    rows = len(req.prompt) * (req.n or 1)
+    if rows > st.config.max_prompts:
+        raise invalid(f"{len(req.prompt)} prompts × n={req.n or 1} = {rows} completions; the limit is "
+                      f"{st.config.max_prompts}", "n" if (req.n or 1) > 1 else "prompt")
+    conn, resp = st.backend.open("POST", "/v1/completions", raw, st.config.time_limit_s)
+    kind = resp.getheader("Content-Type", "application/json")
+    if not kind.startswith("text/event-stream"):
+        try:
+            body = resp.read()
+        finally:
+            conn.close()
+        return Response(body, status=resp.status, content_type=kind)
+
+    def relay() -> Iterator[bytes]:
+        started = time.monotonic()
+        try:
+            while True:
+                piece = resp.read1(CHUNK)
+                if not piece:
+                    return
+                yield piece
+        except OSError as e:  # the backend went away mid-stream: end with an error event the page shows
+            log.warning("backend stream broke after %.1f s: %r", time.monotonic() - started, e)
+            err = ApiError(502, f"the backend stream broke ({type(e).__name__})", "backend_error")
+            yield ("data: " + json.dumps(err.body()) + "\n\ndata: [DONE]\n\n").encode()
+        finally:  # also on client disconnect: closing the connection stops the backend's generation
+            conn.close()
+
+    response = Response(relay(), status=resp.status, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(conn.close)
+    return response

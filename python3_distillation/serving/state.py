@@ -1,0 +1,176 @@
+"""What one app serves: its models and their batchers, loading, health and readiness.
+
+    curl -s localhost:6006/health; curl -s localhost:6006/ready
+
+``/health`` is liveness: 200 while the process can serve (models loading or loaded, every batcher
+thread alive); 503 with the reason when loading failed or a batcher thread died, so a container
+health check turns unhealthy and the orchestrator restarts it. ``/ready`` is 200 once every model is
+loaded and its batcher runs, else 503 saying why (still loading, and for how long; failed; stopped).
+Reasons never show filesystem paths.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from python3_distillation.generation import Generator
+from python3_distillation.serving.batching import Batcher
+from python3_distillation.serving.errors import ApiError, invalid
+from python3_distillation.serving.metrics import ServerMetrics
+from python3_distillation.serving.settings import ServeConfig
+
+log = logging.getLogger(__name__)
+
+_LIVE: weakref.WeakSet[ServingState] = weakref.WeakSet()
+# Absolute paths in messages (exceptions of loaders name the files they read) → their last part.
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()\[\]]+)+[\\/]?")
+
+
+def public(message: str) -> str:
+    """``message`` with every absolute filesystem path cut to its last component."""
+    return _PATH.sub(lambda m: Path(m.group(0).rstrip("/\\")).name or "/", message)
+
+
+class ServingState:
+    """The loaded models, their batchers and the metrics of one app."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.generators: dict[str, Generator] = {}
+        self.batchers: dict[str, Batcher] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.default: str | None = None
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.loading_since = time.monotonic()
+        self.closed = False
+        _LIVE.add(self)
+
+    # Loading ---------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load every configured model once (the slow part: runs in a thread when backgrounded)."""
+        try:
+            generators = {}
+            for d in self.config.model_dirs:
+                gen = Generator.from_pretrained(d, device=self.config.device)
+                generators[self._unique(generators, gen.name or Path(d).name)] = (gen, Path(d))
+            self.install(generators)
+        except Exception as e:
+            self.load_error = public(f"model loading failed: {type(e).__name__}: {e}")
+            log.error("model loading failed: %s: %s", type(e).__name__, e)
+            raise
+
+    def install(self, generators: Mapping[str, Generator | tuple[Generator, Path | None]]) -> None:
+        gens, info, batchers = {}, {}, {}
+        c = self.config
+        for name, value in generators.items():
+            gen, folder = value if isinstance(value, tuple) else (value, None)
+            gens[name], info[name] = gen, describe(name, gen, folder)
+            batchers[name] = Batcher(gen, name, max_rows=c.max_batch_rows, max_queue=c.max_queue,
+                                     window_s=c.batch_window_ms / 1000, max_wait_s=c.batch_max_wait_ms / 1000,
+                                     continuous=c.batching == "continuous", metrics=self.metrics)
+            self.metrics.add_model(name)
+        # Published whole, then flagged ready: request threads never see a half-filled dict.
+        self.generators, self.info, self.batchers = gens, info, batchers
+        self.default = next(iter(gens))
+        self.ready.set()
+        self.metrics.ready.set(1)
+        log.info("serving %s", ", ".join(f"{n} ({i['n_params']:,} params)" for n, i in self.info.items()))
+
+    @staticmethod
+    def _unique(taken: Mapping[str, Any], name: str) -> str:
+        candidate, i = name, 2
+        while candidate in taken:
+            candidate, i = f"{name}-{i}", i + 1
+        return candidate
+
+    def close(self) -> None:
+        """Stop every batcher thread (unfinished requests fail with 503). Safe to call twice."""
+        self.closed = True
+        for b in self.batchers.values():
+            b.close()
+        self.metrics.ready.set(0)
+
+    # Health ----------------------------------------------------------------
+
+    def _dead_batcher(self) -> str | None:
+        for name, b in self.batchers.items():
+            if not b.alive:
+                return f"the batcher thread of model {name!r} is not running" + (f": {b.error}" if b.error else "")
+        return None
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """Liveness: (HTTP status, body)."""
+        if self.load_error:
+            return 503, {"status": "failed", "reason": self.load_error}
+        dead = self._dead_batcher()
+        if dead:
+            return 503, {"status": "failed", "reason": public(dead)}
+        return 200, {"status": "ok", "models": "ready" if self.ready.is_set() else "loading"}
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """Readiness: (HTTP status, body with the reason when not ready)."""
+        if self.load_error:
+            return 503, {"status": "failed", "reason": self.load_error}
+        if not self.ready.is_set():
+            waited = time.monotonic() - self.loading_since
+            return 503, {"status": "loading", "reason": f"models are still loading ({waited:.0f} s so far)"}
+        dead = self._dead_batcher()
+        if dead:
+            return 503, {"status": "failed", "reason": public(dead)}
+        return 200, {"status": "ready", "models": list(self.info)}
+
+    def require_ready(self) -> None:
+        status, body = self.readiness()
+        if status != 200:
+            raise ApiError(503, body["reason"], "not_ready", headers={"Retry-After": "5"},
+                           extra={"status": body["status"], "reason": body["reason"]})
+
+    def model(self, name: str | None) -> tuple[str, Generator, Batcher]:
+        self.require_ready()
+        name = name or self.default
+        if not isinstance(name, str):
+            raise invalid("'model' must be a string", "model")
+        if name not in self.batchers:
+            raise ApiError(404, f"model {name[:100]!r} is not loaded; available: {sorted(self.batchers)}",
+                           "model_not_found", "model")
+        return name, self.generators[name], self.batchers[name]
+
+
+def describe(name: str, gen: Generator, folder: Path | None) -> dict[str, Any]:
+    """What the page, /api/info and /v1/models show about a model (no filesystem paths)."""
+    tensors = list(gen.model.parameters()) + list(gen.model.buffers())
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    disk = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in {".safetensors", ".bin"}) \
+        if folder and folder.is_dir() else None
+    return {"id": name, "n_params": int(gen.n_params), "size_bytes": int(size), "size": human_bytes(size),
+            "disk_bytes": disk, "context_length": int(gen.context_length), "device": str(gen.device),
+            "precision": gen.precision, "n_layer": getattr(gen.model.config, "n_layer", None)}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@atexit.register
+def _close_all() -> None:
+    """At process exit, stop the batcher threads of every app still open."""
+    for st in list(_LIVE):
+        try:
+            st.close()
+        except Exception:  # exiting anyway: never mask the real exit status
+            log.exception("closing a server state at exit")
