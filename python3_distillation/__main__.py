@@ -1,4 +1,8 @@
-"""python -m python3_distillation teacher|distill|infer|serve|evaluate ..."""
+"""python -m python3_distillation assets|prepare-data|teacher|distill|cache-teacher|report|quantize|prune|augment|infer|serve ...
+
+The same commands as ``gpt2-distill`` (see :mod:`python3_distillation.cli`), for when the console
+script is not on PATH, and for ``accelerate launch -m python3_distillation distill ...``.
+"""
 
 from python3_distillation.cli import main
 

@@ -19,19 +19,17 @@ so validation loss measures generalisation to unseen text rather than recall of 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
+from python3_distillation.fsio import atomic_dir, sha256_file
 from python3_distillation.paths import data_dir as default_data_dir
 from python3_distillation.rdata import RDataError, read_lazyload_db
 from python3_distillation.tokenizer import AssetError
@@ -41,6 +39,7 @@ log = logging.getLogger(__name__)
 DEB_PACKAGE = "r-cran-janeaustenr"
 DEB_GLOB = f"{DEB_PACKAGE}_*.deb"
 RDATA_DIR = "usr/lib/R/site-library/janeaustenr/data/"
+MAX_MEMBER_BYTES = 64 << 20
 # R object name → title, in publication order (the order of the R package's austen_books()).
 BOOKS = {
     "sensesensibility": "Sense & Sensibility",
@@ -145,6 +144,8 @@ def read_deb_member(deb_path: Path, suffix: str) -> bytes:
             hits = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(suffix)]
             if len(hits) != 1:
                 raise CorpusError(f"{deb_path}: {len(hits)} files end with {suffix!r} in {tar_name}, expected 1")
+            if hits[0].size > MAX_MEMBER_BYTES:  # the R data is ~1.6 MB; refuse to unpack a giant
+                raise CorpusError(f"{deb_path}: {hits[0].name} is {hits[0].size} bytes, over {MAX_MEMBER_BYTES}")
             return tar.extractfile(hits[0]).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise CorpusError(f"{deb_path}: cannot read {tar_name} ({e})") from e
@@ -206,14 +207,6 @@ def to_paragraphs(lines: list[str]) -> list[str]:
 
 
 # -- the build ---------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _manifest_ok(out_dir: Path, deb_sha: str | None) -> dict | None:
     """The manifest when it describes the files on disk (and ``deb_sha``'s .deb, if given)."""
     try:
@@ -224,7 +217,7 @@ def _manifest_ok(out_dir: Path, deb_sha: str | None) -> dict | None:
             return None
         for split in SPLITS:
             entry = manifest["splits"][split]
-            if _sha256(out_dir / entry["file"]) != entry["sha256"]:
+            if sha256_file(out_dir / entry["file"]) != entry["sha256"]:
                 return None
         return manifest
     except (OSError, ValueError, KeyError, TypeError):
@@ -244,22 +237,18 @@ def build_austen_corpus(data_dir: Path, deb: Path | None = None) -> dict[str, Pa
     """Write ``data_dir/austen/{train,validation}.txt`` once; return ``{"train": …, "validation": …}``.
 
     A manifest that matches the files (and the .deb, when one is given or set by
-    ``DISTILL_AUSTEN_DEB``) makes this a no-op; otherwise the files are rebuilt into temp files
-    and moved into place, the manifest last, so an interrupted build is never taken as complete.
+    ``DISTILL_AUSTEN_DEB``) makes this a no-op; otherwise the folder is rebuilt beside the old one
+    and swapped in whole, so an interrupted build leaves the previous corpus (or none) in place.
     """
     data_dir = Path(data_dir)
     out_dir = data_dir / "austen"
     paths = {split: out_dir / f"{split}.txt" for split in SPLITS}
-    if deb is None and not os.environ.get("DISTILL_AUSTEN_DEB"):
-        if _manifest_ok(out_dir, None):
-            return paths
-        deb = fetch_austen_deb(data_dir / "downloads")
-    elif deb is None:
-        deb = fetch_austen_deb(data_dir / "downloads")
-    deb = Path(deb)
+    if deb is None and not os.environ.get("DISTILL_AUSTEN_DEB") and _manifest_ok(out_dir, None):
+        return paths
+    deb = Path(deb) if deb is not None else fetch_austen_deb(data_dir / "downloads")
     if not deb.is_file():
         raise CorpusError(f"{deb}: no such .deb")
-    deb_sha = _sha256(deb)
+    deb_sha = sha256_file(deb)
     if _manifest_ok(out_dir, deb_sha):
         return paths
 
@@ -267,27 +256,20 @@ def build_austen_corpus(data_dir: Path, deb: Path | None = None) -> dict[str, Pa
     for split, paragraphs in splits.items():
         if not paragraphs:
             raise CorpusError(f"{deb}: the {split} split came out empty")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".austen-", dir=out_dir))
-    try:
-        manifest = {"version": CORPUS_VERSION, "source": DEB_PACKAGE,
-                    "deb": {"file": deb.name, "sha256": deb_sha}, "splits": {}}
+    manifest = {"version": CORPUS_VERSION, "source": DEB_PACKAGE,
+                "deb": {"file": deb.name, "sha256": deb_sha}, "splits": {}}
+    # The whole folder is swapped in at once: a reader sees the old corpus or the new one.
+    with atomic_dir(out_dir) as tmp:
         for split, paragraphs in splits.items():
             text = "".join(p + "\n" for p in paragraphs)
             (tmp / paths[split].name).write_text(text, encoding="utf-8", newline="\n")
             manifest["splits"][split] = {
-                "file": paths[split].name, "sha256": _sha256(tmp / paths[split].name),
+                "file": paths[split].name, "sha256": sha256_file(tmp / paths[split].name),
                 "books": list(VALIDATION_BOOKS) if split == "validation"
                 else [t for t in BOOKS.values() if t not in VALIDATION_BOOKS],
                 "paragraphs": len(paragraphs), "characters": sum(map(len, paragraphs))}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                            encoding="utf-8")
-        (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest while files are swapped
-        for split in SPLITS:
-            os.replace(tmp / paths[split].name, paths[split])
-        os.replace(tmp / "manifest.json", out_dir / "manifest.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for split, entry in manifest["splits"].items():
         log.info("austen %s: %d paragraphs, %d characters", split, entry["paragraphs"], entry["characters"])
     return paths

@@ -1,30 +1,30 @@
-"""A small standard-library reader of R's serialization format and of R lazy-load databases.
+"""Character vectors out of an R lazy-load database (``Rdata.rdx`` index + ``Rdata.rdb`` entries).
 
     python -m python3_distillation.rdata path/to/Rdata.rdx path/to/Rdata.rdb
 
-Covers what R packages ship as data (``data/Rdata.rdx`` + ``data/Rdata.rdb``, ``*.rds``): XDR
-streams ("X\\n", format versions 2 and 3), NULL, symbols, pairlists with tags/attributes,
-CHARSXP (NA, UTF-8, latin1, bytes, native), logical/integer/double/complex/raw/character vectors,
-lists, environments, references, persistent references and the common ALTREP classes. Anything
-else (byte code, external pointers' contents, ...) raises :class:`RDataError` naming the type.
+R packages ship their ``data/`` this way; Debian's r-cran-janeaustenr holds one character vector
+per novel. Each entry is R's serialization format (XDR, "X\\n", format version 2 or 3) behind a
+4-byte length and zlib (or bzip2/xz); the index is a gzip'd named list of (offset, length) pairs.
+Only what such data uses is read: NULL, symbols, attribute pairlists, strings (NA, UTF-8, ASCII,
+latin1, native), logical, integer and character vectors, lists. Anything else, and every
+malformed input, raises :class:`RDataError`: nesting is capped at ``MAX_DEPTH``, no length is
+believed beyond the bytes that could hold it, and nothing decompresses past ``MAX_BYTES``.
 
-Values come back as plain Python where that loses nothing (``None`` for NULL) and otherwise as
-:class:`RVector` (a ``list`` with ``rtype`` and ``attributes``), :class:`RPairlist`,
-:class:`RSymbol`, :class:`REnvironment` or :class:`RObject`. Missing values (NA) become ``None``.
+The maintained ``rdata`` package reads these entries too, but on malformed streams it returns
+shortened vectors without a word (a length larger than the data, a cut string) or fails with
+IndexError, AssertionError, RecursionError or MemoryError, and it needs Python 3.11 and xarray.
 """
 
 from __future__ import annotations
 
 import bz2
-import gzip
 import lzma
-import math
 import struct
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 BytesOrPath = Union[bytes, bytearray, memoryview, str, Path]
 
@@ -33,67 +33,22 @@ class RDataError(ValueError):
     """R data could not be read (message says where and why)."""
 
 
-# SEXP type codes (R's Rinternals.h) and the stream-only pseudo-types (serialize.c).
-NILSXP, SYMSXP, LISTSXP, CLOSXP, ENVSXP, PROMSXP, LANGSXP = 0, 1, 2, 3, 4, 5, 6
-SPECIALSXP, BUILTINSXP, CHARSXP, LGLSXP, INTSXP, REALSXP, CPLXSXP = 7, 8, 9, 10, 13, 14, 15
-STRSXP, DOTSXP, VECSXP, EXPRSXP, BCODESXP, EXTPTRSXP, WEAKREFSXP = 16, 17, 19, 20, 21, 22, 23
-RAWSXP, S4SXP = 24, 25
-ALTREP_SXP, ATTRLISTSXP, ATTRLANGSXP, BASEENV_SXP, EMPTYENV_SXP = 238, 239, 240, 241, 242
-BCREPREF, BCREPDEF, GENERICREFSXP, CLASSREFSXP, PERSISTSXP = 243, 244, 245, 246, 247
-PACKAGESXP, NAMESPACESXP, BASENAMESPACE_SXP, MISSINGARG_SXP = 248, 249, 250, 251
-UNBOUNDVALUE_SXP, GLOBALENV_SXP, NILVALUE_SXP, REFSXP = 252, 253, 254, 255
+# Each novel is ~1 MB serialized and the index a few hundred bytes; these caps hold for any input.
+MAX_BYTES = 64 << 20  # largest decompressed stream accepted (index or one entry)
+MAX_DEPTH = 32  # objects nested in objects; a lazy-load index nests 4 deep
 
-TYPE_NAMES = {
-    NILSXP: "NULL", SYMSXP: "symbol", LISTSXP: "pairlist", CLOSXP: "closure", ENVSXP: "environment",
-    PROMSXP: "promise", LANGSXP: "language", SPECIALSXP: "special", BUILTINSXP: "builtin",
-    CHARSXP: "char", LGLSXP: "logical", INTSXP: "integer", REALSXP: "double", CPLXSXP: "complex",
-    STRSXP: "character", DOTSXP: "...", VECSXP: "list", EXPRSXP: "expression",
-    BCODESXP: "bytecode", EXTPTRSXP: "externalptr", WEAKREFSXP: "weakref", RAWSXP: "raw",
-    S4SXP: "S4", ALTREP_SXP: "altrep", BCREPREF: "bytecode reference", BCREPDEF: "bytecode definition",
-    GENERICREFSXP: "generic reference", CLASSREFSXP: "class reference",
-}
-
-# Flag bits of a CHARSXP's "levels" (R's Defn.h): how its bytes are encoded.
+# SEXP type codes (R's Rinternals.h) and the stream-only codes (serialize.c) read here.
+SYMSXP, LISTSXP, CHARSXP, LGLSXP, INTSXP, STRSXP, VECSXP = 1, 2, 9, 10, 13, 16, 19
+NILVALUE_SXP, REFSXP = 254, 255
+TYPE_NAMES = {LGLSXP: "logical", INTSXP: "integer", STRSXP: "character", VECSXP: "list"}
+# Named in the error when met, so "unsupported" says what was found.
+OTHER_TYPES = {0: "NULL", 3: "closure", 4: "environment", 5: "promise", 6: "language", 14: "double",
+               15: "complex", 20: "expression", 21: "bytecode", 22: "externalptr", 24: "raw", 25: "S4",
+               238: "ALTREP (compact sequence, wrapper, deferred string)", 247: "persistent reference"}
+HAS_ATTR, HAS_TAG = 1 << 9, 1 << 10
+# A CHARSXP's encoding bits (R's Defn.h, in the flags' "levels" above bit 12).
 BYTES_MASK, LATIN1_MASK, UTF8_MASK, ASCII_MASK = 1 << 1, 1 << 2, 1 << 3, 1 << 6
 NA_INTEGER = -(2**31)  # R's NA for integers and logicals
-NA_REAL_LOW_WORD = 1954  # R's NA_real_ is the NaN whose low 32-bit word is 1954 (R's Arithmetic.c)
-
-
-class RVector(list):
-    """An R atomic vector or list: the elements, R's type name and its attributes (``names``, ...)."""
-
-    def __init__(self, items=(), rtype: str = "list", attributes: dict | None = None):
-        super().__init__(items)
-        self.rtype = rtype
-        self.attributes = attributes or {}
-
-    def __repr__(self) -> str:
-        head = list.__repr__(self[:5])[:-1] + (", ...]" if len(self) > 5 else "]")
-        return f"RVector<{self.rtype}, n={len(self)}, attrs={sorted(self.attributes)}>{head}"
-
-    @property
-    def names(self) -> list | None:
-        return self.attributes.get("names")
-
-    def as_dict(self) -> dict:
-        """``{name: element}`` for a named vector or list (an unnamed one raises)."""
-        names = self.names
-        if names is None:
-            raise RDataError(f"R {self.rtype} vector has no names attribute")
-        return dict(zip(names, self))
-
-
-class RPairlist(list):
-    """An R pairlist (or call, when ``rtype == "language"``): values, their tags, its attributes."""
-
-    def __init__(self, items=(), tags=(), rtype: str = "pairlist", attributes: dict | None = None):
-        super().__init__(items)
-        self.tags = list(tags)
-        self.rtype = rtype
-        self.attributes = attributes or {}
-
-    def as_dict(self) -> dict:
-        return dict(zip(self.tags, self))
 
 
 @dataclass(frozen=True)
@@ -101,327 +56,218 @@ class RSymbol:
     name: str
 
 
-@dataclass(eq=False)
-class REnvironment:
-    """An environment; ``name`` is set for the global/base/empty ones and for package/namespace refs."""
+class RVector(list):
+    """An R vector or list: its elements (NA → None), R's type name and its attributes."""
 
-    name: str | None = None
-    frame: dict = field(default_factory=dict)
-    enclosure: object = None
-    locked: bool = False
-    attributes: dict = field(default_factory=dict)
+    def __init__(self, items=(), rtype: str = "list", attributes: dict | None = None):
+        super().__init__(items)
+        self.rtype = rtype
+        self.attributes = attributes or {}
 
+    def __repr__(self) -> str:
+        head = list.__repr__(self[:3])[:-1] + (", ...]" if len(self) > 3 else "]")
+        return f"RVector<{self.rtype}, n={len(self)}, attrs={sorted(self.attributes)}>{head}"
 
-@dataclass(eq=False)
-class RObject:
-    """Any other R object (closure, promise, S4 object, persistent reference, ...) by its parts."""
+    @property
+    def names(self) -> list | None:
+        return self.attributes.get("names")
 
-    rtype: str
-    parts: dict = field(default_factory=dict)
-    attributes: dict = field(default_factory=dict)
-
-
-GLOBAL_ENV, BASE_ENV, EMPTY_ENV = REnvironment("R_GlobalEnv"), REnvironment("base"), REnvironment("R_EmptyEnv")
-BASE_NAMESPACE = REnvironment("namespace:base")
-MISSING_ARG, UNBOUND_VALUE = RObject("missing argument"), RObject("unbound value")
-SPECIAL_VALUES = {
-    NILVALUE_SXP: None, GLOBALENV_SXP: GLOBAL_ENV, BASEENV_SXP: BASE_ENV, EMPTYENV_SXP: EMPTY_ENV,
-    BASENAMESPACE_SXP: BASE_NAMESPACE, MISSINGARG_SXP: MISSING_ARG, UNBOUNDVALUE_SXP: UNBOUND_VALUE,
-}
-
-
-def _na_or(x: int) -> int | None:
-    return None if x == NA_INTEGER else x
+    def as_dict(self) -> dict[str, object]:
+        """``{name: element}`` of a named vector (unnamed, mis-sized or NA names raise)."""
+        names = self.names
+        if not isinstance(names, list) or len(names) != len(self) or not all(isinstance(n, str) for n in names):
+            raise RDataError(f"R {self.rtype} vector of {len(self)} has no proper names attribute")
+        return dict(zip(names, self))
 
 
 class _Reader:
-    """One pass over an XDR stream; mirrors ``ReadItem`` in R's src/main/serialize.c."""
+    """One pass over an XDR stream; follows ``ReadItem`` in R's src/main/serialize.c."""
 
-    def __init__(self, data: bytes, persistent_hook: Callable[[list], object] | None):
+    def __init__(self, data: bytes):
         self.buf = memoryview(data)
         self.pos = 0
-        self.refs: list = []
-        self.native_encoding = "utf-8"
-        self.persistent_hook = persistent_hook
+        self.depth = 0
+        self.symbols: list[RSymbol] = []  # R's reference table; symbols are all it holds here
+        self.encoding = "utf-8"
 
-    # -- primitive reads ------------------------------------------------------------------------
     def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > len(self.buf):
             raise RDataError(f"R stream truncated: need {n} bytes at offset {self.pos}, {len(self.buf) - self.pos} left")
-        chunk = self.buf[self.pos : self.pos + n]
         self.pos += n
-        return chunk
+        return self.buf[self.pos - n : self.pos]
 
     def int(self) -> int:
         return struct.unpack(">i", self.take(4))[0]
 
-    def ints(self, n: int) -> tuple:
-        return struct.unpack(f">{n}i", self.take(4 * n))
-
-    def length(self) -> int:
-        n = self.int()
-        if n == -1:  # long vector: two more ints, upper then lower 32 bits
-            upper, lower = self.ints(2)
-            n = (upper << 32) + (lower & 0xFFFFFFFF)
-        if n < 0:
-            raise RDataError(f"R stream: negative length {n} at offset {self.pos - 4}")
+    def length(self, min_item_bytes: int) -> int:
+        # Every element takes at least `min_item_bytes` of the stream: a length the rest of the
+        # stream cannot hold is refused before anything is allocated for it.
+        n, left = self.int(), len(self.buf) - self.pos
+        if n < 0 or n * min_item_bytes > left:
+            raise RDataError(f"R stream: length {n} at offset {self.pos - 4} does not fit the {left} bytes left")
         return n
 
-    def doubles(self, n: int) -> list:
-        raw = self.take(8 * n)
-        values = list(struct.unpack(f">{n}d", raw))
-        for i, v in enumerate(values):
-            if math.isnan(v) and struct.unpack_from(">I", raw, 8 * i + 4)[0] == NA_REAL_LOW_WORD:
-                values[i] = None  # NA_real_; other NaNs stay float('nan')
-        return values
-
-    # -- header ---------------------------------------------------------------------------------
     def header(self) -> None:
-        fmt = bytes(self.take(2))
-        if fmt != b"X\n":
-            kind = {b"A\n": "ASCII", b"B\n": "native binary"}.get(fmt, repr(fmt))
-            raise RDataError(f"R stream format {kind} is not supported (only XDR 'X\\n')")
-        version, _writer, _min_reader = self.ints(3)
+        if bytes(self.take(2)) != b"X\n":
+            raise RDataError("not an XDR R serialization (no 'X\\n'; ASCII and native formats are not read)")
+        version = struct.unpack(">3i", self.take(12))[0]  # then R's writer and minimum reader versions
         if version == 3:
-            self.native_encoding = bytes(self.take(self.int())).decode("ascii", "replace") or "utf-8"
+            self.encoding = bytes(self.take(self.int())).decode("ascii", "replace") or "utf-8"
         elif version != 2:
             raise RDataError(f"R serialization format version {version} is not supported (2 or 3)")
 
-    # -- items ----------------------------------------------------------------------------------
-    def charsxp(self, levels: int) -> str | bytes | None:
+    def string(self, levels: int) -> str | None:
         n = self.int()
         if n == -1:
             return None  # NA_character_
         raw = bytes(self.take(n))
         if levels & BYTES_MASK:
-            return raw
-        if levels & LATIN1_MASK:
-            return raw.decode("latin-1")
-        if levels & (UTF8_MASK | ASCII_MASK):
-            encoding = "utf-8"
-        else:
-            encoding = self.native_encoding
+            raise RDataError(f"R string at offset {self.pos - n} is marked as raw bytes, not text")
+        encoding = "latin-1" if levels & LATIN1_MASK else "utf-8" if levels & (UTF8_MASK | ASCII_MASK) else self.encoding
         try:
             return raw.decode(encoding)
-        except (UnicodeDecodeError, LookupError) as e:
+        except (ValueError, LookupError) as e:  # a bad byte, or a bad encoding name in the header
             raise RDataError(f"R string at offset {self.pos - n} is not valid {encoding}: {e}") from e
 
-    def string_vec(self) -> list:
-        """``InStringVec``: a 0, a length, then that many CHARSXP items (persistent/package names)."""
-        if self.int() != 0:
-            raise RDataError("R stream: malformed string vector in a reference")
-        return [self.item() for _ in range(self.length())]
-
-    def attributes(self, has_attr: bool) -> dict:
-        if not has_attr:
-            return {}
-        pl = self.item()
-        if pl is None:
-            return {}
-        if not isinstance(pl, RPairlist):
-            raise RDataError(f"R stream: attributes are a {type(pl).__name__}, expected a pairlist")
-        return {(t.name if isinstance(t, RSymbol) else t): v for t, v in zip(pl.tags, pl)}
-
-    def pairlist(self, sexptype: int, flags: int) -> RPairlist:
-        # A pairlist is a chain of cons cells: read it as a loop, not by recursion on the CDR,
-        # so a long argument list cannot exhaust Python's stack.
-        out = RPairlist(rtype=TYPE_NAMES.get(sexptype, "pairlist"))
-        first = True
-        while True:
-            has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
-            attrs = self.attributes(has_attr)
-            if first:
-                out.attributes = attrs
-                first = False
-            tag = self.item() if has_tag else None
-            out.tags.append(tag.name if isinstance(tag, RSymbol) else tag)
-            out.append(self.item())
-            flags = self.int()
-            nxt = flags & 0xFF
-            if nxt in (LISTSXP, ATTRLISTSXP) and sexptype in (LISTSXP, LANGSXP, DOTSXP):
-                continue
-            tail = self.item_from_flags(flags)
-            if tail is not None:  # a dotted pair: keep its tail as a last, untagged element
-                out.tags.append(None)
-                out.append(tail)
-            return out
-
-    def vector(self, sexptype: int) -> list:
-        n = self.length()
-        if sexptype == LGLSXP:
-            return [None if v == NA_INTEGER else bool(v) for v in self.ints(n)]
-        if sexptype == INTSXP:
-            return [_na_or(v) for v in self.ints(n)]
-        if sexptype == REALSXP:
-            return self.doubles(n)
-        if sexptype == CPLXSXP:
-            parts = self.doubles(2 * n)
-            return [None if re is None or im is None else complex(re, im) for re, im in zip(parts[::2], parts[1::2])]
-        if sexptype == RAWSXP:
-            return [bytes(self.take(n))]
-        if sexptype in (STRSXP, VECSXP, EXPRSXP):
-            return [self.item() for _ in range(n)]
-        raise AssertionError(sexptype)
-
     def item(self) -> object:
-        return self.item_from_flags(self.int())
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise RDataError(f"R stream nests deeper than {MAX_DEPTH} levels at offset {self.pos}")
+            return self.item_from_flags(self.int())
+        finally:
+            self.depth -= 1
 
     def item_from_flags(self, flags: int) -> object:
-        sexptype = flags & 0xFF
-        levels = flags >> 12
-        has_attr = bool(flags & (1 << 9))
-
-        if sexptype in SPECIAL_VALUES:
-            return SPECIAL_VALUES[sexptype]
-        if sexptype == REFSXP:
+        kind = flags & 0xFF
+        if kind == NILVALUE_SXP:
+            return None
+        if kind == REFSXP:
             index = (flags >> 8) or self.int()
-            if not 1 <= index <= len(self.refs):
-                raise RDataError(f"R stream: reference {index} out of range (table has {len(self.refs)})")
-            return self.refs[index - 1]
-        if sexptype == PERSISTSXP:
-            names = self.string_vec()
-            value = self.persistent_hook(names) if self.persistent_hook else RObject("persistent", {"names": names})
-            self.refs.append(value)
-            return value
-        if sexptype == SYMSXP:
-            name = self.item()  # a CHARSXP
-            sym = RSymbol(name if isinstance(name, str) else repr(name))
-            self.refs.append(sym)
-            return sym
-        if sexptype in (PACKAGESXP, NAMESPACESXP):
-            names = self.string_vec()
-            kind = "package" if sexptype == PACKAGESXP else "namespace"
-            env = REnvironment(f"{kind}:{names[0] if names else '?'}")
-            self.refs.append(env)
-            return env
-        if sexptype == ENVSXP:
-            locked = self.int()
-            env = REnvironment(locked=bool(locked))
-            self.refs.append(env)  # before its contents: they may refer back to it
-            env.enclosure = self.item()
-            frame, hashtab = self.item(), self.item()
-            env.attributes = self.attributes(True)
-            for part in (frame, *(hashtab if isinstance(hashtab, list) else [])):
-                if isinstance(part, RPairlist):
-                    env.frame.update(part.as_dict())
-            return env
-        if sexptype in (LISTSXP, LANGSXP, DOTSXP):
-            return self.pairlist(sexptype, flags)
-        if sexptype in (ATTRLISTSXP, ATTRLANGSXP):
-            return self.pairlist(LISTSXP if sexptype == ATTRLISTSXP else LANGSXP, flags | (1 << 9))
-        if sexptype in (CLOSXP, PROMSXP):
-            has_tag = bool(flags & (1 << 10))
-            attrs = self.attributes(has_attr)
-            env = self.item() if has_tag else None
-            car, cdr = self.item(), self.item()
-            names = ("formals", "body") if sexptype == CLOSXP else ("value", "expression")
-            return RObject(TYPE_NAMES[sexptype], {names[0]: car, names[1]: cdr, "environment": env}, attrs)
-        if sexptype in (SPECIALSXP, BUILTINSXP):
-            name = bytes(self.take(self.int())).decode("ascii", "replace")
-            return RObject(TYPE_NAMES[sexptype], {"name": name})
-        if sexptype == CHARSXP:
-            value = self.charsxp(levels)
-            self.attributes(has_attr)  # old writers may attach one; R reads and drops it
-            return value
-        if sexptype in (LGLSXP, INTSXP, REALSXP, CPLXSXP, STRSXP, VECSXP, EXPRSXP, RAWSXP):
-            items = self.vector(sexptype)
-            if sexptype == RAWSXP:
-                items = list(items[0])  # ints 0..255, like R's as.integer(raw)
-            return RVector(items, TYPE_NAMES[sexptype], self.attributes(has_attr))
-        if sexptype == S4SXP:
-            return RObject("S4", {}, self.attributes(has_attr))
-        if sexptype == ALTREP_SXP:
-            return self.altrep()
-        name = TYPE_NAMES.get(sexptype, f"code {sexptype}")
-        raise RDataError(f"R type {name} (SEXPTYPE {sexptype}) at offset {self.pos - 4} is not supported")
+            if not 1 <= index <= len(self.symbols):
+                raise RDataError(f"R stream: reference {index} out of range (table has {len(self.symbols)})")
+            return self.symbols[index - 1]
+        if kind == SYMSXP:
+            flags = self.int()
+            name = self.string(flags >> 12) if flags & 0xFF == CHARSXP else None
+            if name is None:
+                raise RDataError(f"R stream: symbol before offset {self.pos} has no name")
+            self.symbols.append(RSymbol(name))
+            return self.symbols[-1]
+        if kind == LISTSXP:
+            return self.pairlist(flags)
+        if kind in (LGLSXP, INTSXP):
+            n = self.length(4)
+            values = struct.unpack(f">{n}i", self.take(4 * n))
+            items = [None if v == NA_INTEGER else bool(v) if kind == LGLSXP else v for v in values]
+        elif kind == STRSXP:
+            items = []
+            for _ in range(self.length(8)):  # each element: its flags and its length, at least
+                flags_i = self.int()
+                if flags_i & 0xFF != CHARSXP:
+                    raise RDataError(f"R stream: character vector element at offset {self.pos - 4} is not a string")
+                items.append(self.string(flags_i >> 12))
+        elif kind == VECSXP:
+            items = [self.item() for _ in range(self.length(4))]
+        else:
+            name = OTHER_TYPES.get(kind, f"code {kind}")
+            raise RDataError(f"R type {name} (SEXPTYPE {kind}) at offset {self.pos - 4} is not supported")
+        return RVector(items, TYPE_NAMES[kind], self.attributes() if flags & HAS_ATTR else {})
 
-    def altrep(self) -> object:
-        """Expand the ALTREP classes base R writes (compact sequences, wrappers, deferred strings)."""
-        info, state, attr = self.item(), self.item(), self.item()
-        cls = info[0].name if isinstance(info, RPairlist) and isinstance(info[0], RSymbol) else str(info)
-        attrs = {(t.name if isinstance(t, RSymbol) else t): v for t, v in zip(attr.tags, attr)} if isinstance(attr, RPairlist) else {}
-        if cls in ("compact_intseq", "compact_realseq"):
-            n, start, step = (int(v) for v in state)
-            values = [start + i * step for i in range(n)]
-            return RVector(values if cls == "compact_intseq" else [float(v) for v in values],
-                           "integer" if cls == "compact_intseq" else "double", attrs)
-        if cls.startswith("wrap_"):
-            inner = state[0]
-            if isinstance(inner, RVector):
-                return RVector(inner, inner.rtype, {**inner.attributes, **attrs})
-            return inner
-        if cls == "deferred_string":
-            arg = state[0] if isinstance(state, RPairlist) else state
-            if isinstance(arg, RVector):
-                text = [None if v is None else _format_number(v) for v in arg]
-                return RVector(text, "character", attrs)
-        raise RDataError(f"R ALTREP class {cls!r} is not supported")
+    def attributes(self) -> dict:
+        pairs = self.item()
+        if not isinstance(pairs, dict):
+            raise RDataError(f"R stream: attributes before offset {self.pos} are not a pairlist")
+        return pairs
+
+    def pairlist(self, flags: int) -> dict[str, object]:
+        """A tagged pairlist (how R writes attributes) as ``{tag: value}``. A chain of cells is read
+        as a loop, not by recursing on each cell's tail, so its length costs no depth."""
+        out: dict[str, object] = {}
+        while True:
+            if flags & HAS_ATTR:
+                self.attributes()  # a cell's own attributes: nothing R data needs, skipped
+            tag = self.item() if flags & HAS_TAG else None
+            if not isinstance(tag, RSymbol):
+                raise RDataError(f"R stream: pairlist cell before offset {self.pos} has no symbol tag")
+            out[tag.name] = self.item()
+            flags = self.int()
+            if flags & 0xFF == NILVALUE_SXP:
+                return out
+            if flags & 0xFF != LISTSXP:
+                raise RDataError(f"R stream: pairlist at offset {self.pos - 4} ends in type {flags & 0xFF}, not NULL")
 
 
-def _format_number(v: object) -> str:
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
-
-
-def unserialize(data: bytes, persistent_hook: Callable[[list], object] | None = None) -> object:
-    """Read one object from an uncompressed XDR stream (R's ``unserialize``)."""
-    reader = _Reader(bytes(data), persistent_hook)
+def unserialize(data: bytes) -> object:
+    """One object from an uncompressed XDR stream (R's ``unserialize``), which it must fill exactly."""
+    reader = _Reader(bytes(data))
     reader.header()
-    obj = reader.item()
-    return obj
+    value = reader.item()
+    if reader.pos != len(reader.buf):
+        raise RDataError(f"R stream has {len(reader.buf) - reader.pos} bytes after its object")
+    return value
 
 
-def decompress_rds(data: bytes) -> bytes:
-    """The XDR stream inside an .rds/.rdx: gzip, bzip2, xz, R's length+zlib block, or already raw."""
-    data = bytes(data)
+def _inflate(data: bytes, decompressor, what: str, limit: int | None = None) -> bytes:
+    """All of ``data`` decompressed, but never more than ``limit`` (default ``MAX_BYTES``) bytes of
+    output: a few kB of zlib can expand to gigabytes, so the cap applies while decompressing."""
+    limit = MAX_BYTES if limit is None else limit
     try:
-        if data[:2] == b"\x1f\x8b":
-            return gzip.decompress(data)
-        if data[:3] == b"BZh":
-            return bz2.decompress(data)
-        if data[:6] == b"\xfd7zXZ\x00":
-            return lzma.decompress(data)
-        if data[:2] in (b"X\n", b"A\n", b"B\n"):
-            return data
-        return _decompress_block(data, 1)
-    except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as e:
-        raise RDataError(f"cannot decompress R data ({e})") from e
+        out = decompressor.decompress(data, limit + 1)
+    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as e:
+        raise RDataError(f"{what} does not decompress ({e})") from e
+    if len(out) > limit:
+        raise RDataError(f"{what} decompresses to more than {limit} bytes")
+    if not decompressor.eof:
+        raise RDataError(f"{what} is truncated: its compressed stream stops early")
+    if decompressor.unused_data:
+        raise RDataError(f"{what} has {len(decompressor.unused_data)} bytes after its compressed stream")
+    return out
 
 
-def read_rds(source: BytesOrPath) -> object:
-    """Read an .rds file (or its bytes)."""
-    return unserialize(decompress_rds(_load(source)))
+def _decompress_index(data: bytes) -> bytes:
+    """The XDR stream of an .rdx (``saveRDS``: gzip by default, or bzip2, xz, none)."""
+    if data[:2] == b"\x1f\x8b":
+        return _inflate(data, zlib.decompressobj(wbits=16 + zlib.MAX_WBITS), "lazy-load index")
+    if data[:3] == b"BZh":
+        return _inflate(data, bz2.BZ2Decompressor(), "lazy-load index")
+    if data[:6] == b"\xfd7zXZ\x00":
+        return _inflate(data, lzma.LZMADecompressor(), "lazy-load index")
+    if data[:2] == b"X\n":
+        return data
+    raise RDataError(f"lazy-load index starts with {data[:6]!r}: not gzip, bzip2, xz or an XDR stream")
 
 
-def _decompress_block(blob: bytes, compressed: int) -> bytes:
-    """One lazy-load DB entry: 4-byte big-endian uncompressed length, then zlib (or typed) data."""
+# makeLazyLoadDB's second kind of compression (compress = 3) prefixes the body with a type byte.
+ENTRY_CODECS = {b"1": zlib.decompressobj, b"2": bz2.BZ2Decompressor, b"Z": lzma.LZMADecompressor}
+
+
+def _decompress_entry(blob: bytes, compressed: int) -> bytes:
+    """One .rdb entry: a 4-byte big-endian uncompressed length, then zlib (compress = TRUE),
+    bzip2 (2) or type byte + data (3); stored as is when compress = FALSE."""
     if compressed == 0:
         return blob
     if len(blob) < 4:
-        raise RDataError(f"lazy-load entry of {len(blob)} bytes is too short")
+        raise RDataError(f"{len(blob)} bytes are too short for an entry")
     (expected,) = struct.unpack(">I", blob[:4])
+    if expected > MAX_BYTES:
+        raise RDataError(f"its header says {expected} bytes, over the {MAX_BYTES}-byte limit")
     body = blob[4:]
-    try:
-        if compressed == 1:
-            out = zlib.decompress(body)
+    if compressed == 1:
+        codec = zlib.decompressobj
+    elif compressed == 2:
+        codec = bz2.BZ2Decompressor
+    else:
+        kind, body = body[:1], body[1:]
+        if kind == b"0":
+            codec = None
+        elif kind in ENTRY_CODECS:
+            codec = ENTRY_CODECS[kind]
         else:
-            # compress = 2 (bzip2) or 3 (xz) in makeLazyLoadDB: a type byte comes first.
-            kind, body = body[:1], body[1:]
-            if kind == b"2":
-                out = bz2.decompress(body)
-            elif kind == b"Z":
-                out = lzma.decompress(body)
-            elif kind == b"1":
-                out = zlib.decompress(body)
-            elif kind == b"0":
-                out = bytes(body)
-            else:
-                raise RDataError(f"lazy-load entry has unknown compression type {kind!r}")
-    except (zlib.error, OSError, EOFError, lzma.LZMAError) as e:
-        raise RDataError(f"lazy-load entry does not decompress ({e})") from e
+            raise RDataError(f"unknown compression type {kind!r}")
+    out = bytes(body) if codec is None else _inflate(body, codec(), "its data", limit=expected)
     if len(out) != expected:
-        raise RDataError(f"lazy-load entry decompressed to {len(out)} bytes, header says {expected}")
+        raise RDataError(f"it holds {len(out)} bytes, its header says {expected}")
     return out
 
 
@@ -435,56 +281,38 @@ def _load(source: BytesOrPath) -> bytes:
 
 
 def read_lazyload_db(rdx: BytesOrPath, rdb: BytesOrPath) -> dict[str, object]:
-    """Every variable of an R lazy-load database (``X.rdx`` index + ``X.rdb`` blobs), by name."""
-    index = read_rds(rdx)
-    if not isinstance(index, RVector) or index.names is None:
-        raise RDataError("lazy-load index is not a named list")
+    """Every variable of an R lazy-load database (``X.rdx`` index + ``X.rdb`` entries), by name."""
+    index = unserialize(_decompress_index(_load(rdx)))
+    if not isinstance(index, RVector) or index.rtype != "list":
+        raise RDataError("lazy-load index is not a list")
     parts = index.as_dict()
-    if "variables" not in parts:
-        raise RDataError("lazy-load index has no 'variables' entry")
-    # makeLazyLoadDB's `compress`: TRUE (zlib, the default), 2 (bzip2), 3 (xz), FALSE (none).
-    comp = parts.get("compressed")
-    compressed = int(comp[0]) if isinstance(comp, list) and comp and comp[0] is not None else 1
+    variables = parts.get("variables")
+    if not isinstance(variables, RVector) or variables.rtype != "list":
+        raise RDataError("lazy-load index has no 'variables' list")
+    # makeLazyLoadDB's `compress`: TRUE (zlib, the default), 2 (bzip2), 3 (type byte), FALSE.
+    comp = parts.get("compressed", [True])
+    compressed = int(comp[0]) if isinstance(comp, list) and len(comp) == 1 and comp[0] is not None else -1
+    if compressed not in (0, 1, 2, 3):
+        raise RDataError(f"lazy-load index 'compressed' is {comp!r}, not TRUE, FALSE, 2 or 3")
     db = _load(rdb)
-    references = parts.get("references")
-    ref_table = references.as_dict() if isinstance(references, RVector) and references.names else {}
-    ref_cache: dict[str, object] = {}
-
-    def fetch(key: object, what: str) -> object:
-        if not isinstance(key, list) or len(key) != 2 or any(k is None for k in key):
-            raise RDataError(f"lazy-load index entry for {what} is not an (offset, length) pair")
-        offset, length = int(key[0]), int(key[1])
+    out = {}
+    for name, key in (variables.as_dict() if variables else {}).items():
+        if not (isinstance(key, RVector) and key.rtype == "integer" and len(key) == 2 and None not in key):
+            raise RDataError(f"lazy-load index entry for {name!r} is not an (offset, length) pair")
+        offset, length = key
         if offset < 0 or length < 0 or offset + length > len(db):
-            raise RDataError(f"lazy-load entry {what} ({offset}+{length}) lies outside the {len(db)}-byte .rdb")
+            raise RDataError(f"lazy-load entry {name!r} ({offset}+{length}) lies outside the {len(db)}-byte .rdb")
         try:
-            return unserialize(_decompress_block(db[offset : offset + length], compressed), hook)
+            out[name] = unserialize(_decompress_entry(db[offset : offset + length], compressed))
         except RDataError as e:
-            raise RDataError(f"{what}: {e}") from e
-
-    def hook(names: list) -> object:
-        # Environments shared between variables are stored once under "references"; R restores
-        # them from a list(bindings=, enclos=, ...); here that list itself is the value.
-        name = names[0] if names else None
-        if name not in ref_table:
-            return RObject("persistent", {"names": names})
-        if name not in ref_cache:
-            ref_cache[name] = RObject("persistent", {"names": names})  # breaks cycles
-            ref_cache[name] = fetch(ref_table[name], f"reference {name}")
-        return ref_cache[name]
-
-    variables = parts["variables"]
-    if not isinstance(variables, RVector) or (len(variables) and variables.names is None):
-        raise RDataError("lazy-load index 'variables' is not a named list")
-    return {name: fetch(key, repr(name)) for name, key in variables.as_dict().items()} if len(variables) else {}
+            raise RDataError(f"lazy-load entry {name!r}: {e}") from e
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) == 1:
-        print(repr(read_rds(args[0])))
-        return 0
     if len(args) != 2:
-        print("usage: python -m python3_distillation.rdata FILE.rds | FILE.rdx FILE.rdb", file=sys.stderr)
+        print("usage: python -m python3_distillation.rdata FILE.rdx FILE.rdb", file=sys.stderr)
         return 2
     try:
         objects = read_lazyload_db(args[0], args[1])

@@ -19,15 +19,15 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from python3_distillation.errors import AssetError
+from python3_distillation.fsio import atomic_dir
 from python3_distillation.paths import data_dir as default_data_dir
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ EOS_ID = 50256
 GPT2_VOCAB_SIZE = 50257
 # Known encodings of GPT-2's tokenizer, checked after every rebuild.
 KNOWN_ENCODINGS = {"Hello world": [15496, 995], " Hello world": [18435, 995]}
-
-
-class AssetError(RuntimeError):
-    """An asset could not be obtained or failed its check (message says which and why)."""
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -126,7 +122,7 @@ def download_whisper_archive(download_dir: Path) -> Path:
 
 
 def build_gpt2_tokenizer(out_dir: Path, archive: Path | None = None) -> Path:
-    """Rebuild GPT-2's tokenizer offline into ``out_dir`` (atomic: a temp dir renamed at the end)."""
+    """Rebuild GPT-2's tokenizer offline into ``out_dir`` (written beside it, swapped in whole)."""
     from transformers import GPT2TokenizerFast
 
     out_dir = Path(out_dir)
@@ -143,9 +139,7 @@ def build_gpt2_tokenizer(out_dir: Path, archive: Path | None = None) -> Path:
         raise AssetError(f"{archive}: gpt2.tiktoken has sha256 {digest}, expected {TIKTOKEN_SHA256}")
     vocab, merges = ranks_to_vocab_and_merges(read_tiktoken(data))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (tmp / "merges.txt").write_text(
             "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
@@ -154,11 +148,6 @@ def build_gpt2_tokenizer(out_dir: Path, archive: Path | None = None) -> Path:
         tok = GPT2TokenizerFast.from_pretrained(str(tmp))
         check_gpt2_tokenizer(tok)
         tok.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
+# A run that changes `git status` of the checkout fails (these two hooks; see clean_tree.py).
+from clean_tree import pytest_sessionfinish, pytest_sessionstart  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 # Offline by design: a hub id would otherwise hang ~48 s before failing.

@@ -3,17 +3,22 @@
     HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=./data python -m pytest tests/test_corpus.py -q
 
 The reader is checked twice: on byte strings written here by hand from R's serialization format
-(so it is tested without the package), and on the real package, against facts published with it
-(austen_books() has 73,422 lines; its own tests check the book order and that Persuasion has fewer
-lines than Emma).
+(so it is tested without the package, malformed and oversized streams included), and on the real
+package, against facts published with it (austen_books() has 73,422 lines; its own tests check the
+book order and that Persuasion has fewer lines than Emma) and against the corpus's pinned hashes.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import hashlib
 import json
+import lzma
+import random
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -22,7 +27,7 @@ import pytest
 from python3_distillation import corpus, rdata
 from python3_distillation.corpus import CorpusError
 from python3_distillation.paths import data_dir as default_data_dir
-from python3_distillation.rdata import RDataError, RSymbol, RVector
+from python3_distillation.rdata import RDataError, RVector
 
 # -- a hand-written XDR encoder (R's serialize.c, format version 2 or 3) ------------------------
 ASCII, UTF8, LATIN1 = 64 << 12, 8 << 12, 4 << 12  # CHARSXP encoding flags, already shifted
@@ -79,64 +84,155 @@ def test_known_r_output_for_a_single_string():
     assert list(rdata.unserialize(data)) == ["a"]
 
 
-def test_reads_a_named_list_of_numbers_with_na_and_a_back_reference():
-    # list(x = c(1L, NA), y = c(1.5, NA, NaN), z = c(TRUE, NA)), the inner x carrying its own
-    # names attribute that writes the "names" symbol first; the outer one refers back to it.
-    na_real = struct.pack(">II", 0x7FF00000, 1954)
+def test_reads_a_named_list_with_na_and_a_back_reference():
+    # list(x = c(1L, NA), z = c(TRUE, NA)), the inner x carrying its own names attribute, which
+    # writes the "names" symbol first; the outer list's names refer back to it.
     x = i32(13 | HAS_ATTR, 2, 1, -(2**31)) + names_attr("p", "q")
-    y = i32(14, 3) + struct.pack(">d", 1.5) + na_real + struct.pack(">d", float("nan"))
     z = i32(10, 2, 1, -(2**31))
     ref_to_names = i32((1 << 8) | 255)  # REFSXP, index 1 packed in the flags
-    value = rdata.unserialize(header(2) + named_list({"x": x, "y": y, "z": z}, name_sym=ref_to_names))
-    assert value.rtype == "list" and value.names == ["x", "y", "z"]
+    value = rdata.unserialize(header(2) + named_list({"x": x, "z": z}, name_sym=ref_to_names))
+    assert value.rtype == "list" and value.names == ["x", "z"]
     d = value.as_dict()
     assert list(d["x"]) == [1, None] and d["x"].names == ["p", "q"] and d["x"].rtype == "integer"
-    assert d["y"][:2] == [1.5, None] and d["y"][2] != d["y"][2]  # NA → None, NaN stays NaN
-    assert list(d["z"]) == [True, None]
+    assert list(d["z"]) == [True, None] and d["z"].rtype == "logical"
 
 
-def test_reads_a_tagged_pairlist_and_symbols():
-    # pairlist(a = quote(b), 3L)
-    data = header() + i32(2 | HAS_TAG) + symbol("a") + symbol("b") + i32(2) + i32(13, 1, 3) + NIL
-    value = rdata.unserialize(data)
-    assert value.tags == ["a", None]
-    assert value[0] == RSymbol("b") and list(value[1]) == [3]
+def lazy_load_db(objects: dict[str, bytes], compressed: int = 1) -> tuple[bytes, bytes]:
+    """(.rdx, .rdb) as makeLazyLoadDB writes them with `compress = compressed`."""
+    codec = {1: zlib.compress, 2: bz2.compress, 3: lambda b: b"Z" + lzma.compress(b)}[compressed]
+    return lazy_load_index({name: struct.pack(">I", len(payload)) + codec(payload)
+                            for name, payload in objects.items()}, compressed)
 
 
-def test_reads_a_compact_integer_sequence():
-    # 5:7 under format version 3 is an ALTREP compact_intseq: info pairlist, state c(n, start, step).
-    info = i32(2) + symbol("compact_intseq") + i32(2) + symbol("base") + i32(2) + i32(13, 1, 13) + NIL
-    state = i32(14, 3) + struct.pack(">3d", 3, 5, 1)
-    value = rdata.unserialize(header() + i32(238) + info + state + NIL)
-    assert value.rtype == "integer" and list(value) == [5, 6, 7]
-
-
-def test_unsupported_type_and_truncation_raise_clear_errors():
-    with pytest.raises(RDataError, match="bytecode"):
-        rdata.unserialize(header() + i32(21, 0))
-    with pytest.raises(RDataError, match="truncated"):
-        rdata.unserialize(header() + strsxp(charsxp("abc"))[:-2])
-    with pytest.raises(RDataError, match="ASCII"):
-        rdata.unserialize(b"A\n1\n")
-    with pytest.raises(RDataError, match="reference 7"):
-        rdata.unserialize(header() + i32((7 << 8) | 255))
-
-
-def test_reads_a_hand_built_lazy_load_db():
-    objects = {"first": header() + strsxp(charsxp("one"), charsxp("two")),
-               "second": header() + i32(13, 1, 42)}
+def lazy_load_index(entries: dict[str, bytes], compressed: int = 1) -> tuple[bytes, bytes]:
+    """(.rdx, .rdb) for entries already in .rdb form (length header + compressed data)."""
     rdb, index = b"", {}
-    for name, payload in objects.items():
-        blob = struct.pack(">I", len(payload)) + zlib.compress(payload)
+    for name, blob in entries.items():
         index[name] = i32(13, 2, len(rdb), len(blob))
         rdb += blob
+    flag = i32(10, 1, 1) if compressed == 1 else i32(13, 1, compressed)  # TRUE, or the integer
     rdx = gzip.compress(header() + named_list({
-        "variables": named_list(index), "references": i32(19, 0), "compressed": i32(10, 1, 1)}))
+        "variables": named_list(index), "references": i32(19, 0), "compressed": flag}))
+    return rdx, rdb
+
+
+@pytest.mark.parametrize("compressed", [1, 2, 3], ids=["zlib", "bzip2", "xz"])
+def test_reads_a_hand_built_lazy_load_db(compressed):
+    rdx, rdb = lazy_load_db({"first": header() + strsxp(charsxp("one"), charsxp("two")),
+                             "second": header() + i32(13, 1, 42)}, compressed)
     db = rdata.read_lazyload_db(rdx, rdb)
     assert list(db) == ["first", "second"]
     assert list(db["first"]) == ["one", "two"] and list(db["second"]) == [42]
-    with pytest.raises(RDataError, match="outside"):
-        rdata.read_lazyload_db(rdx, rdb[:-5])
+
+
+def compact_intseq(n: int) -> bytes:
+    """1:n under format version 3: an ALTREP compact_intseq, 88 bytes whatever n is."""
+    info = i32(2) + symbol("compact_intseq") + i32(2) + symbol("base") + i32(2) + i32(13, 1, 13) + NIL
+    return i32(238) + info + i32(14, 3) + struct.pack(">3d", n, 1, 1) + NIL
+
+
+# Every malformed stream is an RDataError that says why: never another exception, a silently
+# shortened vector, a deep recursion or an allocation sized by the input's claims.
+MALFORMED = {
+    "deep nesting": (header() + i32(19, 1) * 100_000 + NIL, "nests deeper"),
+    "huge length": (header() + i32(16, 2**31 - 1) + charsxp("a"), "does not fit"),
+    "longer than its data": (header() + i32(13, 1_000_000, 1, 2), "does not fit"),
+    "negative length": (header() + i32(13, -5), "length -5"),
+    "compact_intseq": (header() + compact_intseq(2**31 - 1), "ALTREP"),
+    "cut string": (header() + strsxp(charsxp("abc"))[:-2], "truncated"),
+    "missing element": (header() + i32(16, 3) + charsxp("a") + charsxp("b"), "does not fit"),
+    "bytes after the object": (header() + i32(13, 1, 5) + b"xx", "2 bytes after"),
+    "empty": (b"", "truncated"),
+    "ASCII format": (b"A\n1\n", "XDR"),
+    "format version 4": (b"X\n" + i32(4, 0, 0), "version 4"),
+    "bytecode": (header() + i32(21, 0), "bytecode"),
+    "unknown type": (header() + i32(99), "code 99"),
+    "bad reference": (header() + i32((7 << 8) | 255), "reference 7"),
+    "non-string element": (header() + i32(16, 1) + i32(13, 0), "not a string"),
+    "invalid UTF-8": (header() + i32(16, 1, 9 | UTF8, 2) + b"\xff\xfe", "not valid utf-8"),
+    "unknown native encoding": (b"X\n" + i32(3, 0, 0, 4) + b"\0bad" + i32(16, 1, 9, 1) + b"a", "not valid"),
+    "untagged attribute": (header() + i32(13 | HAS_ATTR, 0) + i32(2) + i32(13, 0) + NIL, "no symbol tag"),
+    "attributes not a pairlist": (header() + i32(13 | HAS_ATTR, 0) + i32(13, 0), "not a pairlist"),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_streams_raise_rdata_error(name):
+    data, message = MALFORMED[name]
+    t0 = time.perf_counter()
+    with pytest.raises(RDataError, match=message):
+        rdata.unserialize(data)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_random_corruptions_raise_only_rdata_error():
+    """Bytes flipped, cut, inserted, or overwritten with telling integers (lengths, type codes):
+    each result reads, or raises RDataError, and never anything else."""
+    good = header() + named_list({
+        "a": strsxp(charsxp("EMMA"), charsxp(""), charsxp(None), charsxp("Émile", UTF8)),
+        "b": i32(13 | HAS_ATTR, 2, 1, 2) + names_attr("p", "q"), "c": i32(10, 1, 1)})
+    telling = [-1, -2, 0, 1, 2, 7, 9, 13, 16, 19, 238, 254, 255, 2**31 - 1]
+    rng = random.Random(0)
+    for _ in range(3000):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            i, op = rng.randrange(len(data) + 1), rng.random()
+            if op < 0.5 and i < len(data):
+                data[i] = rng.randrange(256)
+            elif op < 0.75:
+                data[i : i + 4] = struct.pack(">i", rng.choice(telling))
+            elif op < 0.9:
+                del data[i:]
+            else:
+                data[i:i] = rng.randbytes(rng.randint(1, 8))
+        try:
+            rdata.unserialize(bytes(data))
+        except RDataError:
+            pass
+
+
+def zlib_bomb(size: int) -> bytes:
+    z = zlib.compressobj(9)
+    return b"".join(z.compress(bytes(1 << 20)) for _ in range(size >> 20)) + z.flush()
+
+
+def test_decompression_stops_at_the_entry_header_and_at_the_cap(monkeypatch):
+    bomb = zlib_bomb(256 << 20)  # 256 MB of zeros in ~250 kB
+    t0 = time.perf_counter()
+    with pytest.raises(RDataError, match="more than 1000 bytes"):  # what the entry's header says
+        rdata.read_lazyload_db(*lazy_load_index({"v": struct.pack(">I", 1000) + bomb}))
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.raises(RDataError, match="over the"):  # a header that claims 4 GB
+        rdata.read_lazyload_db(*lazy_load_index({"v": struct.pack(">I", 2**32 - 1) + bomb}))
+    monkeypatch.setattr(rdata, "MAX_BYTES", 1 << 20)
+    with pytest.raises(RDataError, match="more than 1048576 bytes"):  # a gzip'd index
+        rdata.read_lazyload_db(gzip.compress(bytes(2 << 20)), b"")
+
+
+def test_malformed_databases_raise_rdata_error():
+    payload = header() + strsxp(charsxp("one"))
+    rdx, rdb = lazy_load_db({"v": payload})
+    length = struct.pack(">I", len(payload))
+    cases = {
+        "outside": (rdx, rdb[:-5]),
+        "truncated": lazy_load_index({"v": length + zlib.compress(payload)[:-6]}),
+        "4 bytes after its compressed stream": lazy_load_index({"v": length + zlib.compress(payload) + b"junk"}),
+        "does not decompress": lazy_load_index({"v": length + b"not zlib at all"}),
+        f"holds {len(payload)} bytes, its header says {len(payload) + 1}": lazy_load_index(
+            {"v": struct.pack(">I", len(payload) + 1) + zlib.compress(payload)}),
+        "unknown compression type": lazy_load_index({"v": length + b"Q" + zlib.compress(payload)}, 3),
+        "too short": lazy_load_index({"v": b"\0\0"}),
+        "not gzip": (b"PK\x03\x04", rdb),
+        "no 'variables' list": (gzip.compress(header() + named_list({"other": i32(19, 0)})), rdb),
+        "not an \\(offset, length\\) pair": (
+            gzip.compress(header() + named_list({"variables": named_list({"v": i32(13, 1, 0)})})), rdb),
+        "'compressed' is": (
+            gzip.compress(header() + named_list({"variables": i32(19, 0), "compressed": i32(13, 1, 7)})), rdb),
+        "no proper names": (gzip.compress(header() + i32(19, 1) + i32(19, 0)), rdb),
+    }
+    for message, (bad_rdx, bad_rdb) in cases.items():
+        with pytest.raises(RDataError, match=message):
+            rdata.read_lazyload_db(bad_rdx, bad_rdb)
 
 
 # -- lines → paragraphs --------------------------------------------------------------------------
@@ -203,6 +299,21 @@ def test_corpus_splits_are_disjoint_and_match_the_manifest(built):
         assert "_" not in text[split]
     assert manifest["splits"]["validation"]["books"] == ["Persuasion"]
     assert 3_000_000 < manifest["splits"]["train"]["characters"] < 4_000_000
+
+
+# The corpus built from r-cran-janeaustenr 1.0.0-1, byte for byte: a change to the reader or to the
+# paragraph rules that alters one byte shows here (bump CORPUS_VERSION when it is meant).
+CORPUS_SHA256 = {"r-cran-janeaustenr_1.0.0-1_all.deb": {
+    "train": "fd97a3e45c3742732c6e737e9978383680974ce0b6ab16129413ebb0cc8efc57",
+    "validation": "e49512fd72b4b5c3b0436987a55cd697c69b9a9e3850719ca142b05e01a3ca66"}}
+
+
+def test_corpus_bytes_are_pinned(built):
+    deb_name = corpus.load_manifest(default_data_dir())["deb"]["file"]
+    if deb_name not in CORPUS_SHA256:
+        pytest.skip(f"no pinned hashes for {deb_name}")
+    got = {split: hashlib.sha256(path.read_bytes()).hexdigest() for split, path in built.items()}
+    assert got == CORPUS_SHA256[deb_name]
 
 
 def test_second_build_is_a_no_op(built):

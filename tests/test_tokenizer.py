@@ -1,6 +1,5 @@
 """The GPT-2 tokenizer rebuilt offline must be GPT-2's, id for id."""
 
-import shutil
 import tarfile
 import time
 
@@ -46,8 +45,12 @@ def test_rebuild_from_archive(tmp_path):
     from python3_distillation.paths import data_dir
 
     archive = tk.download_whisper_archive(data_dir() / "downloads")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "stale.txt").write_text("from an older build")
     out = tk.build_gpt2_tokenizer(tmp_path / "tok", archive)
     assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "stale.txt").exists(), "the old folder is replaced whole, not merged into"
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"], "no temp folder left beside it"
     tok = tk.load_tokenizer(out)
     assert tok.encode("Hello world") == [15496, 995]
 
