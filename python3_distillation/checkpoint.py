@@ -3,8 +3,9 @@
     python -m python3_distillation.checkpoint runs/v2/checkpoint-200     # verify one, print its state
 
 A checkpoint folder holds the model weights, the optimizer state (tensors + a JSON of its param
-groups), each process's RNG states (tensors + JSON), ``trainer_state.json`` (step, tokens, seconds,
-the run's fingerprint) and, written last, ``manifest.json``: the size and sha256 of every other file.
+groups), each process's RNG states (tensors + JSON, ``rng-<rank>.*``, all written by the main
+process), ``trainer_state.json`` (step, tokens, seconds, the run's fingerprint) and, written last,
+``manifest.json``: the size and sha256 of every other file.
 Nothing is unpickled on resume (accelerate's ``save_state`` writes ``.pkl``/``.bin`` pickles that
 ``load_state`` opens with ``weights_only=False``, so a run folder from someone else could run code).
 A checkpoint whose files do not match its manifest (truncated, corrupt, tampered with, or holding
@@ -14,7 +15,6 @@ schedule is not stored: it is a pure function of the step and is rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from python3_distillation.errors import CheckpointError
+from python3_distillation.fsio import sha256_file
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -32,10 +35,6 @@ STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS, OPTIMIZER_GROUPS = "optimizer.safetensors", "optimizer.json"
 FORMAT = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is incomplete, corrupt or not what its manifest says."""
 
 
 def rng_files(rank: int) -> tuple[str, str]:
@@ -60,14 +59,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------- writing
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def save_model_weights(model: torch.nn.Module, folder: Path) -> None:
     from safetensors.torch import save_model
@@ -103,8 +94,10 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def save_rng(folder: Path, rank: int) -> None:
-    tensors, meta = capture_rng()
+def save_rng(folder: Path, rank: int, states: tuple[dict[str, torch.Tensor], dict] | None = None) -> None:
+    """Write process ``rank``'s RNG states: ``states`` as ``capture_rng`` returned them in that process
+    (gathered to the main process, which writes every rank's file), or this process's own."""
+    tensors, meta = states if states is not None else capture_rng()
     t_name, j_name = rng_files(rank)
     save_file(tensors, str(Path(folder) / t_name))
     (Path(folder) / j_name).write_text(json.dumps(meta))
@@ -114,7 +107,7 @@ def write_manifest(folder: Path, state: dict) -> None:
     """Write ``trainer_state.json``, then the manifest of every file (the last write of a checkpoint)."""
     folder = Path(folder)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
 
@@ -142,7 +135,7 @@ def verify(folder: Path) -> dict:
         if path.stat().st_size != entry.get("bytes"):
             raise CheckpointError(f"{folder}: {name} does not match its manifest: {path.stat().st_size} bytes, "
                                   f"not {entry.get('bytes')} (truncated, corrupt or tampered with)")
-        if _sha256(path) != entry.get("sha256"):
+        if sha256_file(path) != entry.get("sha256"):
             raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest (corrupt or tampered with)")
     try:
         state = json.loads((folder / STATE_FILE).read_text())

@@ -16,13 +16,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_write_text", "atomic_write_bytes", "fsync_tree"]
+__all__ = ["atomic_dir", "atomic_write_text", "atomic_write_bytes", "fsync_tree", "sha256_file"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -150,3 +151,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """``atomic_write_bytes`` of UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB pieces (files here reach gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

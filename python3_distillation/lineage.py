@@ -26,6 +26,7 @@ VOLATILE = {
     ("name",), ("train", "max_steps"), ("train", "eval_every"), ("train", "save_every"),
     ("train", "keep_checkpoints"), ("train", "log_every"), ("train", "run_dir"),
     ("teacher", "path"), ("student", "output_dir"), ("data", "max_eval_blocks"),
+    ("distill", "teacher_cache"),  # where the cache lies; its identity is an input (teacher_cache.py)
 }
 
 

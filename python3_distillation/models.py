@@ -19,6 +19,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from python3_distillation.config import CONFIG_FILE, RunConfig, TeacherConfig
+from python3_distillation.errors import ModelError
 from python3_distillation.fsio import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -27,16 +28,12 @@ META_FILE = "distill_meta.json"  # lineage: stage, base checkpoint, copied layer
 TRAINING_LOG = "training_log.jsonl"  # the run's metrics, kept with the model so its curve travels with it
 
 
-class ModelError(ValueError):
-    """A model folder is missing or incompatible with the tokenizer / the other model."""
-
-
 def is_model_dir(path: Path) -> bool:
     return (Path(path) / "config.json").exists()
 
 
 def load_model(spec: str | Path, dtype: torch.dtype | None = None) -> GPT2LMHeadModel:
-    """A GPT-2 from a local folder, or a hub id when the hub is reachable."""
+    """A GPT-2 from a local folder (an int8 folder too: quantize.py), or a hub id when the hub is reachable."""
     from transformers import AutoModelForCausalLM
 
     from python3_distillation.tokenizer import hub_reachable
@@ -51,6 +48,11 @@ def load_model(spec: str | Path, dtype: torch.dtype | None = None) -> GPT2LMHead
     else:
         raise ModelError(f"model {str(spec)!r}: no such folder, and the hub is not reachable "
                          "(offline: train the embedded teacher with `make run`)")
+    if path.exists():
+        from python3_distillation.quantize import is_int8_dir, load_int8
+
+        if is_int8_dir(path):
+            return load_int8(path)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     if not isinstance(model, GPT2LMHeadModel):
         raise ModelError(f"{spec}: a {type(model).__name__}, but this tool distils GPT-2 (GPT2LMHeadModel) models")
@@ -106,30 +108,58 @@ def spread_layers(n_teacher: int, n_student: int) -> list[int]:
 
 
 def build_student(teacher: GPT2LMHeadModel, n_layer: int = 0, init: str = "teacher", layers: list[int] | None = None,
-                  base: GPT2LMHeadModel | None = None, seed: int = 0) -> tuple[GPT2LMHeadModel, dict]:
-    """A student of the teacher's width, vocabulary and context with ``n_layer`` blocks.
+                  base: GPT2LMHeadModel | None = None, seed: int = 0, n_embd: int = 0, n_head: int = 0,
+                  width_init: str = "truncate", n_inner: int = 0) -> tuple[GPT2LMHeadModel, dict]:
+    """A student with the teacher's vocabulary and context, ``n_layer`` blocks, ``n_embd`` wide, with
+    ``n_inner`` MLP neurons per block (0: the teacher's, scaled with the width).
 
     ``init="teacher"`` copies token/position embeddings, the final norm and the chosen teacher
-    blocks (the LM head is tied to the embeddings); ``"base"`` loads ``base`` (the GPT-2 the
-    teacher was fine-tuned from) when given, else falls back to random; ``"random"`` is a fresh
-    init (from ``seed``). Returns the model and a description of the init for the report.
+    blocks (the LM head is tied to the embeddings); a narrower student gets them through
+    ``narrow_init`` (a narrower MLP alone too, with the identity basis: every other weight is
+    copied exactly). ``"base"`` loads ``base`` (the GPT-2 the teacher was fine-tuned from) when
+    given, else falls back to random; ``"random"`` is a fresh init (from ``seed``). Returns the
+    model and a description of the init for the report.
     """
-    n_teacher = teacher.config.n_layer
+    n_teacher, d_teacher = teacher.config.n_layer, teacher.config.n_embd
     n_layer = n_layer or n_teacher
+    n_embd = n_embd or d_teacher
+    head_size = d_teacher // teacher.config.n_head
+    n_head = n_head or (teacher.config.n_head if n_embd == d_teacher else max(1, n_embd // head_size))
+    if n_embd > d_teacher:
+        raise ModelError(f"student.n_embd={n_embd} is wider than the teacher ({d_teacher})")
+    if n_embd % n_head:
+        raise ModelError(f"student.n_embd={n_embd} is not divisible by {n_head} heads (set student.n_head)")
     config = copy.deepcopy(teacher.config)
-    config.n_layer = n_layer
+    config.n_layer, config.n_embd, config.n_head = n_layer, n_embd, n_head
+    config.n_inner = None if teacher.config.n_inner is None else teacher.config.n_inner * n_embd // d_teacher
+    inner_teacher = teacher.config.n_inner or 4 * d_teacher
+    if n_inner:
+        if n_inner > inner_teacher:
+            raise ModelError(f"student.n_inner={n_inner} is wider than the teacher's MLP ({inner_teacher})")
+        config.n_inner = n_inner
     with seeded(seed):  # whatever is not copied from the teacher starts from the config's seed
         student = GPT2LMHeadModel(config)
     info: dict = {"init": init, "n_layer": n_layer}
+    if n_embd != d_teacher:
+        info["n_embd"] = n_embd
+    narrower_mlp = bool(n_inner) and n_inner != inner_teacher * n_embd // d_teacher
+    if narrower_mlp:
+        info["n_inner"] = n_inner
     if init == "teacher":
         layers = list(layers) if layers else spread_layers(n_teacher, n_layer)
         if len(layers) != n_layer or any(not 0 <= i < n_teacher for i in layers):
             raise ModelError(f"student.layers {layers}: need {n_layer} indices in [0, {n_teacher - 1}]")
-        student.transformer.wte.load_state_dict(teacher.transformer.wte.state_dict())
-        student.transformer.wpe.load_state_dict(teacher.transformer.wpe.state_dict())
-        student.transformer.ln_f.load_state_dict(teacher.transformer.ln_f.state_dict())
-        for dst, src in enumerate(layers):
-            student.transformer.h[dst].load_state_dict(teacher.transformer.h[src].state_dict())
+        if n_embd == d_teacher and not narrower_mlp:
+            student.transformer.wte.load_state_dict(teacher.transformer.wte.state_dict())
+            student.transformer.wpe.load_state_dict(teacher.transformer.wpe.state_dict())
+            student.transformer.ln_f.load_state_dict(teacher.transformer.ln_f.state_dict())
+            for dst, src in enumerate(layers):
+                student.transformer.h[dst].load_state_dict(teacher.transformer.h[src].state_dict())
+        elif n_embd == d_teacher:  # the MLP alone is narrower: identity basis, largest neurons kept
+            narrow_init(student, teacher, layers, "truncate")
+        else:
+            narrow_init(student, teacher, layers, width_init)
+            info["width_init"] = width_init
         student.tie_weights()
         info["layers"] = layers
     elif init == "base":
@@ -144,6 +174,77 @@ def build_student(teacher: GPT2LMHeadModel, n_layer: int = 0, init: str = "teach
     elif init != "random":
         raise ModelError(f"student.init {init!r}: expected teacher, base or random")
     return student, info
+
+
+def residual_basis(teacher: GPT2LMHeadModel, width: int, rule: str = "truncate") -> torch.Tensor:
+    """[d_teacher, width] orthonormal columns spanning the student's residual stream inside the teacher's.
+
+    ``pca``: the top principal directions of the teacher's token embedding rows (where the
+    embedding, and so the start of every residual stream, has the most variance); ``truncate``: the
+    first ``width`` coordinates.
+    """
+    d = teacher.config.n_embd
+    if rule == "truncate":
+        return torch.eye(d)[:, :width]
+    if rule != "pca":
+        raise ModelError(f"student.width_init {rule!r}: expected pca or truncate")
+    e = teacher.transformer.wte.weight.detach().double()
+    _, _, vh = torch.linalg.svd(e - e.mean(0), full_matrices=False)
+    return vh[:width].t().float().contiguous()
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, in their original order (keeps GPT-2's head/neuron order)."""
+    return scores.topk(k).indices.sort().values
+
+
+@torch.no_grad()
+def narrow_init(student: GPT2LMHeadModel, teacher: GPT2LMHeadModel, layers: list[int], rule: str = "truncate") -> None:
+    """Start a narrower student from the teacher: every residual-stream weight is projected onto the
+    basis P (``residual_basis``), and each block keeps its largest heads and MLP neurons.
+
+    With the teacher's residual stream h ≈ P·h_s: embeddings E·P; a layer norm's gain and bias
+    become diag(Pᵀ diag(g) P) and Pᵀb (a layer norm does not commute with a rotation, so this is
+    the closest diagonal); a matmul reading the stream gets Pᵀ·W on its input side, one writing to
+    it W·P on its output side. Heads keep the teacher's head size; the heads kept are those with
+    the largest weight norm (query, key, value and output rows together), likewise MLP neurons.
+    """
+    t, s = teacher.transformer, student.transformer
+    d_t, d_s = teacher.config.n_embd, student.config.n_embd
+    hs = d_t // teacher.config.n_head
+    keep_heads, inner_s = student.config.n_head, student.transformer.h[0].mlp.c_fc.weight.shape[1]
+    if d_s // keep_heads != hs:
+        raise ModelError(f"a narrower student keeps the teacher's head size ({hs}): use student.n_head={d_s // hs}")
+    p = residual_basis(teacher, d_s, rule)
+
+    def norm(dst, src):
+        dst.weight.copy_((p * p * src.weight[:, None]).sum(0))
+        dst.bias.copy_(src.bias @ p)
+
+    s.wte.weight.copy_(t.wte.weight @ p)
+    s.wpe.weight.copy_(t.wpe.weight @ p)
+    norm(s.ln_f, t.ln_f)
+    for dst_i, src_i in enumerate(layers):
+        a, b = t.h[src_i], s.h[dst_i]
+        norm(b.ln_1, a.ln_1)
+        norm(b.ln_2, a.ln_2)
+        w_qkv, b_qkv, w_o = a.attn.c_attn.weight, a.attn.c_attn.bias, a.attn.c_proj.weight  # Conv1D: [in, out]
+        per_head = torch.stack([
+            sum(w_qkv[:, j * d_t + h * hs:j * d_t + (h + 1) * hs].norm() ** 2 for j in range(3))
+            + w_o[h * hs:(h + 1) * hs].norm() ** 2 for h in range(teacher.config.n_head)])
+        heads = _top(per_head, keep_heads)
+        cols = torch.cat([torch.arange(h * hs, (h + 1) * hs) for h in heads.tolist()])
+        qkv_cols = torch.cat([cols + j * d_t for j in range(3)])
+        b.attn.c_attn.weight.copy_(p.t() @ w_qkv[:, qkv_cols])
+        b.attn.c_attn.bias.copy_(b_qkv[qkv_cols])
+        b.attn.c_proj.weight.copy_(w_o[cols] @ p)
+        b.attn.c_proj.bias.copy_(a.attn.c_proj.bias @ p)
+        w_fc, w_pr = a.mlp.c_fc.weight, a.mlp.c_proj.weight
+        neurons = _top(w_fc.norm(dim=0) * w_pr.norm(dim=1), inner_s)
+        b.mlp.c_fc.weight.copy_(p.t() @ w_fc[:, neurons])
+        b.mlp.c_fc.bias.copy_(a.mlp.c_fc.bias[neurons])
+        b.mlp.c_proj.weight.copy_(w_pr[neurons] @ p)
+        b.mlp.c_proj.bias.copy_(a.mlp.c_proj.bias @ p)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

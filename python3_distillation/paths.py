@@ -17,24 +17,46 @@ def data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "python3_distillation"
 
 
-# The seed's folder names, inside the package so the entry scripts find them without flags.
-MODEL_DIRS = {
-    "teacher": PACKAGE_DIR / "gpt2_teacher",
-    "v1": PACKAGE_DIR / "gpt2_student",
-    "v2": PACKAGE_DIR / "gpt2_student_v2",
-    "v2_ce": PACKAGE_DIR / "gpt2_student_v2_ce",
-}
+# The seed's folder names, inside the package so the entry scripts find them without flags; each
+# trained model also has an int8 copy under "<name>_int8" (quantize.py) once it is quantized.
+_TRAINED = {"teacher": "gpt2_teacher", "v1": "gpt2_student", "v2": "gpt2_student_v2",
+            "v2_ce": "gpt2_student_v2_ce", "v2_narrow": "gpt2_student_v2_narrow"}
+MODEL_DIRS = {**{k: PACKAGE_DIR / v for k, v in _TRAINED.items()},
+              **{f"{k}_int8": PACKAGE_DIR / f"{v}_int8" for k, v in _TRAINED.items()}}
 
 
 def model_dir(name: str) -> Path:
-    """Default output/input folder of a named model (``teacher``, ``v1``, ``v2``, ``v2_ce``)."""
+    """Folder of a named model (``teacher``, ``v1``, ``v2``, ``v2_ce``, ``v2_narrow``, ``<name>_int8``).
+
+    Training writes to ``python3_distillation/<folder>`` under the working directory; that folder
+    is used when it exists there (an installed package trained in a project folder), else the one
+    inside the package (a checkout, wherever the command runs from).
+    """
     try:
-        return MODEL_DIRS[name]
+        path = MODEL_DIRS[name]
     except KeyError:
         raise ValueError(f"unknown model name {name!r}; expected one of {sorted(MODEL_DIRS)}") from None
+    local = Path.cwd() / PACKAGE_DIR.name / path.name
+    if path.parent == PACKAGE_DIR and local.is_dir():
+        return local
+    return path
 
 
 def default_model_path(name: str) -> str:
     """A config's default folder for a named model, relative to the working directory (the project
     folder, where every documented command runs), so saved configs carry no machine paths."""
     return f"{PACKAGE_DIR.name}/{model_dir(name).name}"
+
+
+def display_path(path: str | Path) -> str:
+    """Relative to the working directory when inside it, so cards and reports carry no machine paths."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def model_arg(value: str) -> Path:
+    """A ``--model`` value: a folder, or a model name (``v2``, ``v2_int8``, ``teacher`` …) that is not one."""
+    path = Path(value).expanduser()
+    return model_dir(value) if value in MODEL_DIRS and not path.exists() else path

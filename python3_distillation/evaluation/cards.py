@@ -29,14 +29,22 @@ def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: di
     ]
     if meta.get("stage") == "teacher":
         lines.append(f"GPT-2 teacher, {meta.get('init', '')}.")
+    elif meta.get("stage") == "prune":
+        p = meta.get("student_init", {})
+        lines.append(f"Pruned from `{meta.get('source')}` (`gpt2-distill prune`): blocks {p.get('layers')} kept, "
+                     f"{p.get('n_inner')} MLP neurons each, {p.get('block_params_removed', 0):.1%} of the block "
+                     "parameters removed; not trained since (recover it with `gpt2-distill distill` and "
+                     "student.init=pruned).")
     else:
         init = meta.get("student_init", {})
         how = {"teacher": f"initialised from teacher blocks {init.get('layers')} + embeddings + final norm",
                "base": f"initialised from the teacher's base checkpoint {init.get('base', '')}",
-               "random": "randomly initialised"}.get(init.get("init"), str(init))
+               "random": "randomly initialised",
+               "pruned": f"initialised from the pruned model `{init.get('from')}`"}.get(init.get("init"), str(init))
         if init.get("note"):
             how += f" ({init['note']})"
-        kd = (f"KL soft targets at T={meta.get('temperature')} (alpha_kd={meta.get('alpha_kd')}, "
+        divergence = "KL" if meta.get("loss", "forward_kl") == "forward_kl" else meta["loss"]
+        kd = (f"{divergence} soft targets at T={meta.get('temperature')} (alpha_kd={meta.get('alpha_kd')}, "
               f"alpha_ce={meta.get('alpha_ce')}, alpha_cos={meta.get('alpha_cos')})")
         if not meta.get("alpha_kd"):
             kd = "labels only (CE baseline, alpha_kd=0)"
@@ -46,10 +54,11 @@ def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: di
         "| | |",
         "|---|---|",
         f"| parameters | {meta.get('n_params', 0) / 1e6:.2f}M ({meta.get('n_layer')} layers × {meta.get('n_embd')}) |",
-        f"| training | {meta.get('train_steps')} steps, {meta.get('train_tokens', 0):,} tokens, "
-        f"{_fmt(meta.get('train_seconds'), '.0f')} s on `{meta.get('data')}` |",
-        f"| validation perplexity | {_fmt(meta.get('val_ppl'))} |",
     ]
+    if meta.get("stage") != "prune":
+        lines.append(f"| training | {meta.get('train_steps')} steps, {meta.get('train_tokens', 0):,} tokens, "
+                     f"{_fmt(meta.get('train_seconds'), '.0f')} s on `{meta.get('data')}` |")
+    lines.append(f"| validation perplexity | {_fmt(meta.get('val_ppl'))} |")
     if meta.get("precision"):
         lines.append(f"| trained in | {meta['precision'].get('label')} ({meta['precision'].get('reason')}) |")
     if meta.get("seed") is not None:

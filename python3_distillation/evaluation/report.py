@@ -28,24 +28,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from python3_distillation.config import CONFIG_FILE, ConfigError, DataConfig, RunConfig, config_from_dict
-from python3_distillation.data import Blocks, DataError
+from python3_distillation.config import ConfigError, DataConfig, RunConfig, saved_config
+from python3_distillation.data import Blocks
+from python3_distillation.errors import EXIT_BAD_INPUT, BadInput
 from python3_distillation.evaluation import measure
 from python3_distillation.evaluation.cards import model_card
 from python3_distillation.evaluation.plots import plot_tradeoffs, plot_training_curves
 from python3_distillation.lineage import weights_sha256
 from python3_distillation.models import (TRAINING_LOG, ModelError, count_parameters, is_model_dir, load_model,
                                          read_meta, update_model_files)
-from python3_distillation.paths import MODEL_DIRS
-from python3_distillation.tokenizer import AssetError
+from python3_distillation.paths import MODEL_DIRS, display_path, model_dir
 
-EXIT_BAD_INPUT = 2
-DEFAULT_MODELS = "teacher,v1,v2,v2_ce"
+DEFAULT_MODELS = "teacher,v1,v2,v2_ce,v2_narrow,v1_int8,v2_int8,v2_narrow_int8"
 REQUIRED = ("teacher", "v2")  # without these the report has nothing to compare
 HOW_TO_BUILD = {"v1": "train it with `make distill-v1`",
-                "v2_ce": "train it with `make distill-v2-ce`; without it the KD-vs-CE comparison is not made"}
+                "v2_ce": "train it with `make distill-v2-ce`; without it the KD-vs-CE comparison is not made",
+                "v2_narrow": "train it with `make distill-v2-narrow`"}
 
 
 @dataclass
@@ -59,16 +58,6 @@ class Entry:
     meta: dict
     cfg: RunConfig | None
     results: dict = field(default_factory=dict)
-
-
-def _folder_config(path: Path) -> RunConfig | None:
-    f = Path(path) / CONFIG_FILE
-    if not f.exists():
-        return None
-    try:
-        return config_from_dict(yaml.safe_load(f.read_text(encoding="utf-8")) or {})
-    except (ConfigError, yaml.YAMLError) as e:
-        raise ConfigError(f"{f}: {e}") from None
 
 
 def resolve_models(spec: str) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -85,17 +74,22 @@ def resolve_models(spec: str) -> tuple[list[tuple[str, Path]], list[str]]:
             label, folder = (s.strip() for s in item.split("=", 1))
             path = Path(folder).expanduser()
         elif item in MODEL_DIRS:
-            label, path = item, MODEL_DIRS[item]
+            label, path = item, model_dir(item)
         else:
             path = Path(item).expanduser()
-            cfg = _folder_config(path) if path.is_dir() else None
+            cfg = saved_config(path) if path.is_dir() else None
             label = cfg.name if cfg else path.name
         if not is_model_dir(path):
             if label in REQUIRED:
                 raise ModelError(f"{label} model not found at {path}; train it first with `make run`")
             if label in MODEL_DIRS:
-                what = HOW_TO_BUILD.get(label, "")
-                notes.append(f"{label} skipped: no model at {path}" + (f" ({what})" if what else ""))
+                source = label.removesuffix("_int8")
+                if label.endswith("_int8") and is_model_dir(model_dir(source)):
+                    notes.append(f"{label} skipped: no model at {path} (make it with `gpt2-distill quantize "
+                                 f"{display_path(model_dir(source))}`)")
+                elif not label.endswith("_int8"):
+                    what = HOW_TO_BUILD.get(label, "")
+                    notes.append(f"{label} skipped: no model at {path}" + (f" ({what})" if what else ""))
                 continue
             raise ModelError(f"{path}: not a model folder (no config.json)")
         if label in (f[0] for f in found):
@@ -106,23 +100,32 @@ def resolve_models(spec: str) -> tuple[list[tuple[str, Path]], list[str]]:
     return found, notes
 
 
+
 def load_entry(label: str, path: Path) -> Entry:
     from python3_distillation.tokenizer import is_local_tokenizer_dir, load_tokenizer
 
     model = load_model(path).eval()
     tok = load_tokenizer(path if is_local_tokenizer_dir(path) else "gpt2")
-    return Entry(label, Path(path), model, tok, read_meta(path), _folder_config(path))
+    return Entry(label, Path(path), model, tok, read_meta(path), saved_config(path))
 
 
 def check_lineage(entries: list[Entry]) -> list[str]:
     """Refuse a student beside a teacher it was not distilled from; notes for what cannot be checked."""
+    notes = []
+    by_path = {e.path.resolve(): e for e in entries}
+    for e in entries:  # an int8 copy must be of the model now in its source folder
+        if e.meta.get("stage") != "quantize":
+            continue
+        source = by_path.get(Path(e.meta.get("source", "")).resolve())
+        if source is not None and weights_sha256(source.model) != e.meta.get("source_sha256"):
+            raise ModelError(f"{e.label} ({e.path}) is an int8 copy of an earlier {source.label}: {source.path} has "
+                             f"changed since; quantize it again (`gpt2-distill quantize {display_path(source.path)}`)")
     teacher = next((e for e in entries if e.label == "teacher"), None)
     if teacher is None:
-        return []
+        return notes
     actual = weights_sha256(teacher.model)
-    notes = []
     for e in entries:
-        if e is teacher or e.meta.get("stage") == "teacher":
+        if e is teacher or e.meta.get("stage") in ("teacher", "quantize"):
             continue
         recorded = e.meta.get("teacher_sha256")
         if recorded is None:
@@ -230,6 +233,8 @@ def _loss_text(m: dict) -> str:
         return "CE"
     if m.get("stage") == "quantize":
         return "none (post-training)"
+    if m.get("stage") == "prune":
+        return "none (pruned, not trained)"
     if not m.get("alpha_kd"):
         return "CE only"
     return f"{m['alpha_kd']}·T²·{m.get('loss') or 'KL'} (T={m.get('temperature')}) + {m.get('alpha_ce')}·CE"
@@ -287,7 +292,7 @@ def render_markdown(report: dict) -> str:
 def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: int | None = None,
                  quick: bool = False, notes: list[str] | None = None, update_cards: bool = True) -> dict:
     """Measure every model side by side and write report.md / report.json / the two plots."""
-    from python3_distillation.generate import Generator, default_device
+    from python3_distillation.generation import Generator, default_device
 
     notes = list(notes or [])
     device = default_device()
@@ -305,11 +310,14 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
 
     teacher = next((e for e in entries if e.label == "teacher"), None)
     for e in entries:
-        loss, ppl = measure.perplexity(e.model, blocks, device=device)
-        e.results.update(val_loss=loss, val_ppl=ppl)
+        e.model.to(device)
+    scores = measure.quality({e.label: e.model for e in entries}, blocks, teacher.label if teacher else None)
+    for e in entries:
+        q = scores[e.label]
+        e.results.update(val_loss=q["loss"], val_ppl=q["ppl"])
         if teacher is not None and e is not teacher:
-            e.results.update(measure.fidelity(e.model, teacher.model, blocks))
-        print(f"{e.label}: validation perplexity {ppl:.2f}", file=sys.stderr)
+            e.results.update(top1=q["top1"], kl=q["kl"])
+        print(f"{e.label}: validation perplexity {q['ppl']:.2f}", file=sys.stderr)
     gens = {e.label: Generator(e.model, e.tokenizer, device=device, name=e.label) for e in entries}
     prompts = measure.validation_prompts(entries[0].tokenizer, blocks, 8)
     # One timing round holds every model at both batch sizes, so drift hits them all alike.
@@ -397,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in notes:
             print(f"note: {n}", file=sys.stderr)
         report = build_report(pairs, Path(args.out), args.max_eval_blocks, args.quick, notes)
-    except (ConfigError, DataError, ModelError, AssetError) as e:
+    except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     text = render_markdown(report)
