@@ -2,7 +2,9 @@
 
     HF_HUB_OFFLINE=1 python -m pytest tests/test_losses.py -q
 
-``kd_loss`` is the DistilGPT2 soft-target term ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` averaged over
+``cached_kd_loss`` is the same term against a teacher stored as its top-k log-probabilities and
+the mass of the rest (teacher_cache.py): a KL between (k+1)-bucket distributions, also chunked
+with an analytic gradient. ``kd_loss`` is the DistilGPT2 soft-target term ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` averaged over
 positions. It walks the (N, V) rows in chunks, in fp32 whatever the input dtype, and back-propagates
 the closed-form gradient instead of an autograd graph: for one 8×128×50257 batch a naive
 ``F.kl_div`` graph keeps several 206 MB fp32 tensors alive, while this keeps only the inputs it was
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from python3_distillation.chunks import map_chunks
 
-__all__ = ["kd_loss", "lm_loss", "hidden_cosine_loss", "CHUNK_ELEMENTS", "default_chunk_rows"]
+__all__ = ["kd_loss", "cached_kd_loss", "lm_loss", "hidden_cosine_loss", "CHUNK_ELEMENTS", "default_chunk_rows"]
 
 # Logits handled per chunk by default: 16 rows of GPT-2's 50257-token vocabulary, 3.2 MB per fp32
 # temporary, so a worker's few live temporaries stay near its core's cache (2 MB L2 per core, 32 MB
@@ -225,6 +227,144 @@ def kd_loss(
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
     return _ChunkedKD.apply(student, teacher, rows, float(temperature), float(beta), int(chunk_rows))
+
+
+class _ChunkedBucketKD(torch.autograd.Function):
+    """Sum over rows of ``T² · KL(P ‖ Q)`` / N between (k+1)-bucket distributions, analytic gradient.
+
+    P (the teacher's buckets) is given as log-probabilities; Q is the student's softmax(s/T) with
+    the vocabulary folded into the k named tokens and one bucket for all the others. With
+    q = softmax(z), z = s/T: dKL/dz_j = q_j − P_j for the k named tokens and q_j·(1 − P_tail/Q_tail)
+    for the rest (Σ P = 1). Forward keeps two numbers a row (the log-normaliser of z and log Q_tail);
+    backward recomputes q chunk by chunk like ``_ChunkedKD``. Each chunk is one fp32 copy of the
+    logits worked on in place: 6 passes forward, 5 backward (the full-vocabulary KL takes more).
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, ids: Tensor, logp_t: Tensor, rows: Tensor | None,  # type: ignore[override]
+                temperature: float, chunk_rows: int) -> Tensor:
+        n = student.shape[0] if rows is None else rows.numel()
+        dtype = _compute_dtype(student.dtype)
+        lse = torch.empty(n, dtype=dtype, device=student.device)  # log Σ_v exp(z_v)
+        log_tail = torch.empty(n, dtype=dtype, device=student.device)  # log Q_tail
+
+        def chunk(i: int, j: int) -> Tensor:
+            ids_c, logp_c = _take(ids, rows, i, j), _take(logp_t, rows, i, j)
+            logq = _bucket_log_probs(_scaled(_take(student, rows, i, j), temperature, dtype), ids_c, lse, log_tail, i, j)
+            # 0 · log 0 = 0: a bucket the teacher gives no mass (the tail when k = V) adds nothing.
+            terms = (logp_c.exp() * (logp_c - logq)).masked_fill_(logp_c == -math.inf, 0.0)
+            return terms.sum(-1).sum(dtype=torch.float64)
+
+        zero = torch.zeros((), dtype=torch.float64, device=student.device)
+        total = sum(map_chunks(chunk, n, chunk_rows, student.device), zero)
+        ctx.save_for_backward(student, ids, logp_t, rows, lse, log_tail)
+        ctx.temperature, ctx.chunk_rows, ctx.n = temperature, chunk_rows, n
+        return (total * (temperature**2 / max(n, 1))).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        student, ids, logp_t, rows, lse, log_tail = ctx.saved_tensors
+        temp, chunk_rows, n = ctx.temperature, ctx.chunk_rows, ctx.n
+        dtype = _compute_dtype(student.dtype)
+        grad = torch.empty_like(student) if rows is None else torch.zeros_like(student)
+        scale = grad_out.to(dtype) * (temp / max(n, 1))  # T²·(1/T) per row, over N rows
+
+        def chunk(i: int, j: int) -> None:
+            ids_c, logp_c = _take(ids, rows, i, j), _take(logp_t, rows, i, j)
+            k = ids_c.shape[-1]
+            q = _scaled(_take(student, rows, i, j), temp, dtype).sub_(lse[i:j, None]).exp_()  # softmax(z)
+            q_named = q.gather(1, ids_c)
+            # P_tail / Q_tail, 0 where the teacher's tail is empty (then Q_tail may be 0 too).
+            ratio = torch.where(logp_c[:, k] == -math.inf, 0.0, (logp_c[:, k] - log_tail[i:j]).exp())
+            g = q.mul_((1.0 - ratio)[:, None])  # every token outside the k ...
+            g.scatter_(1, ids_c, q_named - logp_c[:, :k].exp())  # ... and the k named ones
+            if rows is None:
+                torch.mul(g, scale, out=grad[i:j])
+            else:
+                grad.index_copy_(0, rows[i:j], g.mul_(scale).to(grad.dtype))
+
+        map_chunks(chunk, n, chunk_rows, student.device)
+        return grad, None, None, None, None, None
+
+
+def _scaled(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """A fresh ``x / T`` in ``dtype`` (upcast first, as ``_log_probs``), for in-place work."""
+    return x / temperature if x.dtype == dtype else x.to(dtype).div_(temperature)
+
+
+def _bucket_log_probs(z: Tensor, ids: Tensor, lse: Tensor, log_tail: Tensor, i: int, j: int) -> Tensor:
+    """(rows, k+1): log softmax(z) of the k tokens ``ids`` and, last, of all the others together.
+
+    ``z`` is consumed (worked on in place). The tail is the sum of the others' exponentials with the
+    k zeroed, not 1 − Σ top-k, which cancels to nothing when the k hold almost all the mass. Stores
+    each row's log-normaliser and log-tail into ``lse[i:j]`` and ``log_tail[i:j]`` for backward.
+    """
+    m = z.amax(dim=-1, keepdim=True)
+    z_named = z.sub_(m).gather(1, ids)
+    e = z.exp_()
+    log_total = e.sum(-1).log_()
+    log_rest = e.scatter_(1, ids, 0.0).sum(-1).log_() - log_total
+    lse[i:j] = m.squeeze(-1) + log_total
+    log_tail[i:j] = log_rest
+    return torch.cat([z_named - log_total[:, None], log_rest[:, None]], dim=-1)
+
+
+def cached_kd_loss(
+    student_logits: Tensor,
+    top_ids: Tensor,
+    top_logprobs: Tensor,
+    tail_logprob: Tensor,
+    mask: Tensor | None = None,
+    temperature: float = 2.0,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """``T² · KL(P ‖ Q)`` against a cached teacher, averaged over the non-masked positions (fp32 scalar).
+
+    The teacher at each position is k token ids with their log-probabilities ``log softmax(t/T)``
+    and the log of the probability left for every other token (``tail_logprob``), as
+    ``gpt2-distill cache-teacher`` stores them. P is that (k+1)-bucket distribution, renormalised
+    so its buckets sum to 1 (fp16 storage rounds each log-probability by up to 2⁻¹¹ relative); Q is
+    the student's ``softmax(s/T)`` over the whole vocabulary folded into the same k+1 buckets (the k
+    tokens, and the sum over all the rest). So the loss is a proper divergence between two
+    distributions over the full vocabulary's buckets: zero exactly when the student puts the
+    teacher's mass on each of the k tokens and on the rest. Folding tokens together never increases
+    a KL, so this is a lower bound of the full-vocabulary ``kd_loss`` (equal to it when k = V, or
+    when the student's tail has the teacher's shape). The temperature applies to the student here;
+    the cached teacher values are already at the T they were cached at.
+
+    Args:
+        student_logits: (..., V) logits, any float dtype; the gradient comes back in that dtype.
+        top_ids: (..., k) integer token ids, distinct within each position.
+        top_logprobs: (..., k) the teacher's log-probabilities of those tokens (fp16 or wider).
+        tail_logprob: (...) log of the teacher's probability of every other token together
+            (−inf when k = V).
+        mask: leading shape (e.g. (B, T)); zero entries are ignored and get zero gradient.
+        temperature: the student's softmax temperature T > 0 (the one the teacher was cached at).
+        chunk_rows: positions processed at once; None picks ``default_chunk_rows(V)``.
+    """
+    vocab = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    if not student_logits.is_floating_point() or student_logits.dim() < 1:
+        raise ValueError("logits must be a floating-point tensor of shape (..., V)")
+    if top_ids.shape != top_logprobs.shape or top_ids.shape[:-1] != lead or tail_logprob.shape != lead:
+        raise ValueError(f"cached teacher shapes ids {tuple(top_ids.shape)}, log-probabilities "
+                         f"{tuple(top_logprobs.shape)}, tail {tuple(tail_logprob.shape)} do not fit student logits "
+                         f"{tuple(student_logits.shape)}: expected (..., k), (..., k), (...)")
+    k = top_ids.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k = {k} cached tokens per position; must be in [1, {vocab}]")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    chunk_rows = default_chunk_rows(vocab) if chunk_rows is None else chunk_rows
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    dtype = _compute_dtype(student_logits.dtype)
+    device = student_logits.device
+    logp = torch.cat([top_logprobs.detach().to(device, dtype), tail_logprob.detach().to(device, dtype)[..., None]], -1)
+    logp = (logp - torch.logsumexp(logp, dim=-1, keepdim=True)).reshape(-1, k + 1)
+    ids = top_ids.detach().to(device, torch.int64).reshape(-1, k)
+    rows = _flat_rows(mask, lead, device)
+    return _ChunkedBucketKD.apply(student_logits.reshape(-1, vocab), ids, logp, rows, float(temperature), int(chunk_rows))
 
 
 def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:

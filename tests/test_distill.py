@@ -115,3 +115,58 @@ def test_distill_refuses_a_teacher_with_another_vocabulary(tmp_path, tokenizer, 
     with pytest.raises(ModelError, match="50,257 tokens but the student has a vocabulary of 50,300"):
         run_distill(cfg)
     assert not (tmp_path / "student").exists()
+
+
+# ----------------------------------------------------------------------------- narrower students
+
+def test_narrow_init_at_full_width_reproduces_the_teacher():
+    """With the identity basis and every head and neuron kept, the projection rule is exact."""
+    from python3_distillation.models import narrow_init
+
+    teacher = tiny_gpt2(n_layer=3, n_embd=32, n_head=2).eval()
+    student = tiny_gpt2(n_layer=3, n_embd=32, n_head=2, seed=9).eval()
+    narrow_init(student, teacher, [0, 1, 2], "truncate")
+    student.tie_weights()
+    ids = torch.randint(0, 50257, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=0, atol=0)
+
+
+def test_narrow_student_projects_onto_the_embeddings_principal_directions():
+    from python3_distillation.models import count_parameters, residual_basis
+
+    teacher = tiny_gpt2(n_layer=4, n_embd=64, n_head=4).eval()  # head size 16
+    with torch.no_grad():  # make head 2 of block 1 the strongest: it must be one of the two kept
+        teacher.transformer.h[1].attn.c_proj.weight[32:48] *= 10
+    student, info = build_student(teacher, n_layer=2, init="teacher", n_embd=32, width_init="pca")
+    assert (student.config.n_embd, student.config.n_head, student.config.n_layer) == (32, 2, 2)
+    assert info["width_init"] == "pca" and info["layers"] == [0, 3] and info["n_embd"] == 32
+    p = residual_basis(teacher, 32, "pca")
+    torch.testing.assert_close(p.t() @ p, torch.eye(32), rtol=0, atol=1e-5)  # orthonormal columns
+    e = teacher.transformer.wte.weight.detach()
+    e = e - e.mean(0)
+    kept = lambda basis: ((e @ basis).norm() / e.norm()).item()  # noqa: E731 (share of variance kept)
+    assert kept(p) >= kept(residual_basis(teacher, 32, "truncate"))
+    torch.testing.assert_close(student.transformer.wte.weight, teacher.transformer.wte.weight @ p)
+    assert student.lm_head.weight.data_ptr() == student.transformer.wte.weight.data_ptr()
+    # Block 1 of the student is teacher block 3; check the head choice on a student built from block 1.
+    s1, _ = build_student(teacher, n_layer=1, init="teacher", layers=[1], n_embd=32)
+    w_o = teacher.transformer.h[1].attn.c_proj.weight
+    assert any(torch.allclose(s1.transformer.h[0].attn.c_proj.weight[r:r + 16], w_o[32:48] @ p) for r in (0, 16))
+    assert count_parameters(student) < count_parameters(teacher) / 2
+    with pytest.raises(ModelError, match="wider than the teacher"):
+        build_student(teacher, n_embd=128)
+
+
+def test_narrow_distillation_runs_and_refuses_the_cosine_term(tmp_path, tokenizer, text_corpus):
+    teacher = tiny_gpt2(n_layer=2, n_embd=64, n_head=4)
+    save_model(teacher, tokenizer, tmp_path / "teacher")
+    cfg = tiny_run_config(tmp_path, text_corpus, stage="distill", student={"n_layer": 1, "n_embd": 32},
+                          train={"max_steps": 4})
+    out = run_distill(cfg)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.config.n_embd, model.config.n_head) == (32, 2)
+    cos = tiny_run_config(tmp_path / "cos", text_corpus, stage="distill", student={"n_layer": 1, "n_embd": 32},
+                          distill={"alpha_cos": 0.5}, teacher={"path": tmp_path / "teacher"})
+    with pytest.raises(ModelError, match="set distill.alpha_cos=0"):
+        run_distill(cos)

@@ -1,0 +1,217 @@
+"""Teacher-generated training text (sequence-level KD, Kim & Rush 2016): the teacher continues prompts
+cut from the training text, and each continuation is appended to a JSONL file with its provenance.
+
+    gpt2-distill augment --out runs/augment/teacher_samples.jsonl --n-samples 512 --temperature 1.0 --top-p 0.95
+    gpt2-distill distill --config v2 data.train=austen,runs/augment/teacher_samples.jsonl "data.mix=[0.75, 0.25]"
+
+Sample ``i`` continues the first ``--prompt-tokens`` tokens of a training block drawn by a seeded
+permutation (``train.seed``), sampled with its own seed derived from ``train.seed`` and ``i`` by the
+project's ``Generator`` (batched; a row's tokens depend on its prompt and seed, not on its batch
+neighbours). The teacher, data and seed come from the config (``--config``, dotted overrides) as
+for the training commands. Each line is one sample::
+
+    {"index": 0, "text": prompt + continuation, "prompt": ..., "completion": ..., "prompt_tokens": 32,
+     "completion_tokens": 96, "finish_reason": "length", "source": {"block": 811, "token_offset": 207616},
+     "seed": ..., "run": {"teacher_sha256": ..., "data": "austen", "shards": ..., "block_size": 256,
+     "sampling": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, "max_new_tokens": 96}, "train_seed": 1337}}
+
+``text`` is what training reads (``data.text_field``). Lines are appended a batch at a time and
+synced to disk; run the same command again after a kill and it checks what is there (same teacher,
+data and settings, indices 0..k−1), drops a line torn by the kill, and continues from sample k —
+no sample is written twice. ``--n-samples`` may grow between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from python3_distillation.config import ConfigError, RunConfig
+from python3_distillation.errors import DataError
+
+
+@dataclass
+class AugmentSettings:
+    n_samples: int = 512
+    prompt_tokens: int = 32  # cut from the start of a training block
+    new_tokens: int = 96  # at most; a sampled end-of-text token ends the sample earlier
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    batch_size: int = 16  # rows decoded together
+
+    def validate(self, block_size: int, context: int) -> "AugmentSettings":
+        for key in ("n_samples", "prompt_tokens", "new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be ≥ 1")
+        if self.prompt_tokens > block_size:
+            raise ConfigError(f"--prompt-tokens {self.prompt_tokens} is longer than a training block ({block_size})")
+        if self.prompt_tokens + self.new_tokens > context:
+            raise ConfigError(f"--prompt-tokens + --new-tokens = {self.prompt_tokens + self.new_tokens} exceeds the "
+                              f"teacher's context of {context} tokens")
+        if not 0 <= self.temperature <= 100:
+            raise ConfigError("--temperature must be in [0, 100] (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("--top-p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError("--top-k must be ≥ 0 (0 = off)")
+        return self
+
+
+def complete_rows(generator, rows: Sequence) -> dict:
+    """Decode ``RowInput`` rows (token-id prompts) in one batch with ``generator``: {row key: Completion}.
+
+    Token ids go in as they are, so a prompt cut from the token stream is not re-tokenized.
+    """
+    done = {}
+    batch, new = generator.new_batch(), list(rows)
+    while new or len(batch):
+        for ev in batch.step(new):
+            if ev.error is not None:
+                raise ev.error
+            if ev.finished:
+                done[ev.row] = ev.completion
+        new = []
+    return done
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Sample ``index``'s sampling seed: a hash of ``train.seed`` and the index (any run, any batch)."""
+    return int.from_bytes(hashlib.sha256(f"augment|{seed}|{index}".encode()).digest()[:8], "big")
+
+
+def _existing_rows(out: Path, run: dict) -> int:
+    """How many samples ``out`` already holds (checked against ``run``); a line torn by a kill is cut off."""
+    if not out.exists():
+        return 0
+    good_bytes, n = 0, 0
+    with out.open("rb") as f:
+        lines = f.read().split(b"\n")
+    for i, raw in enumerate(lines):
+        if i == len(lines) - 1:  # after the last newline: nothing, or a line a kill cut off
+            if raw:
+                print(f"{out}: dropping a line cut off by an interrupted run ({len(raw)} bytes)", file=sys.stderr)
+            break
+        try:
+            row = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{out}:{i + 1}: not a JSON line; the file is not one `gpt2-distill augment` wrote") from None
+        if not isinstance(row, dict) or row.get("index") != n:
+            raise DataError(f"{out}:{i + 1}: expected sample {n}; the file is not one `gpt2-distill augment` wrote")
+        mine = {k: v for k, v in (row.get("run") or {}).items() if k != "teacher"}
+        wanted = {k: v for k, v in run.items() if k != "teacher"}
+        if mine != wanted:
+            changed = sorted(k for k in wanted.keys() | mine.keys() if mine.get(k) != wanted.get(k))
+            raise DataError(f"{out} was sampled with other settings ({', '.join(changed)} differ); continue it with the "
+                            "same teacher, data and sampling settings, or write to another --out")
+        n += 1
+        good_bytes += len(raw) + 1
+    if good_bytes != out.stat().st_size:
+        with out.open("r+b") as f:
+            f.truncate(good_bytes)
+    return n
+
+
+def run_augment(cfg: RunConfig, out: str | Path, s: AugmentSettings,
+                on_batch: Callable[[int], None] | None = None) -> Path:
+    """Append samples to ``out`` until it holds ``s.n_samples`` of them; returns ``out``."""
+    from python3_distillation.data import batch_indices, load_blocks
+    from python3_distillation.generation import Generator, RowInput, SamplingParams, default_device
+    from python3_distillation.lineage import data_fingerprint, weights_sha256
+    from python3_distillation.models import load_model
+    from python3_distillation.paths import display_path
+    from python3_distillation.tokenizer import is_local_tokenizer_dir, load_tokenizer
+
+    out = Path(out)
+    teacher_dir = Path(cfg.teacher.path)
+    teacher = load_model(teacher_dir)
+    tokenizer = load_tokenizer(teacher_dir if is_local_tokenizer_dir(teacher_dir) else cfg.tokenizer)
+    s.validate(cfg.data.block_size, teacher.config.n_positions)
+    seed = cfg.train.seed
+    blocks = load_blocks(cfg.data, tokenizer, seed=seed)
+    train = blocks["train"]
+    run = {"teacher": display_path(teacher_dir), "teacher_sha256": weights_sha256(teacher), "data": cfg.data.train,
+           "shards": data_fingerprint(blocks), "block_size": cfg.data.block_size, "prompt_tokens": s.prompt_tokens,
+           "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                        "max_new_tokens": s.new_tokens},
+           "train_seed": seed}
+    done = _existing_rows(out, run)
+    if done >= s.n_samples:
+        print(f"{out}: already holds {done} samples (asked for {s.n_samples}); nothing to do", file=sys.stderr)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gen = Generator(teacher, tokenizer, device=default_device(), name="teacher")
+    t0, new_tokens = time.perf_counter(), 0
+    bar = tqdm(total=s.n_samples, initial=done, desc="augment", unit="sample", dynamic_ncols=True)
+    try:
+        with out.open("a", encoding="utf-8") as f:
+            for start in range(done, s.n_samples, s.batch_size):
+                indices = range(start, min(s.n_samples, start + s.batch_size))
+                rows, where = [], {}
+                for i in indices:
+                    block = int(batch_indices(len(train), 1, i, seed)[0])  # epoch permutations of the blocks
+                    where[i] = block
+                    params = SamplingParams(max_new_tokens=s.new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                            top_k=s.top_k, seed=sample_seed(seed, i)).validate()
+                    rows.append(RowInput(i, "", train.ids[block, :s.prompt_tokens].tolist(), params))
+                completions = complete_rows(gen, rows)
+                lines = []
+                for row in rows:
+                    c = completions[row.key]
+                    prompt, completion = tokenizer.decode(row.ids), tokenizer.decode(c.token_ids)
+                    lines.append(json.dumps({
+                        "index": row.key, "text": prompt + completion, "prompt": prompt, "completion": completion,
+                        "prompt_tokens": len(row.ids), "completion_tokens": c.completion_tokens,
+                        "finish_reason": c.finish_reason,
+                        "source": {"block": where[row.key], "token_offset": where[row.key] * cfg.data.block_size},
+                        "seed": row.params.seed, "run": run}, ensure_ascii=False))
+                    new_tokens += c.completion_tokens
+                f.write("".join(line + "\n" for line in lines))
+                f.flush()
+                os.fsync(f.fileno())  # a kill after this point loses nothing of this batch
+                bar.update(len(rows))
+                if on_batch is not None:
+                    on_batch(indices[-1] + 1)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    print(f"{out}: {s.n_samples} samples ({s.n_samples - done} new, {new_tokens:,} tokens sampled in {seconds:.0f} s)",
+          file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gpt2-distill augment", description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", default=None, metavar="FILE",
+                   help="YAML config naming the teacher (teacher.path), the data and train.seed; repeatable")
+    p.add_argument("--out", required=True, metavar="FILE", help="JSONL file to append to (resumed when it exists)")
+    d = AugmentSettings()
+    p.add_argument("--n-samples", type=int, default=d.n_samples, help=f"samples in the file (default {d.n_samples})")
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens,
+                   help=f"prompt length, cut from a training block (default {d.prompt_tokens})")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help=f"tokens per continuation (default {d.new_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"(default {d.temperature})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"(default {d.top_p})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"rows decoded together (default {d.batch_size})")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. teacher.path=my/teacher")
+    args = p.parse_args(argv)
+    from python3_distillation.config import load_config
+
+    cfg = load_config(args.config or [], args.overrides)
+    settings = AugmentSettings(**{k: getattr(args, k) for k in asdict(d)})
+    run_augment(cfg, args.out, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
