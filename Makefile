@@ -1,8 +1,10 @@
 # GPT-2 distillation v3 — the verbs a newcomer looks for.
-#   make run     set up, build offline assets, train the teacher, distil v2 (+ CE baseline), report
+#   make run     set up, build offline assets, train the teacher, distil v2 (+ CE baseline), int8 v2, report
 #   make test    the test-suite (CPU, tiny models)
 #   make bench   side-by-side benchmarks → benchmarks/results.md
-#   make serve   web page + API on http://127.0.0.1:6006 (v2)
+#   make experiments   pruning, teacher-generated data, the loss family, at equal steps → reports/experiments.md
+#   make serve   web page + API on http://127.0.0.1:6006 (v2; MODEL=v2_int8 or a folder for another)
+#   make screenshot   refresh sample_images/distillation.png from the trained v2 student
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,9 +19,9 @@ export DISTILL_DATA_DIR ?= $(CURDIR)/data
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run setup assets teacher distill-v2 distill-v2-ce distill-v1 report test bench serve serve-prod lint clean
+.PHONY: run setup assets teacher distill-v2 distill-v2-ce distill-v1 distill-v2-narrow quantize-v2 report experiments test bench serve serve-prod screenshot lint clean
 
-run: setup assets teacher distill-v2 distill-v2-ce report
+run: setup assets teacher distill-v2 distill-v2-ce quantize-v2 report
 
 setup: $(STAMP)
 
@@ -49,8 +51,21 @@ distill-v2-ce: setup
 distill-v1: setup
 	$(PY) python3_distillation/distill_training.py --resume
 
+# Half the teacher's width (about a third of its parameters); the report adds it when present.
+distill-v2-narrow: setup
+	$(PY) -m python3_distillation distill --config v2_narrow --resume
+
+# int8 copy of the v2 student (no training: seconds) → python3_distillation/gpt2_student_v2_int8
+quantize-v2: setup
+	$(PY) -m python3_distillation quantize python3_distillation/gpt2_student_v2
+
 report: setup
 	$(PY) -m python3_distillation report
+
+# Every distillation recipe compared at equal steps (configs/exp_*.yaml) on the trained teacher
+# (`make run` or `make teacher` first); resumable: run it again after a kill.
+experiments: setup assets
+	$(PY) -m python3_distillation.experiments
 
 test: setup
 	$(PY) -m pytest -q
@@ -58,12 +73,20 @@ test: setup
 bench: setup
 	$(PY) benchmarks/run.py
 
+# Any model by folder or name: make serve MODEL=v2_int8 (or teacher, v2_narrow, a/folder)
 serve: setup
-	$(PY) python3_distillation/distill_api_server_v2.py
+	$(PY) python3_distillation/distill_api_server_v2.py $(if $(MODEL),--model $(MODEL))
 
 serve-prod: setup
 	DISTILL_MODEL_DIR=python3_distillation/gpt2_student_v2 $(VENV)/bin/gunicorn --bind 127.0.0.1:6006 \
-	  --worker-class gthread --workers 1 --threads 8 --timeout 120 python3_distillation.wsgi:app
+	  --config python:python3_distillation.serving.gunicorn_conf python3_distillation.serving.wsgi:app
+
+# The README's picture: the page serving the trained v2 student, in headless Chromium.
+screenshot: setup
+	@test -f python3_distillation/gpt2_student_v2/config.json || \
+	  { echo "make screenshot: no trained v2 student in python3_distillation/gpt2_student_v2 (run make run first)" >&2; exit 1; }
+	DISTILL_SCREENSHOT=$(CURDIR)/sample_images/distillation.png $(PY) -m pytest -q \
+	  tests/serving/test_page_browser.py -k test_screenshot_of_the_trained_v2
 
 lint: setup
 	$(VENV)/bin/hadolint Dockerfile_v3.1_backend Dockerfile_v3.2_backend

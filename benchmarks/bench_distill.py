@@ -80,7 +80,7 @@ def decode_pair(teacher_gen, student_gen, new_tokens: int, rounds: int, label: s
 def decode_rows(quick: bool) -> list[dict]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from python3_distillation.generate import Generator
+    from python3_distillation.generation import Generator
     from python3_distillation.models import build_student
     from python3_distillation.tokenizer import load_tokenizer
 

@@ -1,6 +1,6 @@
 """`make bench`: run every ``benchmarks/bench_*.py`` section and write ``benchmarks/results.md`` / ``.json``.
 
-    python benchmarks/run.py                    # all sections (distill, losses, generate, server, others)
+    python benchmarks/run.py                    # all sections (distill, losses, generate, server, data, cache, others)
     python benchmarks/run.py --quick            # smoke run: small shapes, few rounds
     python benchmarks/run.py --only distill --only losses
 
@@ -28,7 +28,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere without installing the package
     sys.path.insert(0, str(REPO))
 
-ORDER = ["distill", "losses", "generate", "server"]  # then any other bench_*.py, alphabetically
+ORDER = ["distill", "losses", "generate", "server", "data", "cache"]  # then any other bench_*.py, alphabetically
 ROW_KEYS = ("metric", "value", "unit", "target", "met", "note")
 
 

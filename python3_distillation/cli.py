@@ -1,9 +1,14 @@
 """Command line: one subcommand per stage of the pipeline.
 
     gpt2-distill assets                       # GPT-2 tokenizer + Austen corpus, built offline once
+    gpt2-distill prepare-data [--config v2]   # tokenize the configured data into token shards ahead of training
     gpt2-distill teacher [--resume]           # train the embedded teacher (or fine-tune: teacher.init_from=gpt2)
     gpt2-distill distill --config v2          # 6-layer student (v1: --config v1; CE baseline: --config v2_ce)
+    gpt2-distill cache-teacher --config v2    # the teacher's top-k once, for distill.teacher_cache=DIR (offline KD)
     gpt2-distill report                       # teacher / v1 / v2 / CE-only v2 side by side
+    gpt2-distill quantize MODEL_DIR [--out D] # int8 copy of a model folder (MODEL_DIR_int8)
+    gpt2-distill prune MODEL_DIR --target 0.5 # fewer blocks / MLP neurons by measured importance (MODEL_DIR_pruned50)
+    gpt2-distill augment --n-samples 512      # teacher-sampled continuations of training prompts → JSONL
     gpt2-distill infer "It is a truth"        # generate (see `gpt2-distill infer --help`)
     gpt2-distill serve                        # web page + API on 127.0.0.1:6006
 
@@ -19,7 +24,7 @@ import logging
 import os
 import sys
 
-EXIT_BAD_INPUT = 2
+from python3_distillation.errors import EXIT_BAD_INPUT, BadInput
 
 
 def _training_parser(prog: str, description: str, default_config: str | None) -> argparse.ArgumentParser:
@@ -75,10 +80,65 @@ def cmd_stage(argv: list[str], stage: str, default_config: str | None) -> int:
     return 0
 
 
+def cmd_prepare_data(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gpt2-distill prepare-data", description="Tokenize the configured data into "
+                                "token shards (<data dir>/tokens/<key>/) ahead of training, resuming an interrupted "
+                                "run, and print the manifest summary. Training finds the same shards.")
+    p.add_argument("--config", action="append", default=None, metavar="FILE",
+                   help="YAML config (diff from the defaults); repeatable; default: teacher")
+    p.add_argument("--num-proc", type=int, default=None, metavar="N",
+                   help="tokenizing processes (default: from the CPU count and the size of the data)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.train=corpus/ data.block_size=512")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from python3_distillation.data import prepare_tokens
+    from python3_distillation.errors import ConfigError
+    from python3_distillation.tokenizer import load_tokenizer
+
+    if args.num_proc is not None and args.num_proc < 1:
+        raise ConfigError("--num-proc must be ≥ 1")
+    cfg = _load(args, "teacher")
+    # The tokenizer the stage itself will use (so training finds these shards): the teacher's folder
+    # for distillation, the fine-tuned checkpoint's folder for a teacher, else `tokenizer`.
+    spec = cfg.tokenizer
+    if cfg.stage == "teacher" and cfg.teacher.init_from and Path(cfg.teacher.init_from).is_dir():
+        spec = cfg.teacher.init_from
+    elif cfg.stage == "distill" and cfg.tokenizer == "gpt2" and Path(cfg.teacher.path).is_dir():
+        spec = cfg.teacher.path
+    shards = prepare_tokens(cfg.data, load_tokenizer(spec), seed=cfg.train.seed, num_proc=args.num_proc)
+    print(shards.summary(cfg.data.block_size))
+    return 0
+
+
+def cmd_cache_teacher(argv: list[str]) -> int:
+    from python3_distillation.teacher_cache import main as cache_main
+
+    return cache_main(argv)
+
+
 def cmd_report(argv: list[str]) -> int:
     from python3_distillation.evaluation.report import main as report_main
 
     return report_main(argv)
+
+
+def cmd_quantize(argv: list[str]) -> int:
+    from python3_distillation.quantize import main as quantize_main
+
+    return quantize_main(argv)
+
+
+def cmd_prune(argv: list[str]) -> int:
+    from python3_distillation.prune import main as prune_main
+
+    return prune_main(argv)
+
+
+def cmd_augment(argv: list[str]) -> int:
+    from python3_distillation.augment import main as augment_main
+
+    return augment_main(argv)
 
 
 def cmd_infer(argv: list[str]) -> int:
@@ -88,32 +148,32 @@ def cmd_infer(argv: list[str]) -> int:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    from python3_distillation.server import main as serve_main
+    from python3_distillation.serving.cli import main as serve_main
 
     return serve_main(argv)
 
 
 COMMANDS = {
     "assets": cmd_assets,
+    "prepare-data": cmd_prepare_data,
     "teacher": lambda argv: cmd_stage(argv, "teacher", "teacher"),
     "distill": lambda argv: cmd_stage(argv, "distill", "v2"),
+    "cache-teacher": cmd_cache_teacher,
     "report": cmd_report,
+    "quantize": cmd_quantize,
+    "prune": cmd_prune,
+    "augment": cmd_augment,
     "infer": cmd_infer,
     "serve": cmd_serve,
 }
 
 
 def run_guarded(fn, argv: list[str]) -> int:
-    """Run a command; known input errors become one line on stderr and exit status 2."""
-    from python3_distillation.config import ConfigError
-    from python3_distillation.data import DataError
-    from python3_distillation.models import ModelError
-    from python3_distillation.tokenizer import AssetError
-
+    """Run a command; input errors the user can fix become one line on stderr and exit status 2."""
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     try:
         return fn(argv)
-    except (ConfigError, DataError, ModelError, AssetError) as e:
+    except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

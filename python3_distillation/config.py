@@ -20,14 +20,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from python3_distillation.errors import ConfigError
 from python3_distillation.paths import default_model_path
 
 CONFIG_FILE = "distill_config.yaml"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package (the repo's configs/ links here)
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
 
 
 @dataclass
@@ -48,12 +45,26 @@ class DataConfig:
     # context so every position the server may use has been trained.
     block_size: int = 256
     max_eval_blocks: int = 256  # validation blocks used for perplexity (0 = all)
+    # Tokenizing processes for the token shards; 0 = from the CPU count and the data size (one below
+    # 32 MiB of text, where starting workers costs more than it saves).
+    num_proc: int = 0
+    # Shares of the training blocks taken from each comma-separated `train` source, e.g. [0.75, 0.25]
+    # for "austen,samples.jsonl" (normalised; the sources after the first must be local files, used
+    # whole for training); the first source also gives the validation split. Empty: the sources
+    # form one stream, each in proportion to its size.
+    mix: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         _check(self.block_size >= 2, "data.block_size must be ≥ 2")
         _check(0.0 < self.validation_fraction < 1.0, "data.validation_fraction must be in (0, 1)")
         _check(self.max_eval_blocks >= 0, "data.max_eval_blocks must be ≥ 0")
+        _check(self.num_proc >= 0, "data.num_proc must be ≥ 0 (0 = automatic)")
         _check(bool(self.train.strip()), "data.train must name a data source")
+        if self.mix:
+            parts = [p for p in self.train.split(",") if p.strip()]
+            _check(len(self.mix) == len(parts) >= 2, f"data.mix has {len(self.mix)} shares for {len(parts)} "
+                   "data.train source(s); give one share per comma-separated source, at least two")
+            _check(all(w > 0 and math.isfinite(w) for w in self.mix), "data.mix shares must be positive numbers")
 
 
 @dataclass
@@ -112,14 +123,36 @@ class TeacherConfig:
 class StudentConfig:
     output_dir: str = default_model_path("v2")
     n_layer: int = 6  # 0 → the teacher's layer count
+    # Width: 0 → the teacher's. A narrower student keeps the teacher's head size (n_embd / n_head)
+    # unless n_head is given, and starts from the teacher by `width_init` (see models.narrow_init).
+    n_embd: int = 0
+    n_head: int = 0  # 0 → n_embd / the teacher's head size
+    # How a narrower student takes the teacher's weights: "truncate" keeps the first n_embd
+    # coordinates of the residual stream; "pca" projects it onto the top principal directions of
+    # the teacher's token embedding. Both keep the largest heads and MLP neurons (by weight norm).
+    # Measured on configs/v2_narrow.yaml (200 steps, same seed): truncate 295.7 validation
+    # perplexity, pca 296.6, a random start far behind (README) — so truncate is the default.
+    width_init: Literal["pca", "truncate"] = "truncate"
+    # MLP width: 0 → the teacher's per-width share (4 × n_embd for GPT-2). A narrower MLP keeps the
+    # teacher's largest neurons by weight norm (the same-size baseline of a pruned model).
+    n_inner: int = 0
     # "teacher": copy embeddings, final norm and the blocks in `layers` from the teacher
     # (DistilGPT2's recipe); "base": the teacher's base checkpoint (the GPT-2 it was fine-tuned
-    # from), falling back to random when it was trained from scratch; "random".
-    init: Literal["teacher", "base", "random"] = "teacher"
+    # from), falling back to random when it was trained from scratch; "random"; "pruned": start
+    # from the model folder `from_dir` (made by `gpt2-distill prune`), shape and all, so that
+    # distilling it from the unpruned model is the pruning's recovery.
+    init: Literal["teacher", "base", "random", "pruned"] = "teacher"
     layers: list[int] = field(default_factory=list)  # teacher blocks to copy; empty → evenly spread
+    from_dir: str = ""  # the starting model folder for init=pruned
 
     def validate(self) -> None:
         _check(self.n_layer >= 0, "student.n_layer must be ≥ 0 (0 = same as the teacher)")
+        _check(self.n_embd >= 0 and self.n_head >= 0, "student.n_embd and student.n_head must be ≥ 0 (0 = the teacher's)")
+        _check(self.n_inner >= 0, "student.n_inner must be ≥ 0 (0 = the teacher's MLP width per unit of width)")
+        _check((self.init == "pruned") == bool(self.from_dir.strip()),
+               "student.init=pruned starts from the folder student.from_dir: set both or neither")
+        if self.n_embd and self.n_head:
+            _check(self.n_embd % self.n_head == 0, "student.n_embd must be divisible by student.n_head")
         _check(all(i >= 0 for i in self.layers), "student.layers must be non-negative block indices")
         if self.layers and self.n_layer:
             _check(len(self.layers) == self.n_layer,
@@ -135,6 +168,27 @@ class DistillConfig:
     # Positions per chunk of the KL (bounds its fp32 memory); 0 = automatic (16 at GPT-2's vocab,
     # ~3 MB per temporary, measured fastest here).
     kd_chunk_rows: int = 0
+    # The divergence of the kd term (each × T²): "forward_kl" KL(teacher ‖ student), the classic
+    # soft-target loss (mass-covering); "reverse_kl" KL(student ‖ teacher) (mode-seeking, MiniLLM);
+    # "jsd" the generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024) with mixture
+    # (1 − jsd_beta)·p_student + jsd_beta·p_teacher, which tends to forward KL as jsd_beta → 0 and
+    # to reverse KL as jsd_beta → 1 (both limits scaled by jsd_beta resp. 1 − jsd_beta).
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = 0.5  # only read with loss=jsd
+    # On-policy distillation (GKD's λ): this share of the batches is replaced by sequences the
+    # student samples itself — the first `on_policy_prompt` tokens of each block (0 = half the
+    # block) continued by the student, without gradient — and the kd term is taken on the positions
+    # that predict the student's tokens, scored by the teacher. Which batches: a seeded hash of the
+    # batch (itself a function of the step), so a resumed run makes the same choices.
+    on_policy_fraction: float = 0.0
+    on_policy_prompt: int = 0
+    on_policy_temperature: float = 1.0  # the student's sampling temperature (0 = greedy)
+    # Offline KD: a folder written by `gpt2-distill cache-teacher` holding the teacher's top-k
+    # log-probabilities at every position of the training blocks (teacher_cache.py). Set, the kd
+    # term is read from it and no teacher is kept in memory while training; cache-teacher writes
+    # there (empty: <data dir>/teacher_cache/<name>). It must have been made at this temperature.
+    teacher_cache: str = ""
+    cache_top_k: int = 64  # tokens kept per position by cache-teacher (+ one bucket for the rest)
 
     def validate(self) -> None:
         _check(self.temperature > 0 and math.isfinite(self.temperature), "distill.temperature must be > 0")
@@ -142,6 +196,23 @@ class DistillConfig:
             _check(getattr(self, key) >= 0, f"distill.{key} must be ≥ 0")
         _check(self.alpha_kd + self.alpha_ce + self.alpha_cos > 0, "distill: at least one alpha must be > 0")
         _check(self.kd_chunk_rows >= 0, "distill.kd_chunk_rows must be ≥ 0 (0 = automatic)")
+        _check(0.0 < self.jsd_beta < 1.0, "distill.jsd_beta must be in (0, 1) (0 and 1 are loss=forward_kl / reverse_kl)")
+        _check(0.0 <= self.on_policy_fraction <= 1.0, "distill.on_policy_fraction must be in [0, 1]")
+        _check(self.on_policy_fraction == 0 or self.alpha_kd > 0,
+               "distill.on_policy_fraction needs distill.alpha_kd > 0: on-policy batches are scored by the teacher")
+        _check(self.on_policy_prompt >= 0, "distill.on_policy_prompt must be ≥ 0 (0 = half the block)")
+        _check(0.0 <= self.on_policy_temperature <= 100.0,
+               "distill.on_policy_temperature must be in [0, 100] (0 = greedy)")
+        _check(self.cache_top_k >= 1, "distill.cache_top_k must be ≥ 1")
+        if self.teacher_cache.strip():
+            # The cache holds the teacher's distribution at the training blocks' positions, nothing else.
+            _check(self.alpha_kd > 0, "distill.teacher_cache is read by the kd term only; with distill.alpha_kd=0 leave it empty")
+            _check(self.loss == "forward_kl", f"distill.teacher_cache trains on forward KL over the cached buckets; "
+                   f"distill.loss={self.loss} needs the live teacher (leave distill.teacher_cache empty)")
+            _check(self.on_policy_fraction == 0, "distill.on_policy_fraction needs the live teacher to score the "
+                   "student's own samples, which no cache holds; leave distill.teacher_cache empty")
+            _check(self.alpha_cos == 0, "distill.alpha_cos needs the teacher's hidden states, which the cache does "
+                   "not hold; set distill.alpha_cos=0 or leave distill.teacher_cache empty")
 
 
 @dataclass
@@ -185,7 +256,8 @@ class RunConfig:
 
 # Config values that hold paths (a comma-separated list for the data sources).
 PATH_KEYS = [(None, "tokenizer"), ("data", "train"), ("data", "validation"), ("train", "run_dir"),
-             ("teacher", "path"), ("teacher", "init_from"), ("student", "output_dir")]
+             ("teacher", "path"), ("teacher", "init_from"), ("student", "output_dir"), ("student", "from_dir"),
+             ("distill", "teacher_cache")]
 
 
 def _portable(path: str) -> str:
@@ -335,3 +407,14 @@ def config_from_dict(d: dict) -> RunConfig:
     cfg = RunConfig()
     _apply(cfg, d)
     return cfg.validate()
+
+
+def saved_config(folder: str | Path) -> RunConfig | None:
+    """The :class:`RunConfig` a model folder was built with (its ``distill_config.yaml``), or None."""
+    f = Path(folder) / CONFIG_FILE
+    if not f.exists():
+        return None
+    try:
+        return config_from_dict(yaml.safe_load(f.read_text(encoding="utf-8")) or {})
+    except (ConfigError, yaml.YAMLError) as e:
+        raise ConfigError(f"{f}: {e}") from None

@@ -44,6 +44,8 @@ def run_teacher(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
     inputs["data"] = data_fingerprint(blocks)
 
     model, result = train(model, lm_loss_fn, blocks, cfg, resume=resume, inputs=inputs, **train_kwargs)
+    if not result.main:  # another process of a multi-process launch: the main one saves the model
+        return Path(tc.path)
     meta = {
         "stage": "teacher",
         "base_checkpoint": tc.init_from or None,

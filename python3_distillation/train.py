@@ -1,7 +1,7 @@
 """The one training loop: teacher training and distillation differ only in the loss function given.
 
     python -m python3_distillation teacher train.max_steps=100     # uses this loop
-    accelerate launch -m python3_distillation distill --config v2   # same loop, several processes
+    accelerate launch --multi_gpu --num_processes 8 -m python3_distillation distill --config v2   # 8 processes
 
 Built on Hugging Face ``accelerate`` (device placement, bf16/fp16 autocast on CPU and CUDA, gradient
 accumulation, multi-process launch). The precision is ``train.mixed_precision`` as decided for this
@@ -12,6 +12,11 @@ every ``save_every`` steps into a temp folder and renamed, so a kill never leave
 an uninterrupted run (data order is a pure function of the step; RNG states are restored). Resume
 compares the run's fingerprint (lineage.py): changed inputs (a retrained teacher, other data) start
 the stage afresh with a notice; a changed config is an error, except a larger step budget.
+
+Under several processes (DDP) each reads its own slice of the step's global batch (``batch_size``
+blocks per process), the logged terms are averaged over processes, validation batches are shared
+out, and only the main process writes (log, checkpoints with every process's RNG states, the model):
+tests/test_multiprocess.py checks it against one process and across a kill.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -39,7 +45,9 @@ from python3_distillation.precision import Precision, decide_for_run
 log = logging.getLogger(__name__)
 
 # loss_fn(model, batch) → (loss to minimise, {name: value} to log). batch = {"input_ids",
-# "attention_mask", "labels"} on the right device, inside autocast.
+# "attention_mask", "labels"} on the right device, inside autocast, plus "block_index": which
+# training blocks the rows are (a CPU LongTensor), for losses that look rows up by block (a
+# cached teacher, teacher_cache.py).
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 STATE_FILE = ckpt_io.STATE_FILE
 METRICS_FILE = "metrics.jsonl"
@@ -53,6 +61,9 @@ class TrainResult:
     val_loss: float | None = None
     val_ppl: float | None = None
     history: list[dict] = field(default_factory=list)
+    # False in every process but the main one of a multi-process launch: the stages save the
+    # model (and print) only where this is True, so one process writes each file.
+    main: bool = True
     precision: dict = field(default_factory=dict)
     fingerprint: dict = field(default_factory=dict)
 
@@ -97,14 +108,23 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 def make_batch(blocks: Blocks, idx: torch.Tensor, device) -> dict:
     ids = blocks.ids[idx].to(device, non_blocking=True)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "block_index": idx}
 
 
 @torch.no_grad()
 def evaluate_loss(model, blocks: Blocks, batch_size: int, max_blocks: int, accelerator=None, device=None) -> float:
-    """Mean next-token cross-entropy (nats/token) over the first ``max_blocks`` validation blocks."""
+    """Mean next-token cross-entropy (nats/token) over the first ``max_blocks`` validation blocks.
+
+    Under several processes each evaluates every ``world``-th batch and the sums are added up, so
+    the answer is the one-process answer (up to float rounding) in 1/world of the time.
+    """
     from python3_distillation.losses import lm_loss
 
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if accelerator is not None:
+        # The bare model: ranks run different numbers of batches, and a wrapper (DDP) must not be
+        # left waiting for a collective that the other ranks never join.
+        model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     n = len(blocks) if not max_blocks else min(max_blocks, len(blocks))
@@ -112,14 +132,26 @@ def evaluate_loss(model, blocks: Blocks, batch_size: int, max_blocks: int, accel
     total, count = 0.0, 0
     ctx = accelerator.autocast() if accelerator else torch.autocast(device_type=torch.device(device).type, enabled=False)
     with ctx:
-        for start in range(0, n, batch_size):
+        for start in range(rank * batch_size, n, batch_size * world):
             batch = make_batch(blocks, torch.arange(start, min(n, start + batch_size)), device)
             logits = model(input_ids=batch["input_ids"]).logits
             tokens = batch["labels"][:, 1:].numel()
             total += lm_loss(logits, batch["labels"]).item() * tokens
             count += tokens
     model.train(was_training)
+    if world > 1:
+        sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device),
+                                  reduction="sum")
+        total, count = sums.tolist()
     return total / max(1, count)
+
+
+def _mean_over_processes(accelerator, logged: dict[str, float]) -> dict[str, float]:
+    """The logged terms averaged over processes: each process saw an equal share of the global batch,
+    so the mean of their means is the loss of the whole batch, as one process would log it."""
+    names = sorted(logged)
+    values = torch.tensor([logged[k] for k in names], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(names, accelerator.reduce(values, reduction="mean").tolist()))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -202,14 +234,28 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
     is called with the temp folder after the weights are written (tests use it to die mid-write).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     tc = cfg.train
     run_dir = cfg.run_dir
-    precision = precision or decide_for_run(tc.mixed_precision, cpu=tc.cpu)
-    accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=tc.grad_accum, cpu=tc.cpu)
+    # Without CUDA, accelerate forms a CPU process group (gloo) only when told cpu=True: a multi-process
+    # launch would otherwise train N independent copies, every one of them writing the same files.
+    cpu = tc.cpu or not torch.cuda.is_available()
+    precision = precision or decide_for_run(tc.mixed_precision, cpu=cpu)
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another
+    # precision; a process that runs two stages (teacher then students) resets it between them.
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision.mode:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=tc.grad_accum, cpu=cpu)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
+    launched = int(os.environ.get("WORLD_SIZE", world))
+    if launched != world:
+        raise ConfigError(f"launched as {launched} processes, but they did not form one group (accelerate sees "
+                          f"{world}): each would train alone and write the same files; launch with accelerate "
+                          "launch or torchrun on the devices it expects (train.cpu=true for CPU processes)")
     fingerprint = stage_fingerprint(cfg, inputs or {})
 
     def say(message: str) -> None:  # one line on stderr, from the main process only
@@ -256,13 +302,12 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
     train_blocks, val_blocks = blocks["train"], blocks["validation"]
     global_batch = tc.batch_size * world
     result = TrainResult(step=step, tokens=tokens, seconds=elapsed, precision=precision.to_dict(),
-                         fingerprint=fingerprint)
+                         fingerprint=fingerprint, main=main)
 
     last_eval = -1
 
     def run_eval(at_step: int) -> None:
         loss = evaluate_loss(model, val_blocks, tc.batch_size, cfg.data.max_eval_blocks, accelerator)
-        loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), reduction="mean").item()
         result.val_loss, result.val_ppl = loss, math.exp(min(loss, 50.0))
         nonlocal last_eval
         last_eval = at_step
@@ -270,16 +315,19 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
         result.history.append(row)
         if main:
             _append_jsonl(metrics_path, row)
-        bar.write(f"step {at_step}: validation loss {loss:.4f}, perplexity {result.val_ppl:.2f}")
+            bar.write(f"step {at_step}: validation loss {loss:.4f}, perplexity {result.val_ppl:.2f}")
 
     def save_checkpoint(at_step: int) -> None:
         tmp = run_dir / f".tmp-checkpoint-{at_step}"
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        ckpt_io.save_rng(tmp, rank)
+        # Every process's RNG states, written by the main one: one writer per checkpoint folder (on
+        # several machines a rank's own file would land on its own disk, not in the checkpoint).
+        states = gather_object([(rank, *ckpt_io.capture_rng())]) if world > 1 else [(rank, *ckpt_io.capture_rng())]
         if main:
+            for r, tensors, meta in states:
+                ckpt_io.save_rng(tmp, r, (tensors, meta))
             ckpt_io.save_model_weights(accelerator.unwrap_model(model), tmp)
             if on_checkpoint_write is not None:
                 on_checkpoint_write(tmp)
@@ -324,6 +372,8 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
             if on_step is not None:
                 on_step(step)
             if step % tc.log_every == 0 or step == tc.max_steps:
+                if world > 1:
+                    logged = _mean_over_processes(accelerator, logged)
                 now = time.perf_counter()
                 tps = window_tokens / max(1e-9, now - window_start)
                 window_tokens, window_start = 0, now
