@@ -315,18 +315,18 @@ def run_quantize(src: str | Path, out: str | Path | None = None, head: bool = Tr
     meta["size_mb"], meta["source_size_mb"] = weights_bytes(out) / 1e6, weights_bytes(src) / 1e6
     name = f"{source_meta.get('name') or src.name} (int8)"
     update_model_files(out, meta=meta, card=model_card(name, meta, None, {"size_mb": meta["size_mb"]}, folder=out.name))
-    ppl = f", validation perplexity {meta['val_ppl']:.2f} (fp32 {meta['source_val_ppl']:.2f})" if "val_ppl" in meta else ""
+    ppl = (f", validation perplexity {meta['val_ppl']:.2f} (fp32 {meta['source_val_ppl']:.2f}) on the first "
+           f"{meta['eval_blocks']} validation blocks" if "val_ppl" in meta else "")
     print(f"int8 model saved to {out}: {meta['size_mb']:.1f} MB (fp32 {meta['source_size_mb']:.1f} MB){ppl}")
     return out
 
 
-
 def _measure(qmodel, fmodel, src: Path, max_blocks: int = 32) -> dict:
     """Perplexity of both and their top-1 agreement on the source's validation blocks (when its data is here)."""
+    from python3_distillation.config import saved_config
     from python3_distillation.data import Blocks, load_blocks
     from python3_distillation.errors import BadInput
     from python3_distillation.evaluation.measure import fidelity, perplexity
-    from python3_distillation.config import saved_config
     from python3_distillation.tokenizer import load_tokenizer
 
     cfg = saved_config(src)

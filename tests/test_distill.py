@@ -150,9 +150,14 @@ def test_narrow_student_projects_onto_the_embeddings_principal_directions():
     torch.testing.assert_close(student.transformer.wte.weight, teacher.transformer.wte.weight @ p)
     assert student.lm_head.weight.data_ptr() == student.transformer.wte.weight.data_ptr()
     # Block 1 of the student is teacher block 3; check the head choice on a student built from block 1.
-    s1, _ = build_student(teacher, n_layer=1, init="teacher", layers=[1], n_embd=32)
+    s1, _ = build_student(teacher, n_layer=1, init="teacher", layers=[1], n_embd=32, width_init="pca")
     w_o = teacher.transformer.h[1].attn.c_proj.weight
     assert any(torch.allclose(s1.transformer.h[0].attn.c_proj.weight[r:r + 16], w_o[32:48] @ p) for r in (0, 16))
+    # The default rule keeps the first 32 residual coordinates (measured ahead of pca and random).
+    s2, info2 = build_student(teacher, n_layer=1, init="teacher", layers=[1], n_embd=32)
+    assert info2["width_init"] == "truncate"
+    torch.testing.assert_close(s2.transformer.wte.weight, teacher.transformer.wte.weight[:, :32])
+    assert any(torch.allclose(s2.transformer.h[0].attn.c_proj.weight[r:r + 16], w_o[32:48, :32]) for r in (0, 16))
     assert count_parameters(student) < count_parameters(teacher) / 2
     with pytest.raises(ModelError, match="wider than the teacher"):
         build_student(teacher, n_embd=128)

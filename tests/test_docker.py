@@ -455,8 +455,12 @@ def test_image_contents_run_the_image_command(tmp_path):
     probe = [a.replace(f"127.0.0.1:{PORT}", f"127.0.0.1:{port}") for a in healthcheck]
     workdir = tmp_path / "work"
     (workdir / "home").mkdir(parents=True)
+    # An int8 copy of the tiny model, served beside it: the image loads `gpt2-distill quantize` folders.
+    from python3_distillation.quantize import run_quantize
+
+    int8 = run_quantize(tiny, tmp_path / "tiny_int8", measure=False)
     env = {"PATH": f"{venv / 'bin'}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir / "home"),
-           "LANG": "C.UTF-8", **image_env, "DISTILL_MODEL_DIR": str(model)}
+           "LANG": "C.UTF-8", **image_env, "DISTILL_MODEL_DIR": str(model), "DISTILL_COMPARE_DIRS": str(int8)}
     assert image_env["DISTILL_MODEL_DIR"] == model_dst.rstrip("/")
     where = subprocess.run([str(python), "-c", "import python3_distillation as p; print(p.__file__)"],
                            cwd=workdir, env=env, capture_output=True, text=True, check=True).stdout.strip()
@@ -475,15 +479,17 @@ def test_image_contents_run_the_image_command(tmp_path):
         assert healthy(), f"the image's HEALTHCHECK fails against a live server: {probe}"
         ready = json.loads(_poll(f"{base}/ready", time.monotonic() + 120, proc, log))
         timings["ready"] = time.monotonic() - t0
-        request = urllib.request.Request(
-            f"{base}/v1/completions", method="POST", headers={"Content-Type": "application/json"},
-            data=json.dumps({"model": ready["models"][0], "prompt": "Hello, my name is", "max_tokens": 5}).encode())
-        with urllib.request.urlopen(request, timeout=60) as r:
-            assert r.status == 200
-            body = json.loads(r.read())
-        assert body["object"] == "text_completion"
-        assert isinstance(body["choices"][0]["text"], str)
-        assert 1 <= body["usage"]["completion_tokens"] <= 5
+        assert len(ready["models"]) == 2, ready
+        for name in ready["models"]:  # the student, then its int8 copy
+            request = urllib.request.Request(
+                f"{base}/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+                data=json.dumps({"model": name, "prompt": "Hello, my name is", "max_tokens": 5}).encode())
+            with urllib.request.urlopen(request, timeout=60) as r:
+                assert r.status == 200
+                body = json.loads(r.read())
+            assert body["object"] == "text_completion" and body["model"] == name
+            assert isinstance(body["choices"][0]["text"], str)
+            assert 1 <= body["usage"]["completion_tokens"] <= 5
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # gunicorn's master and worker: their own session

@@ -85,11 +85,11 @@ def resolve_models(spec: str) -> tuple[list[tuple[str, Path]], list[str]]:
             if label in MODEL_DIRS:
                 source = label.removesuffix("_int8")
                 if label.endswith("_int8") and is_model_dir(model_dir(source)):
-                    notes.append(f"{label} skipped: no model at {path} (make it with `gpt2-distill quantize "
+                    notes.append(f"{label} skipped: no model at {display_path(path)} (make it with `gpt2-distill quantize "
                                  f"{display_path(model_dir(source))}`)")
                 elif not label.endswith("_int8"):
                     what = HOW_TO_BUILD.get(label, "")
-                    notes.append(f"{label} skipped: no model at {path}" + (f" ({what})" if what else ""))
+                    notes.append(f"{label} skipped: no model at {display_path(path)}" + (f" ({what})" if what else ""))
                 continue
             raise ModelError(f"{path}: not a model folder (no config.json)")
         if label in (f[0] for f in found):
