@@ -148,8 +148,9 @@ class Client:
         return (first if first is not None else float("nan")), time.perf_counter() - t0, tokens
 
 
-def _concurrent(port: int, work, clients: int, per_client: int) -> tuple[float, list, list[BaseException]]:
-    """Run ``work(client, i)`` ``per_client`` times in each of ``clients`` threads: wall time, results, errors."""
+def _concurrent(port: int, work, clients: int, total: int) -> tuple[float, list, list[BaseException]]:
+    """Run ``work(client, i)`` for i < ``total``, shared out over ``clients`` threads (client c takes
+    i = c, c + clients, …): wall time, results, errors."""
     results: list = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -158,9 +159,9 @@ def _concurrent(port: int, work, clients: int, per_client: int) -> tuple[float, 
     def loop(c: int) -> None:
         client = Client(port)
         barrier.wait()
-        for k in range(per_client):
+        for i in range(c, total, clients):
             try:
-                r = work(client, c * per_client + k)
+                r = work(client, i)
             except Exception as e:  # counted, and the client goes on with a fresh connection
                 with lock:
                     errors.append(e)
@@ -233,15 +234,13 @@ def run(quick: bool = False) -> dict:
                     waves[mode].append(staggered_wave(server.port, arrivals, gap_s, long_tokens))
 
             # 2. the waiting line: 16 clients × N short requests, half streamed, default settings
-            per_line_client = line_requests // line_clients
-
             def mixed(client: Client, i: int) -> tuple[float, int]:
                 if i % 2:
                     _, total, tokens = client.stream(PROMPTS[i % len(PROMPTS)], line_tokens, seed=i)
                     return total, tokens
                 return client.complete(PROMPTS[i % len(PROMPTS)], line_tokens, seed=i)
 
-            line_wall, line_done, line_errors = _concurrent(cont.port, mixed, line_clients, per_line_client)
+            line_wall, line_done, line_errors = _concurrent(cont.port, mixed, line_clients, line_requests)
 
             # 3. one client vs 8 concurrent clients, and a lone request's first token
             one = Client(cont.port)
@@ -253,7 +252,7 @@ def run(quick: bool = False) -> dict:
             solo_ttft = [one.stream(PROMPTS[i % len(PROMPTS)], 4, seed=i)[0] for i in range(batch_clients)]
             par_wall, par_done, par_errors = _concurrent(
                 cont.port, lambda c, i: c.complete(PROMPTS[i % len(PROMPTS)], max_tokens, i), batch_clients,
-                per_client)
+                batch_clients * per_client)
             if par_errors:
                 raise par_errors[0]
 
@@ -275,7 +274,7 @@ def run(quick: bool = False) -> dict:
         tput >= THROUGHPUT_TOLERANCE)
 
     latencies = [s for s, _ in line_done]
-    n_line = line_clients * per_line_client
+    n_line = line_requests
     row(f"Waiting line: {line_clients} clients × {n_line} requests answered", len(line_done), "answers",
         f"= {n_line}", len(line_done) == n_line,
         f"{line_tokens} tokens each, half streamed, default limits; errors: "

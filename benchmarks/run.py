@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                    # all sections (distill, losses, generate, server, data, cache, others)
     python benchmarks/run.py --quick            # smoke run: small shapes, few rounds
-    python benchmarks/run.py --only distill --only losses
+    python benchmarks/run.py --only distill --only losses   # reruns those sections, keeps the others
 
 A section is a module with ``run(quick: bool = False) -> dict`` returning
 ``{"section": str, "rows": [{"metric", "value", "unit", "target", "met", "note"}]}``. A section that
@@ -71,7 +71,18 @@ def run_section(name: str, path: Path, quick: bool) -> dict:
         raise
     finally:
         entry["seconds"] = round(time.perf_counter() - t0, 1)
+        entry["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     return entry
+
+
+def merge(previous: dict | None, results: dict) -> dict:
+    """``--only`` reruns replace their sections in the previous results and keep the others (each
+    section carries the date it ran); a full run, or a quick/full mismatch, starts afresh."""
+    if not previous or previous.get("quick") != results["quick"]:
+        return results
+    fresh = {s["name"]: s for s in results["sections"]}
+    sections = [fresh.pop(s["name"], s) for s in previous.get("sections", [])] + list(fresh.values())
+    return {**results, "sections": sections}
 
 
 def machine_info() -> dict:
@@ -124,7 +135,8 @@ def render_markdown(results: dict) -> str:
         "",
     ]
     for s in results["sections"]:
-        lines += [f"## {s['section']}", "", f"`{Path(s['file']).name}`, {s['seconds']} s", ""]
+        when = f", run {s['date']}" if s.get("date") else ""
+        lines += [f"## {s['section']}", "", f"`{Path(s['file']).name}`, {s['seconds']} s{when}", ""]
         if s["error"]:
             lines += [f"**FAILED**: `{_cell(s['error'])}`", ""]
         if s["rows"]:
@@ -168,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": machine_info(), "quick": args.quick, "sections": sections}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if wanted and (out / "results.json").is_file():
+        try:
+            results = merge(json.loads((out / "results.json").read_text(encoding="utf-8")), results)
+        except (ValueError, OSError) as e:
+            print(f"warning: previous {out / 'results.json'} unreadable ({e}); writing these sections only",
+                  file=sys.stderr)
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
     failed = [s["name"] for s in sections if s["error"]]

@@ -180,6 +180,12 @@ def test_bench_harness_writes_results_and_survives_a_failing_section(tmp_path):
     # --only runs just that section, and a clean run exits 0.
     assert harness.main(["--only", "fake", "--bench-dir", str(bench), "--out-dir", str(out)]) == 0
     assert [s["name"] for s in json.loads((out / "results.json").read_text())["sections"]] == ["fake"]
+    # (a quick run's sections are not mixed into a full run's.) Rerunning one section keeps the others.
+    first = json.loads((out / "results.json").read_text())["sections"][0]
+    assert harness.main(["--only", "broken", "--bench-dir", str(bench), "--out-dir", str(out)]) == 1
+    sections = json.loads((out / "results.json").read_text())["sections"]
+    assert [s["name"] for s in sections] == ["fake", "broken"] and sections[0] == first
+    assert "## Fake" in (out / "results.md").read_text() and first["date"] in (out / "results.md").read_text()
 
 
 def test_report_refuses_a_student_of_another_teacher(tmp_path, saved_models, capsys):
