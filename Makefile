@@ -1,6 +1,7 @@
 # GPT-2 distillation v3 — the verbs a newcomer looks for.
 #   make run     set up, build offline assets, train the teacher, distil v2 (+ CE baseline), int8 v2, report
 #   make test    the test-suite (CPU, tiny models)
+#   make lock    re-resolve requirements_v3_lock.txt to the newest allowed versions (then make test)
 #   make bench   side-by-side benchmarks → benchmarks/results.md
 #   make experiments   pruning, teacher-generated data, the loss family, at equal steps → reports/experiments.md
 #   make serve   web page + API on http://127.0.0.1:6006 (v2; MODEL=v2_int8 or a folder for another)
@@ -10,28 +11,38 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
 
 # Offline by default: the embedded pipeline needs no hub, and a blocked hub costs ~48 s per lookup.
 export HF_HUB_OFFLINE ?= 1
-export DISTILL_DATA_DIR ?= $(CURDIR)/data
 # Large logits tensors are re-mapped and page-faulted every step with glibc's default malloc;
 # huge pages made the KL forward+backward 2.7x faster on this CPU (no install needed).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run setup assets teacher distill-v2 distill-v2-ce distill-v1 distill-v2-narrow quantize-v2 report experiments test bench serve serve-prod screenshot lint clean
+.PHONY: run setup lock assets teacher distill-v2 distill-v2-ce distill-v1 distill-v2-narrow quantize-v2 report experiments test bench serve serve-prod screenshot lint clean
 
 run: setup assets teacher distill-v2 distill-v2-ce quantize-v2 report
 
 setup: $(STAMP)
 
-# torch first, pinned: the CPU wheel on local disk here; pip would otherwise pick a CUDA build.
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+# What gets installed is the lock (requirements_v3_lock.txt: exact versions + hashes, written by
+# `make lock`), never whatever the ranges in pyproject.toml resolve to on the day. Torch stays out
+# of the lock: the pinned CPU wheel here, the base image's CUDA build in Docker. The venv is rebuilt
+# from scratch when the lock changes, so `pip freeze` is the lock (torch aside) and nothing lingers.
+$(STAMP): pyproject.toml requirements_v3_lock.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements_v3_lock.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
+
+# Re-resolve to the newest versions pyproject.toml allows, on purpose; `make test` on the new lock
+# is how an upgrade is accepted. Also rewrites requirements_v3_backend.txt (the images' subset).
+lock: setup
+	$(PY) scripts/lock.py --torch "$(TORCH)"
 
 # The corpus comes from a Debian package fetched with `apt-get download`; as root on a fresh
 # machine the package lists may be empty, so refresh them once.

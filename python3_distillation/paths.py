@@ -1,6 +1,6 @@
 """Where the project keeps downloaded and built assets.
 
-    DISTILL_DATA_DIR=./data python -m python3_distillation assets
+    python -m python3_distillation assets        # → data/ in a checkout, ~/.cache/python3_distillation installed
 """
 
 from __future__ import annotations
@@ -11,10 +11,29 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def checkout_dir() -> Path | None:
+    """The source checkout the package is imported from (the folder with its pyproject.toml), or
+    None for an installed package."""
+    root = PACKAGE_DIR.parent
+    try:
+        project = (root / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return root if 'name = "python3-distillation"' in project else None
+
+
 def data_dir() -> Path:
-    """``$DISTILL_DATA_DIR``, else ``~/.cache/python3_distillation`` (tokenizer, corpus, token caches)."""
+    """Tokenizer, corpus, token shards, teacher caches: ``$DISTILL_DATA_DIR`` if set; else the
+    checkout's ``data/`` when the package runs from a checkout (so `make` and a shell command, from
+    any folder, share one copy); else ``$XDG_CACHE_HOME/python3_distillation`` (``~/.cache/…``)."""
     env = os.environ.get("DISTILL_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "python3_distillation"
+    if env:
+        return Path(env).expanduser()
+    checkout = checkout_dir()
+    if checkout is not None:
+        return checkout / "data"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "python3_distillation"
 
 
 # The seed's folder names, inside the package so the entry scripts find them without flags; each

@@ -258,14 +258,16 @@ def test_per_dockerfile_ignore_is_the_shared_one_plus_the_other_student(name):
 
 
 def requirements() -> dict[str, str]:
+    """name → version of every pin (each `name==version \\` line; its hashes and notes follow it)."""
     pins = {}
     for raw in REQUIREMENTS.read_text(encoding="utf-8").splitlines():
         line = raw.split("#", 1)[0].strip()
-        if not line:
+        if not line or line.startswith("--hash="):
             continue
-        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)", line)
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)( ;[^\\]*)?( \\)?", line)
         assert m, f"requirements_v3_backend.txt: {line!r} is not pinned as name==version"
         assert norm(m.group(1)) not in pins, f"{m.group(1)} listed twice"
+        assert m.group(4), f"{m.group(1)} has no hashes: the image would install it unchecked"
         pins[norm(m.group(1))] = m.group(2)
     return pins
 
