@@ -5,6 +5,8 @@
 #   make bench   side-by-side benchmarks → benchmarks/results.md
 #   make experiments   pruning, teacher-generated data, the loss family, at equal steps → reports/experiments.md
 #   make serve   web page + API on http://127.0.0.1:6006 (v2; MODEL=v2_int8 or a folder for another)
+#   make gpu-check   the CUDA path on one GPU (< 8 min): pytest -m cuda + real-shape speed → reports/gpu_check/
+#   make export-v2   v2 for other engines: GGUF q8_0 (llama.cpp, Ollama) + ONNX with a KV cache (ONNX Runtime)
 #   make screenshot   refresh sample_images/distillation.png from the trained v2 student
 
 PYTHON ?= python3
@@ -20,7 +22,7 @@ export HF_HUB_OFFLINE ?= 1
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run setup lock assets teacher distill-v2 distill-v2-ce distill-v1 distill-v2-narrow quantize-v2 report experiments test bench serve serve-prod screenshot lint clean
+.PHONY: run setup lock assets teacher distill-v2 distill-v2-ce distill-v1 distill-v2-narrow quantize-v2 export-v2 report experiments test bench serve serve-prod screenshot lint clean gpu-check
 
 run: setup assets teacher distill-v2 distill-v2-ce quantize-v2 report
 
@@ -72,6 +74,13 @@ quantize-v2: setup
 
 report: setup
 	$(PY) -m python3_distillation report
+
+# The CUDA path proved on one GPU in under 8 minutes (scripts/gpu_check.py): pytest -m cuda, then a
+# real-shape distillation (12 x 768 -> 6 x 768, 50 steps of 8 x 1,024 tokens: tokens/s, MFU, peak
+# memory) and decode speed at batch 1 and 32 → reports/gpu_check/gpu_check.{json,log}.
+# DRY_RUN=1: the same script on CPU with tiny shapes, the same JSON keys (make test runs it).
+gpu-check: setup
+	$(PY) scripts/gpu_check.py $(if $(DRY_RUN),--dry-run)
 
 # Every distillation recipe compared at equal steps (configs/exp_*.yaml) on the trained teacher
 # (`make run` or `make teacher` first); resumable: run it again after a kill.

@@ -87,6 +87,8 @@ class TrainConfig:
     seed: int = 1337
     run_dir: str = ""  # checkpoints + metrics.jsonl; empty → runs/<name>
     cpu: bool = False  # force CPU even when CUDA is present
+    # torch.compile of the transformer blocks; auto: off on CPU, on for CUDA with triton (device_plan.py)
+    compile: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):

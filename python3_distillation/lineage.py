@@ -27,6 +27,7 @@ VOLATILE = {
     ("train", "keep_checkpoints"), ("train", "log_every"), ("train", "run_dir"),
     ("teacher", "path"), ("student", "output_dir"), ("data", "max_eval_blocks"),
     ("distill", "teacher_cache"),  # where the cache lies; its identity is an input (teacher_cache.py)
+    ("train", "compile"),  # how the same graph runs (device_plan.py); a run may resume either way
 }
 
 

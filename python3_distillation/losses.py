@@ -8,7 +8,8 @@ with an analytic gradient. ``kd_loss`` is the DistilGPT2 soft-target term ``T² 
 positions. It walks the (N, V) rows in chunks, in fp32 whatever the input dtype, and back-propagates
 the closed-form gradient instead of an autograd graph: for one 8×128×50257 batch a naive
 ``F.kl_div`` graph keeps several 206 MB fp32 tensors alive, while this keeps only the inputs it was
-given plus a few chunk-sized temporaries (``chunk_rows × V × 4`` bytes each, 3.2 MB by default),
+given plus a few chunk-sized temporaries (``chunk_rows × V × 4`` bytes each, 3.2 MB by default on
+CPU; on CUDA few large chunks, 206 MB each: device_plan.py),
 and recomputes the two softmaxes chunk by chunk in backward. The chunks are run by
 ``chunks.map_chunks`` (on CPU, shared out to single-threaded workers); results are bit-identical for
 any thread count. The functions here hold no state.
@@ -26,20 +27,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from python3_distillation.chunks import map_chunks
+from python3_distillation.device_plan import kd_chunk_elements
 
 __all__ = ["kd_loss", "cached_kd_loss", "lm_loss", "hidden_cosine_loss", "CHUNK_ELEMENTS", "default_chunk_rows"]
 
-# Logits handled per chunk by default: 16 rows of GPT-2's 50257-token vocabulary, 3.2 MB per fp32
-# temporary, so a worker's few live temporaries stay near its core's cache (2 MB L2 per core, 32 MB
-# L3 on the 2-core dev box). Measured there, fwd+bwd of 1024 fp32 rows with 2 workers (load ~4):
-# 8 rows 0.59 s, 16 rows 0.44 s, 32 rows 0.44 s, 64 rows 0.70 s, naive graph 2.2 s. Counted in
-# elements so a tiny test vocabulary gets big chunks instead of thousands of Python iterations.
-CHUNK_ELEMENTS = 16 * 50257
+# Logits handled per chunk by default on CPU: 16 rows of GPT-2's 50257-token vocabulary, sized for
+# a core's cache (the measurement is beside the number in device_plan.py, which also holds CUDA's:
+# 1,024 rows, few large chunks instead of thousands of small kernels).
+CHUNK_ELEMENTS = kd_chunk_elements("cpu")
 
 
-def default_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk so one fp32 chunk holds about ``CHUNK_ELEMENTS`` values (at least 1 row)."""
-    return max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+def default_chunk_rows(vocab_size: int, device: torch.device | str | None = None) -> int:
+    """Rows per chunk so one fp32 chunk holds about ``device_plan.kd_chunk_elements(device)`` values
+    (``CHUNK_ELEMENTS`` on CPU and for ``device=None``; at least 1 row)."""
+    return max(1, kd_chunk_elements(device) // max(vocab_size, 1))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -204,7 +205,7 @@ def kd_loss(
             gradient. None keeps every position. An all-masked batch gives 0 with a zero gradient.
         temperature: softmax temperature T > 0.
         chunk_rows: rows processed at once (memory ≈ a few × chunk_rows × V × 4 bytes); None picks
-            ``default_chunk_rows(V)`` (16 rows for GPT-2's vocabulary).
+            ``default_chunk_rows(V, device)`` (16 rows of GPT-2's vocabulary on CPU, 1,024 on CUDA).
         beta: 0 forward KL, 1 reverse KL, in between generalized JSD.
     """
     if student_logits.shape != teacher_logits.shape:
@@ -218,7 +219,7 @@ def kd_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     vocab = student_logits.shape[-1]
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(vocab)
+        chunk_rows = default_chunk_rows(vocab, student_logits.device)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if not 0.0 <= beta <= 1.0:
@@ -340,7 +341,7 @@ def cached_kd_loss(
             (−inf when k = V).
         mask: leading shape (e.g. (B, T)); zero entries are ignored and get zero gradient.
         temperature: the student's softmax temperature T > 0 (the one the teacher was cached at).
-        chunk_rows: positions processed at once; None picks ``default_chunk_rows(V)``.
+        chunk_rows: positions processed at once; None picks ``default_chunk_rows(V, device)``.
     """
     vocab = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
@@ -355,7 +356,7 @@ def cached_kd_loss(
         raise ValueError(f"k = {k} cached tokens per position; must be in [1, {vocab}]")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    chunk_rows = default_chunk_rows(vocab) if chunk_rows is None else chunk_rows
+    chunk_rows = default_chunk_rows(vocab, student_logits.device) if chunk_rows is None else chunk_rows
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     dtype = _compute_dtype(student_logits.dtype)

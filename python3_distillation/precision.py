@@ -8,8 +8,9 @@ bf16 matmul falls to ATen's scalar fallback GEMM: measured there, 1024² matmuls
 in bf16 against 81 in fp32 (90× slower), and a teacher step took 73 s instead of 2 s. So on CPU the
 choice is a measurement, not a guess: a short timed probe of a training-shaped matmul under bf16
 autocast against fp32, once per process (a few ms; a slow first bf16 call ends it early). On CUDA
-it is the device's capability: bf16 where supported, fp16 (with loss scaling) on older GPUs with
-tensor cores, fp32 otherwise.
+it is the device's capability: bf16 where the GPU has it natively (compute capability ≥ 8.0), fp16
+(with loss scaling) on older GPUs with tensor cores (T4, V100: they only emulate bf16), fp32
+otherwise. The other per-device decisions (KL chunks, compile, TF32, syncs) are in device_plan.py.
 """
 
 from __future__ import annotations
@@ -122,11 +123,25 @@ def cpu_bf16_speedup(probe: Callable[[], float] | None = None) -> float:
     return _CPU_PROBE
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether this GPU does bf16 matmuls in hardware (CUDA compute capability ≥ 8.0: A100, L4, H100).
+
+    ``torch.cuda.is_bf16_supported()`` alone is not the answer: it defaults to
+    ``including_emulation=True`` and says True on a T4 or V100 (capability 7.x), where bf16 runs
+    emulated and far slower than fp16 on their tensor cores. It also asks about the current device;
+    the capability asked here is ``device``'s.
+    """
+    major, _ = torch.cuda.get_device_capability(device)
+    if getattr(torch.version, "hip", None):  # ROCm: torch knows per GPU architecture
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return major >= 8 and bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 def _cuda_choice(device: torch.device) -> Precision:
     name = torch.cuda.get_device_name(device)
-    if torch.cuda.is_bf16_supported():
-        return Precision("bf16", f"{name} supports bf16")
     major, minor = torch.cuda.get_device_capability(device)
+    if native_bf16(device):
+        return Precision("bf16", f"{name} (compute capability {major}.{minor}) has native bf16")
     if major >= 7:
         return Precision("fp16", f"{name} (compute capability {major}.{minor}) has fp16 tensor cores but no bf16")
     return Precision("no", f"{name} (compute capability {major}.{minor}) has neither bf16 nor fp16 tensor cores")

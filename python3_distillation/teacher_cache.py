@@ -213,10 +213,15 @@ class TeacherCache:
         """``losses.cached_kd_loss`` of the student's logits for the rows of ``block_index`` (T of the cache)."""
         from python3_distillation.losses import cached_kd_loss
 
-        ids, logp, tail = self.rows(block_index)
         device = student_logits.device
-        return cached_kd_loss(student_logits, ids.to(device, non_blocking=True), logp.to(device, non_blocking=True),
-                              tail.to(device, non_blocking=True), mask, self.temperature, chunk_rows)
+
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            # Read from disk into pageable memory: a non_blocking copy from there is synchronous, so
+            # on CUDA the rows are pinned first (then the copy is queued and the host moves on).
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+        ids, logp, tail = (to_device(t) for t in self.rows(block_index))
+        return cached_kd_loss(student_logits, ids, logp, tail, mask, self.temperature, chunk_rows)
 
     def summary(self) -> str:
         m = self.manifest
@@ -313,7 +318,11 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
         print(f"{dest}: resuming, {len(done)} of {len(shards)} shards already cached", file=sys.stderr)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
-    precision = decide(cfg.train.mixed_precision, device)
+    plan = device_plan(device, mixed_precision=cfg.train.mixed_precision)  # forward only: never compiled
+    plan.apply()
+    for line in plan.lines():
+        print(f"cache-teacher: {line}", file=sys.stderr)
+    precision = plan.precision
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.mode)
     teacher.to(device)
     batch_size = batch_size or cfg.train.batch_size

@@ -6,7 +6,9 @@
 Built on Hugging Face ``accelerate`` (device placement, bf16/fp16 autocast on CPU and CUDA, gradient
 accumulation, multi-process launch). The precision is ``train.mixed_precision`` as decided for this
 machine (``auto``: see precision.py), logged in one line at the start and recorded in the model's
-meta. Checkpoints (checkpoint.py: safetensors + JSON, no pickles, a manifest of hashes) are written
+meta; the other per-device decisions (compile, TF32, KL chunks, batch prefetch: device_plan.py) are
+logged beside it. The loss terms stay tensors on the device and are read back (one host sync) only
+every ``log_every`` steps; on CUDA the next batch is copied from pinned memory while a step runs. Checkpoints (checkpoint.py: safetensors + JSON, no pickles, a manifest of hashes) are written
 every ``save_every`` steps into a temp folder and renamed, so a kill never leaves a half checkpoint;
 ``resume=True`` continues from the newest checkpoint that verifies, and reaches the same weights as
 an uninterrupted run (data order is a pure function of the step; RNG states are restored). Resume
@@ -106,9 +108,39 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def make_batch(blocks: Blocks, idx: torch.Tensor, device) -> dict:
-    ids = blocks.ids[idx].to(device, non_blocking=True)
+def make_batch(blocks: Blocks, idx: torch.Tensor, device, pin: bool = False) -> dict:
+    """The rows ``idx`` of ``blocks`` on ``device``. ``pin`` (CUDA): gathered into pinned host memory,
+    the only kind from which ``non_blocking=True`` is an asynchronous copy (from pageable memory the
+    host waits for it)."""
+    ids = blocks.ids[idx]
+    if pin:
+        ids = ids.pin_memory().to(device, non_blocking=True)
+    else:
+        ids = ids.to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "block_index": idx}
+
+
+class BatchPrefetcher:
+    """The loop's micro-batches by number ``k`` (``indices(k)`` picks the rows). With ``prefetch`` (the
+    device plan's choice on CUDA) handing out batch k also gathers batch k+1 into pinned memory and
+    queues its copy, so the host gathers while the GPU still runs the previous step and never waits
+    on a copy. Without it (CPU) each batch is made when asked, as the loop always did."""
+
+    def __init__(self, blocks: Blocks, indices: Callable[[int], torch.Tensor], device, prefetch: bool, end: int):
+        self.blocks, self.indices, self.device, self.prefetch, self.end = blocks, indices, device, prefetch, end
+        self._ahead: tuple[int, dict] | None = None
+
+    def get(self, k: int) -> dict:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == k:
+            batch = ahead[1]
+        elif self.prefetch:
+            batch = make_batch(self.blocks, self.indices(k), self.device, pin=True)
+        else:
+            batch = make_batch(self.blocks, self.indices(k), self.device)
+        if self.prefetch and k + 1 < self.end:
+            self._ahead = (k + 1, make_batch(self.blocks, self.indices(k + 1), self.device, pin=True))
+        return batch
 
 
 @torch.no_grad()
@@ -129,29 +161,38 @@ def evaluate_loss(model, blocks: Blocks, batch_size: int, max_blocks: int, accel
     model.eval()
     n = len(blocks) if not max_blocks else min(max_blocks, len(blocks))
     device = device or (accelerator.device if accelerator else next(model.parameters()).device)
-    total, count = 0.0, 0
+    # The sum stays on the device (fp64: the same arithmetic as Python floats, so CPU results are
+    # unchanged) and is read back once, not once per batch.
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     ctx = accelerator.autocast() if accelerator else torch.autocast(device_type=torch.device(device).type, enabled=False)
     with ctx:
         for start in range(rank * batch_size, n, batch_size * world):
             batch = make_batch(blocks, torch.arange(start, min(n, start + batch_size)), device)
             logits = model(input_ids=batch["input_ids"]).logits
             tokens = batch["labels"][:, 1:].numel()
-            total += lm_loss(logits, batch["labels"]).item() * tokens
+            total += lm_loss(logits, batch["labels"]).double() * tokens
             count += tokens
     model.train(was_training)
     if world > 1:
-        sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device),
+        sums = accelerator.reduce(torch.stack([total.to(accelerator.device),
+                                               torch.tensor(float(count), dtype=torch.float64, device=accelerator.device)]),
                                   reduction="sum")
         total, count = sums.tolist()
-    return total / max(1, count)
+    return float(total) / max(1, count)
 
 
-def _mean_over_processes(accelerator, logged: dict[str, float]) -> dict[str, float]:
+def _mean_over_processes(accelerator, logged: dict[str, torch.Tensor]) -> dict[str, float]:
     """The logged terms averaged over processes: each process saw an equal share of the global batch,
     so the mean of their means is the loss of the whole batch, as one process would log it."""
     names = sorted(logged)
-    values = torch.tensor([logged[k] for k in names], dtype=torch.float64, device=accelerator.device)
+    values = torch.stack([logged[k].to(accelerator.device, torch.float64) for k in names])
     return dict(zip(names, accelerator.reduce(values, reduction="mean").tolist()))
+
+
+def _read_back(logged: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The step's accumulated terms as floats: the one host sync of a logged step."""
+    names = list(logged)
+    return dict(zip(names, torch.stack([logged[k] for k in names]).tolist())) if names else {}
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -262,7 +303,12 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
         if main:
             tqdm.write(message, file=sys.stderr)
 
-    say(f"{cfg.name}: {precision.line()}")
+    plan: DevicePlan = device_plan(accelerator.device, precision, compile=tc.compile)
+    plan.apply()
+    for line in plan.lines(tc.log_every):
+        say(f"{cfg.name}: {line}")
+    if world > 1:  # accelerate's choice by device: nccl on CUDA, gloo for CPU processes
+        say(f"{cfg.name}: processes: {world} over {torch.distributed.get_backend()}")
 
     ckpt, state = _resume_point(run_dir, fingerprint, world, tc.max_steps, say) if resume else (None, None)
     accelerator.wait_for_everyone()
@@ -280,6 +326,9 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
     if ckpt is not None:
         ckpt_io.load_model_weights(accelerator.unwrap_model(model), ckpt)
     optimizer = make_optimizer(model, tc)
+    if plan.compile:  # in place, before DDP wraps the model: names and checkpoints stay the eager ones
+        for m in (accelerator.unwrap_model(model), *extra_modules):
+            compile_blocks(m)
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics_path = run_dir / METRICS_FILE
     if ckpt is not None:
@@ -342,17 +391,21 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
+    def rows_of(k: int) -> torch.Tensor:  # micro-batch k = step · grad_accum + micro: this process's rows
+        return batch_indices(len(train_blocks), global_batch, k, tc.seed)[rank * tc.batch_size:(rank + 1) * tc.batch_size]
+
+    batches = BatchPrefetcher(train_blocks, rows_of, accelerator.device, plan.prefetch, tc.max_steps * tc.grad_accum)
     model.train()
     bar = tqdm(total=tc.max_steps, initial=step, desc=cfg.name, disable=not main, dynamic_ncols=True)
     window_tokens, window_start = 0, time.perf_counter()
     try:
         while step < tc.max_steps:
             t0 = time.perf_counter()
-            logged: dict[str, float] = {}
+            # Each term's mean over the micro-batches, kept on the device in fp64 (the arithmetic of the
+            # Python floats this used to be) and read back only when logged: no sync per micro-step.
+            logged: dict[str, torch.Tensor] = {}
             for micro in range(tc.grad_accum):
-                idx = batch_indices(len(train_blocks), global_batch, step * tc.grad_accum + micro, tc.seed)
-                idx = idx[rank * tc.batch_size:(rank + 1) * tc.batch_size]
-                batch = make_batch(train_blocks, idx, accelerator.device)
+                batch = batches.get(step * tc.grad_accum + micro)
                 with accelerator.accumulate(model), accelerator.autocast():
                     loss, terms = loss_fn(model, batch)
                     accelerator.backward(loss)
@@ -363,7 +416,10 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in {"loss": loss.detach(), **terms}.items():
-                    logged[k] = logged.get(k, 0.0) + float(v) / tc.grad_accum
+                    if k not in logged:
+                        logged[k] = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+                    v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
+                    logged[k] += v.to(accelerator.device, torch.float64) / tc.grad_accum
                 n_tok = batch["input_ids"].numel() * world
                 tokens += n_tok
                 window_tokens += n_tok
@@ -372,8 +428,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
             if on_step is not None:
                 on_step(step)
             if step % tc.log_every == 0 or step == tc.max_steps:
-                if world > 1:
-                    logged = _mean_over_processes(accelerator, logged)
+                logged = _mean_over_processes(accelerator, logged) if world > 1 else _read_back(logged)
                 now = time.perf_counter()
                 tps = window_tokens / max(1e-9, now - window_start)
                 window_tokens, window_start = 0, now

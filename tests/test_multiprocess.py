@@ -142,12 +142,13 @@ def _settings(root: Path, corpus: dict[str, Path], batch_size: int) -> list[str]
 
 
 def _launch(root: Path, args: list[str], record: Path, train_blocks: int, kill_at: int = 0,
-            processes: int = 2) -> subprocess.CompletedProcess:
+            processes: int = 2, devices: str = "") -> subprocess.CompletedProcess:
+    """``devices`` is CUDA_VISIBLE_DEVICES: empty trains on CPU over gloo, GPUs over nccl (test_cuda.py)."""
     record.mkdir(parents=True, exist_ok=True)
     wrapper = record / "wrapper.py"
     wrapper.write_text(WRAPPER)
     env = {**os.environ, "MP_RECORD_DIR": str(record), "MP_WATCH": str(root), "MP_KILL_AT": str(kill_at),
-           "MP_TRAIN_BLOCKS": str(train_blocks), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "MP_TRAIN_BLOCKS": str(train_blocks), "CUDA_VISIBLE_DEVICES": devices, "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(wrapper), *args] if processes == 1 else [
         str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
@@ -246,6 +247,7 @@ def test_only_rank_0_writes(runs):
         assert json.loads((run_dir / ckpt / "trainer_state.json").read_text())["world_size"] == 2
     # The stage printed its result once (the main process saves, the other returns).
     assert runs["two"].stdout.count("teacher saved to") == 1, runs["two"].stdout
+    assert ": processes: 2 over gloo" in runs["two"].stderr  # CPU processes: gloo (CUDA: test_cuda.py)
 
 
 def test_kill_and_resume_under_two_processes_equals_uninterrupted(runs):

@@ -1,10 +1,11 @@
-"""``scripts/realshape_cuda.py``: DistilGPT2's real shapes run (CPU smoke), refuse without CUDA, estimate.
+"""``scripts/realshape_cuda.py`` and ``scripts/gpu_check.py``: real shapes (CPU smoke), no CUDA, estimate, dry run.
 
     HF_HUB_OFFLINE=1 python -m pytest tests/test_realshape.py -q
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -66,3 +67,47 @@ def test_estimate_counts_the_step_flops_and_gpu_hours():
     assert proc.returncode == 0, proc.stderr
     hours = (3 * student + teacher) * rs.OPENWEBTEXT_TOKENS / (312e12 * rs.ASSUMED_MFU) / 3600
     assert f"| A100 | 312 | {hours:,.0f} |" in proc.stdout, proc.stdout
+
+
+GPU_CHECK = ROOT / "scripts" / "gpu_check.py"
+GPU_CHECK_KEYS = {"dry_run", "device", "device_name", "torch", "plan", "cuda_tests", "distillation", "decode", "ok",
+                  "seconds"}
+
+
+def test_gpu_check_dry_run_writes_the_same_keys(tmp_path):
+    """``make gpu-check DRY_RUN=1``: the GPU check's every step on CPU with tiny shapes (~20 s)."""
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(report) == GPU_CHECK_KEYS and report["ok"] is True and report["device"] == "cpu"
+    tests = report["cuda_tests"]
+    if not torch.cuda.is_available():  # every cuda test reports itself skipped: none may pass silently
+        assert tests["skipped"] >= 6 and tests["passed"] == tests["failed"] == tests["errors"] == 0, tests
+    d = report["distillation"]
+    assert set(d) == {"teacher_params", "student_params", "steps", "batch", "seq", "tokens_per_s", "wall_s",
+                      "model_tflops_per_s", "peak_bf16_tflops", "mfu", "precision", "peak_memory_gib", "loss_first",
+                      "loss_last"}
+    assert d["steps"] == 4 and d["tokens_per_s"] > 0 and d["student_params"] < d["teacher_params"]
+    assert d["mfu"] is None and d["peak_bf16_tflops"] is None  # a CPU has no entry in the peak table
+    assert 8 < d["loss_first"] < 40  # 5·KL·T² + 2·CE + cos of a random 50,257-way model: CE ≈ ln 50257 = 10.8
+    dec = report["decode"]
+    assert dec["batch_1"]["rows"] == 1 and dec["batch_large"]["rows"] == 4
+    assert all(dec[k][who] > 0 for k in ("batch_1", "batch_large") for who in ("project", "transformers"))
+    assert dec["hbm"]["bound_tokens_per_s_batch_1"] is None and dec["hbm"]["weight_bytes"] > 0
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert log.startswith("precision: ") and "gpu check passed" in log
+
+
+def test_gpu_check_peak_tables_name_the_gpus():
+    sys.path.insert(0, str(GPU_CHECK.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(GPU_CHECK.parent))
+    peak = lambda name: gpu_check.lookup(gpu_check.PEAK_TFLOPS, name)  # noqa: E731
+    assert peak("NVIDIA H100 80GB HBM3") == peak("NVIDIA H200") == 989.0 and peak("NVIDIA H100 PCIe") == 756.0
+    assert peak("NVIDIA A100-SXM4-80GB") == 312.0 and peak("NVIDIA L4") == 121.0 and peak("Tesla T4") == 65.0
+    assert peak("NVIDIA L40S") is None and peak("NVIDIA A10") is None  # not in the table: null, not a guess
+    hbm = lambda name: gpu_check.lookup(gpu_check.HBM_TBPS, name)  # noqa: E731
+    assert hbm("NVIDIA H100 80GB HBM3") == 3.35 and hbm("NVIDIA H200") == 4.8

@@ -4,6 +4,8 @@
 
 Pure measurements, shared by the report (report.py) and the benchmarks. Compared things are timed
 interleaved in one process (``interleaved``) so drift on a shared machine hits them all alike.
+Softmaxes and KLs run on the model's device in fp32; only the reduced sums come back to the host,
+once per call (on CPU the same operations in the same order: the same numbers as before).
 """
 
 from __future__ import annotations
@@ -91,18 +93,19 @@ def fidelity(model, reference, blocks: Blocks, batch_size: int = EVAL_BATCH) -> 
     model.eval()
     reference.eval()
     dev, ref_dev = model_device(model), model_device(reference)
-    agree, kl, count = 0, 0.0, 0
+    # Sums on the model's device (fp64, the arithmetic of the Python floats they replace), read once.
+    agree, kl, count = torch.zeros((), dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.float64, device=dev), 0
     for start in range(0, len(blocks), batch_size):
         ids = blocks.ids[torch.arange(start, min(len(blocks), start + batch_size))]
-        s = model(input_ids=ids.to(dev)).logits.float().cpu()
-        t = reference(input_ids=ids.to(ref_dev)).logits.float().cpu()
-        agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
+        s = model(input_ids=ids.to(dev)).logits.float()
+        t = reference(input_ids=ids.to(ref_dev)).logits.float().to(dev)
+        agree += (s.argmax(-1) == t.argmax(-1)).sum()
         logp_t, logp_s = F.log_softmax(t, -1), F.log_softmax(s, -1)
-        kl += (logp_t.exp() * (logp_t - logp_s)).sum().item()
+        kl += (logp_t.exp() * (logp_t - logp_s)).sum().double()
         count += ids.numel()
     model.train(was[0])
     reference.train(was[1])
-    return {"top1": agree / max(1, count), "kl": kl / max(1, count)}
+    return {"top1": int(agree) / max(1, count), "kl": float(kl) / max(1, count)}
 
 
 @torch.no_grad()
@@ -119,25 +122,32 @@ def quality(models: dict, blocks: Blocks, reference: str | None = None, batch_si
     states = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
-    sums = {k: {"loss": 0.0, "top1": 0.0, "kl": 0.0} for k in models}
+    # Each model's sums live on its device (fp64, the arithmetic of the Python floats they replace)
+    # and are read back once at the end; the reference's log-probabilities move only when a model
+    # sits on another device.
+    devices = {k: torch.device(device) if device is not None else model_device(m) for k, m in models.items()}
+    acc = {k: torch.zeros(3, dtype=torch.float64, device=devices[k]) for k in models}  # loss, top1, kl sums
     targets = positions = 0
     for start in range(0, len(blocks), batch_size):
         ids = blocks.ids[torch.arange(start, min(len(blocks), start + batch_size))]
         ref = None
         if reference is not None:
-            ref_logits = models[reference](input_ids=ids.to(device or model_device(models[reference]))).logits
-            ref = F.log_softmax(ref_logits.float().cpu(), -1)
+            ref_logits = models[reference](input_ids=ids.to(devices[reference])).logits
+            ref = F.log_softmax(ref_logits.float(), -1)
         for k, m in models.items():
-            logits = m(input_ids=ids.to(device or model_device(m))).logits.float().cpu()
-            sums[k]["loss"] += lm_loss(logits, ids).item() * ids[:, 1:].numel()
+            on = ids.to(devices[k])
+            logits = m(input_ids=on).logits.float()
+            acc[k][0] += lm_loss(logits, on).double() * ids[:, 1:].numel()
             if ref is not None and k != reference:
+                r = ref.to(logits.device)
                 logp = F.log_softmax(logits, -1)
-                sums[k]["top1"] += (logits.argmax(-1) == ref.argmax(-1)).sum().item()
-                sums[k]["kl"] += (ref.exp() * (ref - logp)).sum().item()
+                acc[k][1] += (logits.argmax(-1) == r.argmax(-1)).sum()
+                acc[k][2] += (r.exp() * (r - logp)).sum().double()
         targets += ids[:, 1:].numel()
         positions += ids.numel()
     for k, m in models.items():
         m.train(states[k])
+    sums = {k: dict(zip(("loss", "top1", "kl"), a.tolist())) for k, a in acc.items()}
     out = {}
     for k, s in sums.items():
         loss = s["loss"] / max(1, targets)

@@ -109,6 +109,51 @@ def default_device() -> torch.device:
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def dequantize_int8(model, dtype: torch.dtype = torch.float32):
+    """A plain ``GPT2LMHeadModel`` from an int8 one (quantize.py's ``Int8Linear`` layers and int8
+    embedding table), every weight ``scale · q`` computed once, in ``dtype``.
+
+    Where PyTorch's int8 weight-only kernel is missing (CUDA), the int8 layers dequantize each whole
+    weight on every call; serving there dequantizes once at load instead: the same weights, dense
+    kernels, 2× (bf16) or 4× (fp32) the memory of int8.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def dense(module) -> torch.Tensor | None:  # [out, in] = scale[:, None] · q, or None for a float module
+        table = getattr(module, "table", module)
+        q, scale = getattr(table, "qweight", None), getattr(table, "scale", None)
+        if q is None or scale is None:
+            return None
+        return scale.float()[:, None] * q.float()
+
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in ("quantization_config", "quantization_scheme")}
+    config = GPT2Config.from_dict(fields)
+    with torch.device("meta"):  # shapes only: every tensor is set below
+        plain = GPT2LMHeadModel(config)
+    source = model.state_dict()
+    state = {}
+    for key, like in plain.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied to the token embedding below, as in GPT-2
+        owner = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and (w := dense(model.get_submodule(owner))) is not None:
+            # transformers' Conv1D stores [in, out]; the embedding table is [vocab, d] like q.
+            state[key] = (w.t() if type(plain.get_submodule(owner)).__name__ == "Conv1D" else w).contiguous()
+        elif key in source:
+            state[key] = source[key].float()
+        else:
+            raise GenerationError(f"cannot dequantize: the int8 model has no {key}")
+        if tuple(state[key].shape) != tuple(like.shape):
+            raise GenerationError(f"cannot dequantize {key}: shape {tuple(state[key].shape)}, expected {tuple(like.shape)}")
+    plain.load_state_dict(state, strict=False, assign=True)
+    plain.lm_head.weight = plain.transformer.wte.weight
+    leftover = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if leftover:
+        raise GenerationError(f"cannot dequantize: nothing to fill {leftover[:3]} with")
+    plain.generation_config = model.generation_config
+    return plain.to(dtype).eval()
+
+
 class Generator:
     """A causal LM and its tokenizer, ready to complete prompts (one at a time, batched, or streamed)."""
 
@@ -148,8 +193,14 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None) -> Generator:
-        """Load a saved model folder (and its tokenizer, else GPT-2's); CUDA when available, else CPU."""
+        """Load a saved model folder (and its tokenizer, else GPT-2's); CUDA when available, else CPU.
+
+        ``dtype`` None/``auto`` keeps the folder's weights as saved (an int8 folder runs its int8
+        layers); a dtype given for an int8 folder dequantizes it once, at load, into a plain GPT-2 in
+        that dtype (what the server does on CUDA: device_plan.serving_dtype).
+        """
         from python3_distillation.models import load_model, read_meta
+        from python3_distillation.quantize import is_int8_dir
         from python3_distillation.tokenizer import is_local_tokenizer_dir, load_tokenizer
 
         path = Path(model_dir).expanduser()
@@ -158,9 +209,12 @@ class Generator:
         if not (path / "config.json").is_file():
             raise GenerationError(f"{path} is not a saved model folder (no config.json)")
         torch_dtype = resolve_dtype(dtype)
+        int8 = is_int8_dir(path)
         try:
             model = load_model(path, dtype=torch_dtype)
             meta = read_meta(path)
+            if int8 and torch_dtype is not None:
+                model = dequantize_int8(model, torch_dtype)
         except Exception as e:  # corrupt weights, unknown architecture…: one line for the user
             raise GenerationError(f"cannot load the model in {path}: {str(e).strip().splitlines()[0]}") from e
         try:
@@ -168,10 +222,13 @@ class Generator:
         except Exception as e:
             raise GenerationError(f"cannot load a tokenizer for {path}: {str(e).strip().splitlines()[0]}") from e
         try:
-            return cls(model, tokenizer, device=torch.device(device) if device else default_device(), name=path.name,
-                       meta=meta)
+            gen = cls(model, tokenizer, device=torch.device(device) if device else default_device(), name=path.name,
+                      meta=meta)
         except (RuntimeError, AssertionError) as e:  # "cuda" without CUDA, a malformed device string
             raise GenerationError(f"cannot use device {device!r}: {str(e).strip().splitlines()[0]}") from e
+        if int8 and torch_dtype is not None:
+            gen.precision = f"{DTYPE_NAMES.get(torch_dtype, str(torch_dtype))} (int8 dequantized at load)"
+        return gen
 
     # ------------------------------------------------------------------------------------- prompts
 

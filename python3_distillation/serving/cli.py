@@ -39,6 +39,10 @@ def build_parser(default_model: str) -> argparse.ArgumentParser:
     parser.add_argument("--host", default=d.host, help="bind address (default %(default)s; 0.0.0.0 to expose)")
     parser.add_argument("--port", type=int, default=d.port, help="default %(default)s")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best available)")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default=os.environ.get("DISTILL_DTYPE", d.dtype),
+                        help="weights' dtype: auto = bf16 on GPUs with native bf16, fp16 on older ones, fp32 on CPU; "
+                             "int8 folders stay int8 on CPU and are dequantized once on CUDA (default %(default)s, "
+                             "$DISTILL_DTYPE)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="accept this Host header too (repeatable; '*' accepts any)")
     parser.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows,
@@ -56,7 +60,7 @@ def build_parser(default_model: str) -> argparse.ArgumentParser:
 def config_from(args: argparse.Namespace) -> ServeConfig:
     dirs = [str(model_arg(args.model)), *(str(model_arg(c)) for c in args.compare)]
     return ServeConfig(model_dirs=[] if args.backend else dirs, host=args.host,
-                       port=args.port, device=args.device, max_batch_rows=args.max_batch_rows,
+                       port=args.port, device=args.device, dtype=args.dtype, max_batch_rows=args.max_batch_rows,
                        max_queue=args.max_queue, max_prompts=args.max_prompts, time_limit_s=args.time_limit,
                        batching=args.batching, allowed_hosts=args.allowed_host, backend_url=args.backend).validate()
 

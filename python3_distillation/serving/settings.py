@@ -26,6 +26,10 @@ class ServeConfig:
     host: str = "127.0.0.1"  # the bind address: also allowed as a Host header
     port: int = 6006
     device: str | None = None
+    # Weights' dtype: auto = bf16 on GPUs with native bf16, fp16 on older tensor-core GPUs, fp32 on
+    # CPU; an int8 folder stays int8 on CPU and is dequantized once to that dtype on CUDA
+    # (device_plan.serving_dtype).
+    dtype: str = "auto"
     max_body_bytes: int = 1 << 20  # larger bodies → 413
     max_prompts: int = 16  # rows per request (prompts × n) → 422 past it
     max_batch_rows: int = 32  # rows decoding together; requests join as rows free up
@@ -43,6 +47,7 @@ class ServeConfig:
     ENV = {  # environment variable → field, for wsgi.py and the Docker images
         "DISTILL_HOST": "host",
         "DISTILL_DEVICE": "device",
+        "DISTILL_DTYPE": "dtype",
         "DISTILL_MAX_BODY_BYTES": "max_body_bytes",
         "DISTILL_MAX_PROMPTS": "max_prompts",
         "DISTILL_MAX_BATCH_ROWS": "max_batch_rows",
@@ -71,6 +76,10 @@ class ServeConfig:
         if self.max_prompts > self.max_batch_rows:
             raise ValueError(f"max_prompts ({self.max_prompts}) cannot exceed max_batch_rows ({self.max_batch_rows}): "
                              "a request's rows join the batch together")
+        from python3_distillation.device_plan import SERVING_DTYPES
+
+        if self.dtype not in SERVING_DTYPES:
+            raise ValueError(f"ServeConfig.dtype must be one of {', '.join(SERVING_DTYPES)}, got {self.dtype!r}")
         if self.batching not in {"continuous", "static"}:
             raise ValueError(f"ServeConfig.batching must be 'continuous' or 'static', got {self.batching!r}")
         if self.backend_url and not self.backend_url.startswith(("http://", "https://")):

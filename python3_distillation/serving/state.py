@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from python3_distillation.generation import Generator
 from python3_distillation.serving.batching import Batcher
 from python3_distillation.serving.errors import ApiError, invalid
@@ -62,13 +64,29 @@ class ServingState:
         try:
             generators = {}
             for d in self.config.model_dirs:
-                gen = Generator.from_pretrained(d, device=self.config.device)
+                dtype, why = self.weights_dtype(Path(d))
+                gen = Generator.from_pretrained(d, device=self.config.device, dtype=dtype)
+                gen.dtype_reason = why
+                log.info("%s: dtype %s — %s", Path(d).name, gen.precision, why)
                 generators[self._unique(generators, gen.name or Path(d).name)] = (gen, Path(d))
             self.install(generators)
         except Exception as e:
             self.load_error = public(f"model loading failed: {type(e).__name__}: {e}")
             log.error("model loading failed: %s: %s", type(e).__name__, e)
             raise
+
+    def weights_dtype(self, folder: Path) -> tuple[torch.dtype | None, str]:
+        """The dtype to load ``folder`` in on this server's device, and why (device_plan.serving_dtype):
+        int8 is a CPU format here; on CUDA an int8 folder is served dequantized once at load."""
+        from python3_distillation.device_plan import serving_dtype
+        from python3_distillation.generation import default_device
+        from python3_distillation.quantize import is_int8_dir
+
+        try:
+            device = torch.device(self.config.device) if self.config.device else default_device()
+        except RuntimeError:  # a malformed device string: Generator.from_pretrained says so in one line
+            return None, "device unknown"
+        return serving_dtype(self.config.dtype, device, int8=is_int8_dir(folder))
 
     def install(self, generators: Mapping[str, Generator | tuple[Generator, Path | None]]) -> None:
         gens, info, batchers = {}, {}, {}
@@ -155,7 +173,8 @@ def describe(name: str, gen: Generator, folder: Path | None) -> dict[str, Any]:
         if folder and folder.is_dir() else None
     return {"id": name, "n_params": int(gen.n_params), "size_bytes": int(size), "size": human_bytes(size),
             "disk_bytes": disk, "context_length": int(gen.context_length), "device": str(gen.device),
-            "precision": gen.precision, "n_layer": getattr(gen.model.config, "n_layer", None)}
+            "precision": gen.precision, "precision_reason": getattr(gen, "dtype_reason", None),
+            "n_layer": getattr(gen.model.config, "n_layer", None)}
 
 
 def human_bytes(n: float) -> str:
