@@ -72,6 +72,11 @@ distill-v2-narrow: setup
 quantize-v2: setup
 	$(PY) -m python3_distillation quantize python3_distillation/gpt2_student_v2
 
+# v2 for other engines (seconds): python3_distillation/gpt2_student_v2-q8_0.gguf and gpt2_student_v2_onnx/
+export-v2: setup
+	$(PY) -m python3_distillation export python3_distillation/gpt2_student_v2 --to gguf --type q8_0
+	$(PY) -m python3_distillation export python3_distillation/gpt2_student_v2 --to onnx
+
 report: setup
 	$(PY) -m python3_distillation report
 

@@ -7,6 +7,7 @@
     gpt2-distill cache-teacher --config v2    # the teacher's top-k once, for distill.teacher_cache=DIR (offline KD)
     gpt2-distill report                       # teacher / v1 / v2 / CE-only v2 side by side
     gpt2-distill quantize MODEL_DIR [--out D] # int8 copy of a model folder (MODEL_DIR_int8)
+    gpt2-distill export MODEL_DIR --to gguf   # for llama.cpp / Ollama (--type f32|f16|q8_0); --to onnx [--int8]
     gpt2-distill prune MODEL_DIR --target 0.5 # fewer blocks / MLP neurons by measured importance (MODEL_DIR_pruned50)
     gpt2-distill augment --n-samples 512      # teacher-sampled continuations of training prompts → JSONL
     gpt2-distill infer "It is a truth"        # generate (see `gpt2-distill infer --help`)
@@ -129,6 +130,12 @@ def cmd_quantize(argv: list[str]) -> int:
     return quantize_main(argv)
 
 
+def cmd_export(argv: list[str]) -> int:
+    from python3_distillation.export import main as export_main
+
+    return export_main(argv)
+
+
 def cmd_prune(argv: list[str]) -> int:
     from python3_distillation.prune import main as prune_main
 
@@ -161,6 +168,7 @@ COMMANDS = {
     "cache-teacher": cmd_cache_teacher,
     "report": cmd_report,
     "quantize": cmd_quantize,
+    "export": cmd_export,
     "prune": cmd_prune,
     "augment": cmd_augment,
     "infer": cmd_infer,

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_write_text", "atomic_write_bytes", "fsync_tree", "sha256_file"]
+__all__ = ["atomic_dir", "atomic_file", "reporting_disk_full", "atomic_write_text", "atomic_write_bytes", "fsync_tree", "sha256_file"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -109,8 +109,44 @@ def publish_dir(tmp: Path, dest: Path) -> None:
     _fsync_path(dest.parent)
 
 
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # safetensors (a Rust I/O error) and torch's stream writer report the OS error only in the message.
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: str | Path) -> Iterator[Path]:
+def reporting_disk_full(what: str, where: str | Path, need: int | None = None,
+                        intact: str = "what was there before is unchanged") -> Iterator[None]:
+    """Turn a full disk (or quota) inside the block into one line a user can act on: what was being
+    written, where, about how much it needs and how much is free, and what is still intact."""
+    try:
+        yield
+    except BaseException as e:
+        if not _is_disk_full(e):
+            raise
+        from python3_distillation.errors import DiskFullError
+
+        where = Path(where)
+        probe = next((p for p in (where, *where.parents) if p.exists()), Path("."))
+        free = shutil.disk_usage(probe).free
+        needs = f"needs about {_size(need)}, " if need else ""
+        raise DiskFullError(f"out of disk space writing {what} to {where} ({needs}{_size(free)} free there); "
+                            f"{intact}; free some space and run the command again") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path, what: str = "files", need: int | None = None) -> Iterator[Path]:
     """``with atomic_dir(out) as tmp: write into tmp`` → on success ``tmp`` replaces ``out`` atomically.
 
     The temporary folder sits beside ``dest`` (same file system, so the rename is atomic) and is
@@ -120,32 +156,44 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-tmp-", dir=dest.parent))
     try:
-        yield tmp
-        publish_dir(tmp, dest)
+        with reporting_disk_full(what, dest, need, f"{dest} is unchanged"):
+            yield tmp
+            publish_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a synced temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+@contextlib.contextmanager
+def atomic_file(dest: str | Path, what: str = "a file", need: int | None = None) -> Iterator[Path]:
+    """``with atomic_file(out) as tmp: write the file tmp`` → on success ``tmp`` replaces ``out`` in one rename.
+
+    For writers that want a path rather than bytes (GGUF, ONNX). The temporary file sits beside
+    ``dest`` and is removed if the block raises; ``dest`` is untouched until the block has finished.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        with reporting_disk_full(what, dest, need, f"{dest} is unchanged"):
+            yield tmp
+            _fsync_path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, dest)
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
-    _fsync_path(path.parent)
-    return path
+    _fsync_path(dest.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a synced temp file and a rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

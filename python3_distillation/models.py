@@ -252,6 +252,19 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def with_converter_fields(config: dict) -> dict:
+    """``config.json`` plus the fields model converters read but transformers 5 no longer writes for GPT-2.
+
+    llama.cpp's ``convert_hf_to_gguf.py`` reads ``n_ctx`` (GPT-2's original name for the context
+    length) and stops with ``KeyError: 'n_ctx'`` without it. transformers reads it back as a plain
+    extra attribute: no weight or behaviour changes.
+    """
+    config = dict(config)
+    if "n_positions" in config:
+        config.setdefault("n_ctx", config["n_positions"])
+    return config
+
+
 def save_model(model, tokenizer, out_dir: str | Path, cfg: RunConfig | None = None, meta: dict | None = None,
                card: str | None = None, training_log: str | None = None) -> Path:
     """``save_pretrained`` model + tokenizer + resolved config + lineage (+ the training log), atomically."""

@@ -16,15 +16,31 @@ CPU at batch 1, the 50,257 × 256 LM head took 189 µs against 1,674 µs in fp32
 shapes (its CPU path dequantizes), so torchao's kernels are not used. Where the int8 kernel is
 missing (some devices), the weights are dequantized per call instead: the same numbers, slower.
 
-On-disk format (a folder like every other model folder):
-- ``config.json``: GPT-2's config plus ``quantization_config = {"quant_method": "gpt2_distill_int8", ...}``;
-- ``model.int8.safetensors``: ``<module>.qweight`` (int8, [out, in]), ``<module>.scale`` (fp32, [out]),
-  ``<module>.bias``, and the fp32 rest under their transformers names;
+On-disk format: compressed-tensors' ``int-quantized`` (the format llm-compressor writes), so plain
+transformers opens the folder too:
+- ``config.json``: GPT-2's config plus ``quantization_config = {"quant_method": "compressed-tensors",
+  "format": "int-quantized", "config_groups": {"group_0": {"targets": [the four block projections,
+  + wte], "weights": {"num_bits": 8, "type": "int", "symmetric": true, "strategy": "channel"}}},
+  "dequantize": true, ...}``;
+- ``model.safetensors``: each block projection's ``<module>.weight`` as int8 in GPT-2's own ``Conv1D``
+  layout [in, out] with ``<module>.weight_scale`` fp32 [1, out] (one per output column); the tied
+  table ``transformer.wte.weight`` int8 [vocab, d] with ``weight_scale`` [vocab, 1]; the fp32 rest
+  under transformers' names;
 - tokenizer, ``distill_meta.json`` (source folder and its weights hash, measured size, perplexity,
   speed), ``README.md`` card, the source's ``distill_config.yaml``.
-transformers' ``AutoModelForCausalLM.from_pretrained`` does not know this method: it warns and
-stops with "no file named model.safetensors". The project's loader (``models.load_model``, used by
-the inference scripts, the server, the report and the Docker images) loads it.
+
+``AutoModelForCausalLM.from_pretrained(DIR)`` loads it through compressed-tensors: ``dequantize:
+true`` is needed because compressed-tensors 0.20 cannot run GPT-2's ``Conv1D`` compressed (without it
+transformers 5.25 loads the int8 weights into the ``Conv1D`` and the forward fails with "self and
+mat2 must have the same dtype"); the weights become fp32 ``scale * q`` at load time — exactly the
+dequantized int8 model (tested), with the fp32 model's speed and memory. The project's loader
+(``models.load_model``: the inference scripts, the server, the report, the Docker images) keeps
+them int8 and runs the kernel above; its logits differ from transformers' by the bf16 activations
+only (tests/test_export.py states the tolerance).
+
+Folders written before this format (``quant_method = "gpt2_distill_int8"``, ``model.int8.safetensors``)
+still load in the project; ``gpt2-distill quantize OLD_INT8_DIR`` rewrites one in this format in
+place, losslessly (the same int8 numbers and scales).
 """
 
 from __future__ import annotations
@@ -42,10 +58,17 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-QUANT_METHOD = "gpt2_distill_int8"
-WEIGHTS_FILE = "model.int8.safetensors"
+QUANT_METHOD = "compressed-tensors"
+CT_FORMAT = "int-quantized"  # int8 values stored as int8, one scale per channel (compressed-tensors' name)
+WEIGHTS_FILE = "model.safetensors"
+LEGACY_METHOD = "gpt2_distill_int8"  # the project's own format before compressed-tensors
+LEGACY_WEIGHTS_FILE = "model.int8.safetensors"
 SCHEME = "int8"
 BLOCK_PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# compressed-tensors matches targets against module names (``re:`` = Python regex from the start).
+_TARGETS = {proj: "re:.*" + proj.replace(".", r"\.") + "$" for proj in BLOCK_PROJECTIONS}
+_TABLE_TARGET = r"re:.*transformer\.wte$"
+_WEIGHT_ARGS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,28 +200,70 @@ def quantize_model(model, head: bool = True):
     return model
 
 
-def is_int8_dir(path: str | Path) -> bool:
+def quantization_config(path: str | Path) -> dict:
+    """The ``quantization_config`` of a folder's config.json ({} when none, or no readable config)."""
     f = Path(path) / "config.json"
     if not f.exists():
-        return False
+        return {}
     try:
         q = json.loads(f.read_text()).get("quantization_config") or {}
     except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return q if isinstance(q, dict) else {}
+
+
+def _is_ours(q: dict) -> bool:
+    """A compressed-tensors config with exactly this module's scheme (int8 weights per channel, no activations)."""
+    groups = q.get("config_groups") or {}
+    if q.get("quant_method") != QUANT_METHOD or len(groups) != 1:
         return False
-    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
+    (group,) = groups.values()
+    weights = group.get("weights") or {}
+    return (group.get("input_activations") is None and q.get("format") == CT_FORMAT
+            and all(weights.get(k) == v for k, v in _WEIGHT_ARGS.items() if k != "dynamic")
+            and set(_TARGETS.values()) <= set(group.get("targets") or []))
 
 
-def _state(model) -> dict[str, torch.Tensor]:
-    """Tensors to save: int8 modules under their names (the shared table once), everything else as is."""
+def is_int8_dir(path: str | Path) -> bool:
+    """An int8 folder this module wrote (either format): the project loads it with ``load_int8``."""
+    q = quantization_config(path)
+    return q.get("quant_method") == LEGACY_METHOD or _is_ours(q)
+
+
+def _serialized(model) -> dict[str, torch.Tensor]:
+    """The tensors of the compressed-tensors file (layout in the module docstring)."""
     out: dict[str, torch.Tensor] = {}
-    seen: set[tuple] = set()
+    skip: list[str] = ["lm_head."]  # the LM head is the embedding table (tied): stored once, as the embedding
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Embedding):
+            out[f"{name}.weight"] = module.table.qweight.contiguous()  # [vocab, d]: a row per token
+            out[f"{name}.weight_scale"] = module.table.scale[:, None].contiguous()
+            skip.append(f"{name}.")
+        elif isinstance(module, Int8Linear) and not name.endswith(".table"):
+            out[f"{name}.weight"] = module.qweight.t().contiguous()  # back to Conv1D's [in, out]
+            out[f"{name}.weight_scale"] = module.scale[None, :].contiguous()  # one per output column
+            if module.bias is not None:
+                out[f"{name}.bias"] = module.bias.contiguous()
+            skip.append(f"{name}.")
     for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape))
-        if name.startswith("lm_head.") or key in seen:
-            continue  # the LM head is the embedding table (tied): stored once, under the embedding's name
-        seen.add(key)
-        out[name] = t.detach().contiguous().cpu()
-    return out
+        if not name.startswith(tuple(skip)):
+            out[name] = t.detach().contiguous().cpu()
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def _internal(state: dict[str, torch.Tensor], n_layer: int, head: bool) -> dict[str, torch.Tensor]:
+    """compressed-tensors names → this module's (``qweight`` [out, in], ``scale`` [out])."""
+    state = dict(state)
+    for i in range(n_layer):
+        for proj in BLOCK_PROJECTIONS:
+            name = f"transformer.h.{i}.{proj}"
+            if f"{name}.weight_scale" in state:
+                state[f"{name}.qweight"] = state.pop(f"{name}.weight").t().contiguous()
+                state[f"{name}.scale"] = state.pop(f"{name}.weight_scale").reshape(-1).float().contiguous()
+    if head and "transformer.wte.weight_scale" in state:
+        state["transformer.wte.table.qweight"] = state.pop("transformer.wte.weight").contiguous()
+        state["transformer.wte.table.scale"] = state.pop("transformer.wte.weight_scale").reshape(-1).float()
+    return state
 
 
 def save_int8(model, tokenizer, out_dir: str | Path, source: Path, meta: dict, card: str,
@@ -207,16 +272,24 @@ def save_int8(model, tokenizer, out_dir: str | Path, source: Path, meta: dict, c
     from safetensors.torch import save_file
 
     from python3_distillation.fsio import atomic_dir
-    from python3_distillation.models import META_FILE
+    from python3_distillation.models import META_FILE, with_converter_fields
 
     config = model.config.to_dict()
-    config["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": 8, "scheme": "symmetric per-output-channel",
-                                     "modules": list(BLOCK_PROJECTIONS) + (["wte+lm_head (tied)"] if head else []),
-                                     "kernel": "aten._weight_int8pack_mm (bf16 activations)"}
+    config.pop("quantization_scheme", None)  # set on loaded int8 models; not a GPT-2 field
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD, "format": CT_FORMAT, "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": list(_TARGETS.values()) + ([_TABLE_TARGET] if head else []),
+                                      "weights": dict(_WEIGHT_ARGS), "input_activations": None,
+                                      "output_activations": None, "format": CT_FORMAT}},
+        "ignore": ["lm_head"], "kv_cache_scheme": None,
+        # transformers: dequantize at load time (compressed-tensors cannot run Conv1D compressed).
+        "dequantize": True}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_file(_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": QUANT_METHOD})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        # "format": "pt" is what transformers' own safetensors files carry.
+        save_file(_serialized(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(with_converter_fields(config), indent=2, sort_keys=True) + "\n",
+                                         encoding="utf-8")
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name in ("distill_config.yaml", "training_log.jsonl"):
@@ -228,7 +301,7 @@ def save_int8(model, tokenizer, out_dir: str | Path, source: Path, meta: dict, c
 
 
 def load_int8(path: str | Path):
-    """An int8 folder as a GPT2LMHeadModel whose matmuls are ``Int8Linear`` (eval mode)."""
+    """An int8 folder (either format) as a GPT2LMHeadModel whose matmuls are ``Int8Linear`` (eval mode)."""
     from safetensors.torch import load_file
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -237,9 +310,14 @@ def load_int8(path: str | Path):
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
     qcfg = config.pop("quantization_config")
-    head = any(m.startswith("wte") for m in qcfg.get("modules", []))
-    if not (path / WEIGHTS_FILE).exists():
-        raise ModelError(f"{path}: an int8 folder without {WEIGHTS_FILE}")
+    legacy = qcfg.get("quant_method") == LEGACY_METHOD
+    if legacy:
+        head = any(m.startswith("wte") for m in qcfg.get("modules", []))
+    else:
+        head = _TABLE_TARGET in next(iter(qcfg["config_groups"].values()))["targets"]
+    weights_file = LEGACY_WEIGHTS_FILE if legacy else WEIGHTS_FILE
+    if not (path / weights_file).exists():
+        raise ModelError(f"{path}: an int8 folder without {weights_file}")
     gpt2 = GPT2Config.from_dict(config)
     with torch.device("meta"):  # shapes only: every tensor comes from the file below
         model = GPT2LMHeadModel(gpt2)
@@ -255,21 +333,23 @@ def load_int8(path: str | Path):
         model.lm_head = Int8LMHead(table)
     # Fresh (aligned) copies: tensors viewed straight from the file can be misaligned for the int8
     # kernel's vector loads, which crashed the process instead of raising.
-    state = {k: v.clone() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    state = {k: v.clone() for k, v in load_file(str(path / weights_file)).items()}
+    if not legacy:
+        state = _internal(state, gpt2.n_layer, head)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
-        raise ModelError(f"{path}: {WEIGHTS_FILE} does not fit its config.json ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"{path}: {weights_file} does not fit its config.json ({str(e).splitlines()[0]})") from None
     # The LM head is the embedding table (tied), stored once under the embedding's name.
     missing = [k for k in missing if not k.startswith("lm_head.")]
     if missing or unexpected:
-        raise ModelError(f"{path}: {WEIGHTS_FILE} does not fit its config.json "
+        raise ModelError(f"{path}: {weights_file} does not fit its config.json "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if not head:
         model.lm_head.weight = model.transformer.wte.weight
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
-        raise ModelError(f"{path}: {WEIGHTS_FILE} lacks {leftover[:3]}")
+        raise ModelError(f"{path}: {weights_file} lacks {leftover[:3]}")
     model.generation_config.pad_token_id = gpt2.eos_token_id
     model.config.quantization_scheme = SCHEME
     return model.eval()
@@ -292,6 +372,8 @@ def run_quantize(src: str | Path, out: str | Path | None = None, head: bool = Tr
     src = Path(src)
     if not is_model_dir(src):
         raise ModelError(f"{src}: not a model folder (no config.json); train one first (`make run`)")
+    if quantization_config(src).get("quant_method") == LEGACY_METHOD:
+        return rewrite_legacy(src, out)
     if is_int8_dir(src):
         raise ModelError(f"{src}: already an int8 model")
     out = Path(out) if out else default_out(src)
@@ -321,6 +403,25 @@ def run_quantize(src: str | Path, out: str | Path | None = None, head: bool = Tr
     return out
 
 
+def rewrite_legacy(src: str | Path, out: str | Path | None = None) -> Path:
+    """A ``gpt2_distill_int8`` folder rewritten in the compressed-tensors format (in place by default):
+    the same int8 numbers and scales, so the project's logits do not change."""
+    from python3_distillation.models import read_meta
+    from python3_distillation.tokenizer import load_tokenizer
+
+    src = Path(src)
+    out = Path(out) if out else src
+    model = load_int8(src)  # everything is in memory before the folder is replaced
+    tokenizer = load_tokenizer(src)
+    card = (src / "README.md").read_text(encoding="utf-8") if (src / "README.md").exists() else ""
+    meta = read_meta(src)
+    head = isinstance(model.transformer.wte, Int8Embedding)
+    meta.setdefault("quantization", {}).update(method=QUANT_METHOD, rewritten_from=LEGACY_METHOD)
+    save_int8(model, tokenizer, out, src, meta, card, head)
+    print(f"{src}: rewritten as a compressed-tensors int8 folder at {out} (same int8 weights)")
+    return out
+
+
 def _measure(qmodel, fmodel, src: Path, max_blocks: int = 32) -> dict:
     """Perplexity of both and their top-1 agreement on the source's validation blocks (when its data is here)."""
     from python3_distillation.config import saved_config
@@ -345,8 +446,9 @@ def _measure(qmodel, fmodel, src: Path, max_blocks: int = 32) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpt2-distill quantize", description=__doc__.splitlines()[0])
-    p.add_argument("model", metavar="MODEL_DIR", help="a model folder (e.g. python3_distillation/gpt2_student_v2)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: MODEL_DIR_int8)")
+    p.add_argument("model", metavar="MODEL_DIR", help="a model folder (e.g. python3_distillation/gpt2_student_v2); "
+                   "an int8 folder of the old gpt2_distill_int8 format is rewritten in the standard one")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: MODEL_DIR_int8; an old int8 folder: itself)")
     p.add_argument("--keep-head-fp32", action="store_true",
                    help="leave the tied embedding / LM head in fp32 (larger file, slightly closer to fp32)")
     p.add_argument("--no-measure", action="store_true", help="skip the perplexity/agreement measurement")

@@ -81,6 +81,18 @@ def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: di
         "```",
         "",
     ]
+    if meta.get("quantization"):
+        lines += [
+            "int8 weights (one scale per output channel) in the compressed-tensors format: the snippet above "
+            "needs the `compressed-tensors` package and gives fp32 weights equal to scale × int8 (fp32 speed). "
+            "To keep them int8 and decode with the int8 kernel, load it with this project:",
+            "",
+            "```python",
+            "from python3_distillation.models import load_model",
+            f'model = load_model("{folder}")',
+            "```",
+            "",
+        ]
     if cfg is not None:
         lines.append("The resolved training config is in `distill_config.yaml` beside this card.")
     return "\n".join(lines) + "\n"

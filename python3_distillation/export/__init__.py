@@ -1,0 +1,132 @@
+"""Run a student elsewhere: a model folder as a GGUF file (llama.cpp, Ollama) or an ONNX decoder (ONNX Runtime).
+
+    gpt2-distill export python3_distillation/gpt2_student_v2 --to gguf --type q8_0   # → gpt2_student_v2-q8_0.gguf
+    gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx [--int8]      # → gpt2_student_v2_onnx/
+
+The source is any fp32 folder the project writes (teacher, v1, v2, narrow, pruned: transformers'
+GPT-2 ``save_pretrained`` folders). An int8 folder is refused: its weights are already rounded, so a
+GGUF or ONNX made from it would be rounded twice; export the fp32 folder it came from and choose the
+8-bit type of the target (``--type q8_0``, ``--int8``). The int8 folder itself opens in transformers
+(compressed-tensors: see quantize.py). Outputs appear complete or not at all (a temp file or folder
+beside them, then one rename). Formats: ``to_gguf.py`` and ``to_onnx.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from python3_distillation.errors import BadInput, ModelError
+
+TARGETS = ("gguf", "onnx")
+
+
+def default_out(src: Path, to: str, kind: str) -> Path:
+    if to == "gguf":
+        return src.with_name(f"{src.name}-{kind}.gguf")
+    return src.with_name(f"{src.name}_onnx" + ("_int8" if kind == "int8" else ""))
+
+
+def _load_source(src: Path):
+    """The fp32 model and tokenizer of ``src``, or a one-line ModelError saying why not."""
+    from python3_distillation.models import check_vocab, is_model_dir, load_model
+    from python3_distillation.quantize import quantization_config
+    from python3_distillation.tokenizer import is_local_tokenizer_dir, load_tokenizer
+
+    if not is_model_dir(src):
+        raise ModelError(f"{src}: not a model folder (no config.json); train one first (`make run`)")
+    q = quantization_config(src)
+    if q:
+        raise ModelError(f"{src}: a quantized folder ({q.get('quant_method')}); export the fp32 folder it was made "
+                         "from, and pick the 8-bit type there (--type q8_0 for GGUF, --int8 for ONNX)")
+    import torch
+
+    model = load_model(src, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(src if is_local_tokenizer_dir(src) else "gpt2")
+    check_vocab(tokenizer, model)
+    return model, tokenizer
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the minutes of work when the output's folder cannot be made or written."""
+    import os
+
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"{out}: cannot write there ({parent} is a file, not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{out}: cannot write there ({parent} is not writable)")
+
+
+@contextlib.contextmanager
+def _written(what: str, out: Path) -> Iterator[None]:
+    """OS errors while writing the output (unwritable folder, a file in the way) as one-line input errors."""
+    try:
+        yield
+    except OSError as e:
+        raise BadInput(f"{out}: cannot write the {what} ({e.strerror or e})") from None
+
+
+def run_export(src: str | Path, to: str, kind: str | None = None, out: str | Path | None = None) -> Path:
+    """Export the model folder ``src`` to ``to`` (gguf: kind f32/f16/q8_0; onnx: kind fp32/int8) → the output path."""
+    from python3_distillation.export.to_gguf import TYPES
+
+    src = Path(src)
+    if to not in TARGETS:
+        raise BadInput(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
+    kind = kind or ("f32" if to == "gguf" else "fp32")
+    allowed = TYPES if to == "gguf" else ("fp32", "int8")
+    if kind not in allowed:
+        raise BadInput(f"--type {kind!r} for {to}: expected one of {', '.join(allowed)}")
+    out = Path(out) if out else default_out(src, to, kind)
+    if out.resolve() == src.resolve():
+        raise BadInput("--out must differ from the source folder")
+    _check_writable(out)
+    model, tokenizer = _load_source(src)
+    if to == "gguf":
+        from python3_distillation.export.to_gguf import write_gguf
+
+        with _written("GGUF file", out):
+            write_gguf(model, tokenizer, out, kind, name=src.name)
+        print(f"GGUF ({kind}) written to {out}: {out.stat().st_size / 1e6:.1f} MB")
+        return out
+    from python3_distillation.export.to_onnx import ONNX_FILE, export_onnx_file, quantize_onnx
+    from python3_distillation.fsio import atomic_dir
+    from python3_distillation.models import with_converter_fields
+
+    with _written("ONNX folder", out), atomic_dir(out) as tmp:
+        if kind == "int8":
+            export_onnx_file(model, tmp / "model_fp32.onnx")
+            quantize_onnx(tmp / "model_fp32.onnx", tmp / ONNX_FILE)
+            for f in tmp.glob("model_fp32.onnx*"):
+                f.unlink()
+        else:
+            export_onnx_file(model, tmp / ONNX_FILE)
+        (tmp / "config.json").write_text(json.dumps(with_converter_fields(model.config.to_dict()), indent=2,
+                                                    sort_keys=True) + "\n", encoding="utf-8")
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    size = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+    print(f"ONNX decoder ({kind}, KV cache) written to {out}: {size / 1e6:.1f} MB")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gpt2-distill export", description=__doc__.splitlines()[0])
+    p.add_argument("model", metavar="MODEL_DIR",
+                   help="an fp32 model folder (e.g. python3_distillation/gpt2_student_v2)")
+    p.add_argument("--to", required=True, choices=TARGETS, help="gguf (llama.cpp, Ollama) or onnx (ONNX Runtime)")
+    p.add_argument("--type", dest="kind", metavar="TYPE",
+                   help="gguf: f32 (default), f16 or q8_0; onnx: fp32 (default) or int8")
+    p.add_argument("--int8", action="store_true", help="onnx: the same as --type int8 (ONNX Runtime quantize_dynamic)")
+    p.add_argument("--out", metavar="PATH", help="output file (gguf) or folder (onnx); default beside MODEL_DIR")
+    args = p.parse_args(argv)
+    if args.int8 and (args.to != "onnx" or args.kind not in (None, "int8")):
+        raise BadInput("--int8 is for --to onnx (for GGUF use --type q8_0)")
+    run_export(args.model, args.to, "int8" if args.int8 else args.kind, args.out)
+    return 0

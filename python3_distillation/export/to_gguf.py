@@ -1,0 +1,159 @@
+"""A model folder as one GGUF file (llama.cpp, Ollama, LM Studio), written with llama.cpp's own ``gguf`` package.
+
+    gpt2-distill export python3_distillation/gpt2_student_v2 --to gguf --type q8_0   # → ..._v2-q8_0.gguf
+    llama-cli -m python3_distillation/gpt2_student_v2-q8_0.gguf -p "It is a truth" -n 64 --temp 0
+
+What llama.cpp's ``gpt2`` architecture reads, and how a transformers GPT-2 folder maps onto it (the
+same mapping as llama.cpp's ``convert_hf_to_gguf.py``):
+- metadata ``gpt2.context_length`` (``n_positions``), ``embedding_length``, ``block_count``,
+  ``feed_forward_length`` (the real MLP width: ``n_inner``, or 4·``n_embd`` when unset — a pruned or
+  narrow student has its own), ``attention.head_count``, ``attention.layer_norm_epsilon``,
+  ``general.file_type``;
+- the tokenizer: model ``gpt2`` (byte-level BPE), pre-tokenizer ``gpt-2``, every token by id, its type
+  (special tokens such as ``<|endoftext|>`` are CONTROL), the merges in rank order, bos/eos ids, and
+  ``add_bos_token = false`` (GPT-2 prompts start without one, as in transformers);
+- tensors by ``gguf``'s own name map (``transformer.h.3.attn.c_attn`` → ``blk.3.attn_qkv``). GPT-2's
+  ``Conv1D`` stores weights [in, out]; GGUF wants [out, in] rows, so those four are transposed. The
+  LM head is the token embedding (tied) and is not written: llama.cpp uses ``token_embd`` for the
+  output when ``output.weight`` is absent.
+
+Types: ``f32`` exact; ``f16`` rounds every 2-D weight to half precision; ``q8_0`` stores every 2-D
+weight in blocks of 32 values with one f16 scale (8.5 bits a value; a row whose length is not a
+multiple of 32 falls back to f16, as llama.cpp's converter does). Position embeddings, norms and
+biases stay f32 in every type (llama.cpp's converter keeps them so too).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from python3_distillation.errors import ModelError
+
+TYPES = ("f32", "f16", "q8_0")
+# Activations llama.cpp's gpt2 graph computes: GELU with the tanh approximation.
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def check_supported(config) -> None:
+    """Refuse GPT-2 variants llama.cpp's ``gpt2`` graph would run differently (it would load and decode wrongly)."""
+    unsupported = []
+    if config.activation_function not in _GELU_TANH:
+        unsupported.append(f"activation_function={config.activation_function!r} (llama.cpp computes tanh-GELU)")
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        unsupported.append("scale_attn_by_inverse_layer_idx=true")
+    if not getattr(config, "scale_attn_weights", True):
+        unsupported.append("scale_attn_weights=false")
+    if getattr(config, "add_cross_attention", False):
+        unsupported.append("add_cross_attention=true")
+    if unsupported:
+        raise ModelError(f"llama.cpp's gpt2 architecture cannot run this model: {', '.join(unsupported)}")
+
+
+def _vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens by id, their gguf TokenType, merges "a b" in rank order) from a transformers GPT-2 tokenizer."""
+    import gguf
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    special = set(tokenizer.all_special_ids)
+    added = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:  # an embedding row no token uses (a padded vocabulary)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if i in special else
+                         gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise ModelError(f"the tokenizer is a {model.get('type')} model; GGUF's gpt2 tokenizer is byte-level BPE")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, [int(t) for t in types], merges
+
+
+def _tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, fp32 tensor in GGUF's row layout) for every weight llama.cpp reads."""
+    import gguf
+
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
+    tied = model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    out = []
+    for name, t in model.state_dict().items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # old transformers' causal-mask buffers, not weights
+        if name == "lm_head.weight" and tied:
+            continue  # the token embedding serves as the output (see module docstring)
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ModelError(f"no GGUF name for the tensor {name!r}")
+        t = t.detach().float()
+        if name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            t = t.t()  # Conv1D [in, out] → [out, in]
+        out.append((gguf_name, t.contiguous()))
+    return out
+
+
+def _encode(name: str, t: torch.Tensor, kind: str):
+    """(numpy data, GGML type or None for plain numpy dtypes) for one tensor of the chosen file type."""
+    import gguf
+
+    data = t.numpy().astype(np.float32)
+    keep_f32 = data.ndim < 2 or name == "position_embd.weight"
+    if kind == "f32" or keep_f32:
+        return data, None
+    if kind == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(data, qtype), qtype
+    return data.astype(np.float16), None
+
+
+def write_gguf(model, tokenizer, out: str | Path, kind: str = "f32", name: str = "") -> Path:
+    """Write ``model`` (an fp32 GPT2LMHeadModel) and its tokenizer as a GGUF file at ``out``, atomically."""
+    import gguf
+
+    from python3_distillation.fsio import atomic_file
+
+    if kind not in TYPES:
+        raise ModelError(f"--type {kind!r}: expected one of {', '.join(TYPES)}")
+    cfg = model.config
+    check_supported(cfg)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
+    tokens, types, merges = _vocab(tokenizer, cfg.vocab_size)
+    tensors = [(n, *_encode(n, t, kind)) for n, t in _tensors(model)]
+    out = Path(out)
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
+        w.add_type(gguf.GGUFType.MODEL)
+        if name:
+            w.add_name(name)
+        w.add_context_length(cfg.n_positions)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
+        w.add_head_count(cfg.n_head)
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        w.add_file_type(file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else cfg.bos_token_id)
+        w.add_eos_token_id(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id)
+        w.add_add_bos_token(False)
+        for gguf_name, data, qtype in tensors:
+            w.add_tensor(gguf_name, data, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out

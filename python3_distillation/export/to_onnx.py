@@ -1,0 +1,122 @@
+"""A model folder as an ONNX decoder with a KV cache (ONNX Runtime, transformers.js, ORT GenAI-style runners).
+
+    gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx            # → ..._v2_onnx/model.onnx
+    gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx --int8     # → ..._v2_onnx_int8/ (ORT int8)
+
+One graph serves the prompt and every next token. Inputs: ``input_ids`` [batch, seq] int64,
+``attention_mask`` [batch, past + seq] int64 (1 = a real token; left padding works), ``position_ids``
+[batch, seq] int64, and for each block i ``past_key_values.i.key`` / ``.value`` [batch, heads, past,
+head_dim] fp32. Outputs: ``logits`` [batch, seq, vocab] and ``present.i.key`` / ``.value`` [batch,
+heads, past + seq, head_dim], which are the next call's past. The first call passes a past of
+length 0. These are the names optimum's GPT-2 exports use, so code written for those runs this.
+
+Made by ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript) from transformers' own
+GPT-2 forward: the cache tensors go in and out explicitly, wrapped in a ``DynamicCache`` inside the
+traced forward. The legacy TorchScript exporter fails on transformers 5's GPT-2 (``aten::diff`` at
+opset 17). ``--int8``: ONNX Runtime's own ``quantize_dynamic`` (int8 weights of every MatMul, int8
+activations quantized per call). The folder also holds ``config.json`` and the tokenizer, as
+optimum's exports do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ONNX_FILE = "model.onnx"
+
+
+def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the exported decoder."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+class CachedDecoder(nn.Module):
+    """transformers' GPT-2 forward with the KV cache as plain tensors in and out (what ONNX can carry)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.n_layer = model.config.n_layer
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)])
+        # transformers 5.25 renamed past_key_values → cache (the old name warns, and goes in 5.40).
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True)
+        present = []
+        for layer in cache.layers:  # updated in place with this call's keys and values
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def export_onnx_file(model, path: str | Path) -> Path:
+    """Trace ``model`` (an fp32 GPT2LMHeadModel) into the ONNX decoder at ``path``."""
+    cfg = model.config
+    heads, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+    # Example sizes above 1: torch.export fixes a dimension traced at size 0 or 1 to that size.
+    batch, past_len, seq = 2, 3, 4
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+    positions = torch.arange(past_len, past_len + seq).expand(batch, seq)
+    past = tuple(torch.zeros(batch, heads, past_len, head_dim) for _ in range(2 * cfg.n_layer))
+    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+    shapes = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
+    inputs, outputs = io_names(cfg.n_layer)
+    decoder = CachedDecoder(model.float().eval()).eval()
+    with torch.no_grad():
+        program = torch.onnx.export(decoder, (ids, mask, positions, *past), dynamo=True, dynamic_shapes=shapes,
+                                    input_names=inputs, output_names=outputs, optimize=True, verbose=False)
+    program.save(str(path))
+    return Path(path)
+
+
+def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
+    """ONNX Runtime's dynamic int8 quantization of ``src`` → ``dst`` (int8 MatMul weights)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    return Path(dst)
+
+
+def session(folder_or_file: str | Path, threads: int = 0):
+    """An ONNX Runtime CPU session for an exported folder (or its model.onnx); ``threads`` 0 = ORT's default."""
+    import onnxruntime as ort
+
+    path = Path(folder_or_file)
+    path = path / ONNX_FILE if path.is_dir() else path
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def greedy(sess, prompt: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+    """Greedy new tokens for one prompt through the exported decoder: the prompt once, then one token a call."""
+    import numpy as np
+
+    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    heads, head_dim = past_inputs[0].shape[1], past_inputs[0].shape[3]
+    past = {i.name: np.zeros((1, heads, 0, head_dim), np.float32) for i in past_inputs}
+    ids = np.array([prompt], dtype=np.int64)
+    done = 0
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        n = ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, done + n), np.int64),
+                "position_ids": np.arange(done, done + n, dtype=np.int64)[None], **past}
+        logits, *present = sess.run(None, feed)
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        if token == eos_token_id:
+            break
+        past = dict(zip(past, present))
+        done += n
+        ids = np.array([[token]], dtype=np.int64)
+    return out
