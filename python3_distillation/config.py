@@ -10,7 +10,9 @@ beside every checkpoint and model (``distill_config.yaml``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import math
 import types
 import typing
@@ -21,7 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from python3_distillation.errors import ConfigError
-from python3_distillation.paths import default_model_path
+from python3_distillation.paths import PACKAGE_DIR, default_model_path
 
 CONFIG_FILE = "distill_config.yaml"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package (the repo's configs/ links here)
@@ -393,9 +395,40 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: R
             chain.append(read_yaml(path))
         for data in reversed(chain):
             _apply(cfg, {k: v for k, v in data.items() if k != "base"})
-    for o in overrides:
-        _apply(cfg, parse_override(o))
+    if overrides:
+        named = copy.deepcopy(cfg)  # what the files alone make, and where they write it
+        for o in overrides:
+            _apply(cfg, parse_override(o))
+        _own_folders(cfg, named, overrides)
     return cfg.validate()
+
+
+def _own_folders(cfg: RunConfig, named: RunConfig, overrides: list[str]) -> None:
+    """Overrides that change what a config makes also change where it goes, so an experiment never
+    overwrites (or blocks the resume of) the config's own model and run folders — `make run`'s, for
+    the named configs. ``name=…`` picks the new name (→ ``python3_distillation/gpt2_student_<name>``,
+    ``runs/<name>``); without it the name gets a short digest of the overrides. Folders the overrides
+    set themselves are kept as given."""
+    if cfg.to_dict() == named.to_dict():
+        return
+    keys = {o.lstrip("-").split("=", 1)[0].strip() for o in overrides}
+    out_key = "teacher.path" if cfg.stage == "teacher" else "student.output_dir"
+    if "name" in keys and cfg.name == named.name:
+        return  # the user named the config's own folders: theirs to overwrite
+    own_output = out_key not in keys and cfg.output_dir == named.output_dir
+    own_run = "train.run_dir" not in keys and not cfg.train.run_dir
+    if not (own_output or own_run):
+        return
+    if "name" not in keys:
+        canonical = "\n".join(sorted(o.lstrip("-").strip() for o in overrides))
+        cfg.name = f"{named.name}-{hashlib.sha256(canonical.encode()).hexdigest()[:6]}"
+    if own_output:
+        kind = "teacher" if cfg.stage == "teacher" else "student"
+        folder = f"{PACKAGE_DIR.name}/gpt2_{'' if cfg.name.startswith(kind) else kind + '_'}{cfg.name}"
+        if cfg.stage == "teacher":
+            cfg.teacher.path = folder
+        else:
+            cfg.student.output_dir = folder
 
 
 def _resolve(path: Path) -> Path:

@@ -43,7 +43,7 @@ import torch
 
 from python3_distillation.config import DataConfig
 from python3_distillation.errors import DataError
-from python3_distillation.fsio import atomic_dir, atomic_write_text, sha256_file
+from python3_distillation.fsio import atomic_dir, atomic_write_text, reporting_disk_full, sha256_file
 from python3_distillation.paths import data_dir as default_data_dir
 
 log = logging.getLogger(__name__)
@@ -682,7 +682,11 @@ def _tokenize_stream(name: str, source: Source, plan: Plan, state: dict, work: P
                desc=f"tokenize {name}" + (f" ({num_proc} processes)" if num_proc > 1 else ""))
     for stale in work.glob("piece-*.arrow"):  # staged by a run that was killed
         stale.unlink()
-    with bar, _quiet_datasets_bars():
+    # Two bytes a token of uint16 ids, about a token per four bytes of text: half the text's size.
+    need = (source.n_bytes - stream["bytes"]) // 2 if source.n_bytes else None
+    full = reporting_disk_full(f"token shards of {name}", work, need,
+                               "every piece committed so far is kept; the command resumes from the last one")
+    with bar, _quiet_datasets_bars(), full:
         for piece, _, raw in _stage_pieces(docs, PIECE_BYTES_PER_PROC * max(1, num_proc), work):
             _write_piece(_map_tokenize(piece, tokenizer, dtype, num_proc), name, plan, state, work)
             stream["bytes"] += raw

@@ -24,7 +24,7 @@ import torch
 from python3_distillation.evaluation.cards import model_card
 from python3_distillation.config import ConfigError, DistillConfig, RunConfig
 from python3_distillation.data import load_blocks
-from python3_distillation.lineage import data_fingerprint, weights_sha256
+from python3_distillation.lineage import data_fingerprint, process_seconds, weights_sha256
 from python3_distillation.losses import hidden_cosine_loss, kd_loss, lm_loss
 from python3_distillation.paths import display_path
 from python3_distillation.models import (ModelError, build_student, check_same_vocab, check_vocab, count_parameters,
@@ -259,6 +259,7 @@ def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
         "train_steps": result.step,
         "train_tokens": result.tokens,
         "train_seconds": round(result.seconds, 1),
+        "stage_seconds": process_seconds(),
         "data": cfg.data.train,
         "seed": cfg.train.seed,
         "precision": result.precision,

@@ -33,3 +33,8 @@ class AssetError(BadInput):
 
 class CheckpointError(BadInput):
     """A checkpoint folder is incomplete, corrupt or not what its manifest says."""
+
+
+class DiskFullError(BadInput):
+    """A write ran out of disk space (the message says what, where, about how much it needs, and
+    what is still intact); nothing already published was harmed."""

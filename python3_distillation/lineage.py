@@ -31,6 +31,18 @@ VOLATILE = {
 }
 
 
+def process_seconds() -> float | None:
+    """Wall seconds since this process started (interpreter, imports and set-up included): what a
+    stage of `make run` costs, recorded as ``stage_seconds`` beside ``train_seconds``."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    import time
+
+    return round(time.time() - psutil.Process().create_time(), 1)
+
+
 def weights_sha256(model: torch.nn.Module) -> str:
     """sha256 over the model's unique tensors by name (dtype, shape, bytes): file-format independent."""
     h = hashlib.sha256()

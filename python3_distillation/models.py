@@ -269,10 +269,14 @@ def save_model(model, tokenizer, out_dir: str | Path, cfg: RunConfig | None = No
                card: str | None = None, training_log: str | None = None) -> Path:
     """``save_pretrained`` model + tokenizer + resolved config + lineage (+ the training log), atomically."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        model = getattr(model, "module", model)
+    model = getattr(model, "module", model)
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    with atomic_dir(out_dir, "the model", need) as tmp:
         model.generation_config.pad_token_id = tokenizer.eos_token_id
         model.save_pretrained(tmp, safe_serialization=True)
+        saved = tmp / "config.json"
+        saved.write_text(json.dumps(with_converter_fields(json.loads(saved.read_text())), indent=2, sort_keys=True)
+                         + "\n", encoding="utf-8")
         tokenizer.save_pretrained(tmp)
         if cfg is not None:
             (tmp / CONFIG_FILE).write_text(config_text(cfg, meta), encoding="utf-8")

@@ -364,7 +364,7 @@ def default_out(src: Path) -> Path:
 def run_quantize(src: str | Path, out: str | Path | None = None, head: bool = True, measure: bool = True) -> Path:
     """Quantize the model folder ``src`` → ``out`` (default ``<src>_int8``) with meta and card."""
     from python3_distillation.evaluation.cards import model_card
-    from python3_distillation.lineage import weights_sha256
+    from python3_distillation.lineage import process_seconds, weights_sha256
     from python3_distillation.models import ModelError, count_parameters, is_model_dir, load_model, read_meta
     from python3_distillation.paths import display_path
     from python3_distillation.tokenizer import is_local_tokenizer_dir, load_tokenizer
@@ -395,6 +395,7 @@ def run_quantize(src: str | Path, out: str | Path | None = None, head: bool = Tr
     from python3_distillation.models import update_model_files
 
     meta["size_mb"], meta["source_size_mb"] = weights_bytes(out) / 1e6, weights_bytes(src) / 1e6
+    meta["stage_seconds"] = process_seconds()
     name = f"{source_meta.get('name') or src.name} (int8)"
     update_model_files(out, meta=meta, card=model_card(name, meta, None, {"size_mb": meta["size_mb"]}, folder=out.name))
     ppl = (f", validation perplexity {meta['val_ppl']:.2f} (fp32 {meta['source_val_ppl']:.2f}) on the first "

@@ -13,7 +13,7 @@ from pathlib import Path
 from python3_distillation.evaluation.cards import model_card
 from python3_distillation.config import ConfigError, RunConfig
 from python3_distillation.data import load_blocks
-from python3_distillation.lineage import data_fingerprint, weights_sha256
+from python3_distillation.lineage import data_fingerprint, process_seconds, weights_sha256
 from python3_distillation.models import check_vocab, count_parameters, load_model, new_gpt2, save_model
 from python3_distillation.tokenizer import load_tokenizer
 from python3_distillation.train import training_log_text, lm_loss_fn, train
@@ -58,6 +58,7 @@ def run_teacher(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
         "train_steps": result.step,
         "train_tokens": result.tokens,
         "train_seconds": round(result.seconds, 1),
+        "stage_seconds": process_seconds(),
         "data": cfg.data.train,
         "seed": cfg.train.seed,
         "precision": result.precision,

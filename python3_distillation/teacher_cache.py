@@ -265,10 +265,10 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
     ``shard_blocks`` overrides the blocks per shard (tests use small shards); ``on_shard`` is
     called with each shard's number once it is complete (tests use it to interrupt).
     """
-    from python3_distillation.fsio import atomic_write_text, publish_dir
+    from python3_distillation.fsio import atomic_write_text, publish_dir, reporting_disk_full
     from python3_distillation.lineage import data_fingerprint, weights_sha256
     from python3_distillation.paths import display_path
-    from python3_distillation.precision import decide
+    from python3_distillation.device_plan import plan as device_plan
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would write the same shards
         raise ConfigError("cache-teacher runs in one process; start it with python or gpt2-distill, not a "
@@ -329,7 +329,10 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
     t0 = time.perf_counter()
     done_blocks = sum(shards[s][1] - shards[s][0] for s in done)
     bar = tqdm(total=n_blocks, initial=done_blocks, unit="block", desc=f"cache-teacher {cfg.name}", dynamic_ncols=True)
-    with bar:
+    need = (n_blocks - done_blocks) * sum(_row_bytes(n, block, k) for n in ARRAYS)
+    full = reporting_disk_full("the teacher cache", work, need,
+                               f"{len(done)} finished shard(s) are kept; run the command again to resume")
+    with bar, full:
         for s, (a, b) in enumerate(shards):
             if s in done:
                 continue

@@ -40,7 +40,9 @@ from tqdm.auto import tqdm
 from python3_distillation import checkpoint as ckpt_io
 from python3_distillation.config import CONFIG_FILE, ConfigError, RunConfig, TrainConfig
 from python3_distillation.data import Blocks, batch_indices
-from python3_distillation.fsio import atomic_write_text, publish_dir
+from python3_distillation.device_plan import DevicePlan, compile_blocks, plan as device_plan
+from python3_distillation.errors import DiskFullError
+from python3_distillation.fsio import atomic_write_text, publish_dir, reporting_disk_full
 from python3_distillation.lineage import differences, stage_fingerprint
 from python3_distillation.precision import Precision, decide_for_run
 
@@ -367,6 +369,20 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
             bar.write(f"step {at_step}: validation loss {loss:.4f}, perplexity {result.val_ppl:.2f}")
 
     def save_checkpoint(at_step: int) -> None:
+        # A full disk: one line naming the checkpoint, its size and the last good one to resume from;
+        # the half-written folder is removed at once (the space it took is what the user lacks).
+        last = ckpt_io.list_checkpoints(run_dir)
+        intact = (f"the last good checkpoint is {last[-1]} (--resume continues from it)" if last else
+                  "no checkpoint of this run was written yet")
+        need = sum(p.numel() * p.element_size() for p in accelerator.unwrap_model(model).parameters()) * 3
+        try:
+            with reporting_disk_full(f"checkpoint-{at_step}", run_dir, need, intact):
+                write_checkpoint(at_step)
+        except DiskFullError:
+            shutil.rmtree(run_dir / f".tmp-checkpoint-{at_step}", ignore_errors=True)
+            raise
+
+    def write_checkpoint(at_step: int) -> None:
         tmp = run_dir / f".tmp-checkpoint-{at_step}"
         if main:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -79,7 +79,7 @@ def test_resolved_config_round_trips(tmp_path):
 
     from python3_distillation.config import config_from_dict
 
-    cfg = load_config(["v1"], ["train.max_steps=3"])
+    cfg = load_config(["v1"], ["train.max_steps=3", "name=v1"])  # its own name: its own folders
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
     assert Path(again.student.output_dir).name == "gpt2_student"

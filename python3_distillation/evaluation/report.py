@@ -35,7 +35,7 @@ from python3_distillation.errors import EXIT_BAD_INPUT, BadInput
 from python3_distillation.evaluation import measure
 from python3_distillation.evaluation.cards import model_card
 from python3_distillation.evaluation.plots import plot_tradeoffs, plot_training_curves
-from python3_distillation.lineage import weights_sha256
+from python3_distillation.lineage import process_seconds, weights_sha256
 from python3_distillation.models import (TRAINING_LOG, ModelError, count_parameters, is_model_dir, load_model,
                                          read_meta, update_model_files)
 from python3_distillation.paths import MODEL_DIRS, display_path, model_dir
@@ -277,12 +277,16 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## KD vs CE-only", ""]
     kc = report.get("kd_vs_ce")
     lines.append(kc["statement"] if kc else "Not compared: v2 and v2_ce are both needed.")
-    lines += ["", "## Training", "", "| model | init | steps | tokens | seconds | precision | loss |",
-              "|---|---|---:|---:|---:|---|---|"]
+    lines += ["", "## Training", "", "Seconds: the training loop's, and the whole stage's (the command that made "
+              "the model, start to finish: imports, data, evaluation and saving included).", "",
+              "| model | init | steps | tokens | loop s | stage s | precision | loss |",
+              "|---|---|---:|---:|---:|---:|---|---|"]
     for label, m in models.items():
         lines.append(f"| {label} | {_init_text(m)} | {_num(m.get('train_steps'), ',')} | "
                      f"{_num(m.get('train_tokens'), ',')} | {_num(m.get('train_seconds'), '.0f')} | "
-                     f"{m.get('train_precision') or 'n/a'} | {_loss_text(m)} |")
+                     f"{_num(m.get('stage_seconds'), '.0f')} | {m.get('train_precision') or 'n/a'} | {_loss_text(m)} |")
+    if report.get("report_seconds") is not None:
+        lines.append(f"\nThis report took {report['report_seconds']:.0f} s.")
     lines += ["", "![training curves](training_curves.png)", "", "![perplexity vs speed and size](tradeoffs.png)", ""]
     if report["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
@@ -342,7 +346,8 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
             "flops_per_token": measure.model_flops_per_token(m.config, mean_ctx),
             "init": meta.get("student_init"), "teacher_init": meta.get("init"),
             "train_steps": meta.get("train_steps"), "train_tokens": meta.get("train_tokens"),
-            "train_seconds": meta.get("train_seconds"), "alpha_kd": meta.get("alpha_kd"),
+            "train_seconds": meta.get("train_seconds"), "stage_seconds": meta.get("stage_seconds"),
+            "alpha_kd": meta.get("alpha_kd"),
             "alpha_ce": meta.get("alpha_ce"), "temperature": meta.get("temperature"), "loss": meta.get("loss"),
             "train_precision": (meta.get("precision") or {}).get("label"),
         }
@@ -370,6 +375,7 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     }
     curves = {e.label: training_log(e) for e in entries}
     plot_training_curves({k: v for k, v in curves.items() if v}, out_dir / "training_curves.png")
+    report["report_seconds"] = process_seconds()
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
 

@@ -6,7 +6,9 @@
   rebinding) and then talk to this server as "same origin"; its requests carry that domain in
   ``Host``. Accepted: loopback names (``localhost``, ``127.0.0.1``, ``::1``), the bind address, and
   ``ServeConfig.allowed_hosts`` (``*`` accepts any). With a wildcard bind (``0.0.0.0`` / ``::``,
-  as in the Docker images) any IP address is accepted too: rebinding needs a domain name. Others → 421.
+  as in the Docker images) any IP address and any single-label name (a compose service ``backend``,
+  a Kubernetes short name) are accepted too: rebinding needs a domain the attacker registered, which
+  has a dot. Other names (``backend.ns.svc.cluster.local``) go in the allow-list. Others → 421.
 * **JSON bodies only.** A page can POST ``text/plain`` to any address without a CORS preflight;
   ``application/json`` needs one, which this server never grants. So POST requires
   ``Content-Type: application/json`` (415 otherwise).
@@ -59,7 +61,9 @@ class HostAllowList:
         if name in self.names:
             return True
         ip = _ip(name)
-        return ip is not None and (ip.is_loopback or self.any_ip)
+        if ip is not None:
+            return ip.is_loopback or self.any_ip
+        return self.any_ip and "." not in name and bool(name)
 
 
 def check_request(allow: HostAllowList) -> None:

@@ -50,12 +50,17 @@ def test_bind_address_and_configured_hosts_are_allowed(make_app, tiny):
     assert c.get("/health", headers={"Host": "10.1.2.4"}).status_code == 421
 
 
-def test_a_wildcard_bind_allows_ip_addresses_not_names(make_app, tiny):
+def test_a_wildcard_bind_allows_ip_addresses_and_service_names_not_domains(make_app, tiny):
     """Docker binds 0.0.0.0: clients reach it by the host's address, which rebinding cannot forge."""
     c = make_app({**FAST, "host": "0.0.0.0"}, {"tiny": tiny}).test_client()
-    for host in ("192.168.1.7:6006", "[2001:db8::1]:6006", "localhost"):
+    for host in ("192.168.1.7:6006", "[2001:db8::1]:6006", "localhost", "backend:6006", "gpt2-distill"):
         assert c.get("/health", headers={"Host": host}).status_code == 200, host
-    assert c.get("/health", headers={"Host": "evil.example"}).status_code == 421
+    # A name with a dot could be an attacker's domain pointed at this address.
+    for host in ("evil.example", "backend.default.svc.cluster.local:6006", "evil.example.", ":6006"):
+        assert c.get("/health", headers={"Host": host}).status_code == 421, host
+    # On a loopback bind a single-label name is not enough.
+    local = make_app({**FAST, "host": "127.0.0.1"}, {"tiny": tiny}).test_client()
+    assert local.get("/health", headers={"Host": "backend:6006"}).status_code == 421
 
 
 def test_star_allows_every_host(make_app, tiny):
