@@ -37,7 +37,6 @@ from python3_distillation.tokenizer import AssetError
 log = logging.getLogger(__name__)
 
 DEB_PACKAGE = "r-cran-janeaustenr"
-DEB_GLOB = f"{DEB_PACKAGE}_*.deb"
 RDATA_DIR = "usr/lib/R/site-library/janeaustenr/data/"
 MAX_MEMBER_BYTES = 64 << 20
 # R object name → title, in publication order (the order of the R package's austen_books()).
@@ -78,25 +77,31 @@ def fetch_austen_deb(download_dir: Path) -> Path:
         if not path.is_file():
             raise CorpusError(f"DISTILL_AUSTEN_DEB={env}: no such file")
         return path
+    return fetch_deb(DEB_PACKAGE, download_dir, f"pass a {DEB_PACKAGE} .deb path or set DISTILL_AUSTEN_DEB",
+                     CorpusError)
+
+
+def fetch_deb(package: str, download_dir: Path, alternative: str, error: type[AssetError] = AssetError) -> Path:
+    """A Debian package's .deb: a copy in ``download_dir``, or one fetched there with ``apt-get
+    download`` (the apt lists, no root, nothing installed); ``error`` names what failed and the way out."""
     download_dir = Path(download_dir)
-    found = sorted(download_dir.glob(DEB_GLOB))
+    found = sorted(download_dir.glob(f"{package}_*.deb"))
     if found:
         return found[-1]
     download_dir.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s with apt-get into %s", DEB_PACKAGE, download_dir)
-    hint = (f"run `apt-get update` (as root) and retry, or pass a {DEB_PACKAGE} .deb path "
-            f"or set DISTILL_AUSTEN_DEB")
+    log.info("downloading %s with apt-get into %s", package, download_dir)
+    hint = f"run `apt-get update` (as root) and retry, or {alternative}"
     try:
-        proc = subprocess.run(["apt-get", "download", DEB_PACKAGE], cwd=download_dir,
+        proc = subprocess.run(["apt-get", "download", package], cwd=download_dir,
                               capture_output=True, text=True, timeout=600)
     except FileNotFoundError:
-        raise CorpusError(f"apt-get not found, cannot download {DEB_PACKAGE}; {hint}") from None
+        raise error(f"apt-get not found, cannot download {package}; {hint}") from None
     except subprocess.TimeoutExpired:
-        raise CorpusError(f"apt-get download {DEB_PACKAGE} took over 600 s; {hint}") from None
-    found = sorted(download_dir.glob(DEB_GLOB))
+        raise error(f"apt-get download {package} took over 600 s; {hint}") from None
+    found = sorted(download_dir.glob(f"{package}_*.deb"))
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise CorpusError(f"apt-get download {DEB_PACKAGE} failed ({tail[0]}); {hint}")
+        raise error(f"apt-get download {package} failed ({tail[0]}); {hint}")
     return found[-1]
 
 
@@ -125,7 +130,8 @@ def _ar_members(data: bytes, name: str) -> dict[str, bytes]:
 
 
 def read_deb_member(deb_path: Path, suffix: str) -> bytes:
-    """Bytes of the one file in the .deb's data archive whose path ends with ``suffix``."""
+    """Bytes of the one regular file in the .deb's data archive whose path ends with ``suffix``, or
+    (a ``re.Pattern``) whose path the pattern finds."""
     deb_path = Path(deb_path)
     try:
         data = deb_path.read_bytes()
@@ -141,7 +147,8 @@ def read_deb_member(deb_path: Path, suffix: str) -> bytes:
     try:
         # "r:*" lets tarfile pick xz (Debian's default), gzip, bzip2 or plain from the magic bytes.
         with tarfile.open(fileobj=io.BytesIO(members[tar_name]), mode="r:*") as tar:
-            hits = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(suffix)]
+            hits = [m for m in tar.getmembers() if m.isfile() and
+                    (suffix.search(m.name) if isinstance(suffix, re.Pattern) else m.name.endswith(suffix))]
             if len(hits) != 1:
                 raise CorpusError(f"{deb_path}: {len(hits)} files end with {suffix!r} in {tar_name}, expected 1")
             if hits[0].size > MAX_MEMBER_BYTES:  # the R data is ~1.6 MB; refuse to unpack a giant

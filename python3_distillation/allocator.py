@@ -1,0 +1,77 @@
+"""tcmalloc under the training stages: the same arithmetic, about twice the steps per second.
+
+    LD_PRELOAD="$(python -m python3_distillation.allocator)" python -m python3_distillation teacher
+
+Prints the path of ``libtcmalloc_minimal.so.4`` for ``LD_PRELOAD`` (the Makefile's stages use it),
+or nothing, with the reason on stderr, when it cannot be had; then the stages run on glibc's malloc.
+
+Why: every step allocates and frees logits of hundreds of MB (4 × 256 × 50,257 floats and their
+gradients). glibc hands such blocks back to the system and page-faults them in again on the next
+step, even with huge pages; tcmalloc keeps them. Measured on the embedded teacher (12 × d256, bf16,
+2 cores, 40 steps, two runs each, alternating): 16.5 s with tcmalloc against 30.1 s with glibc and
+``glibc.malloc.hugetlb=1``, the weights equal bit for bit (where memory comes from changes, not what
+is computed). The library is Debian's ``libtcmalloc-minimal4``: an installed copy if there is one,
+else the package fetched with ``apt-get download`` and its one library file unpacked into the data
+folder, nothing installed (the corpus comes the same way). ``DISTILL_MALLOC=glibc`` opts out.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from python3_distillation.errors import AssetError
+from python3_distillation.paths import data_dir
+
+PACKAGE = "libtcmalloc-minimal4"
+LIBRARY = "libtcmalloc_minimal.so.4"
+# The regular file behind the .so.4 link: libtcmalloc_minimal.so.4.5.10 in Debian 12.
+IN_PACKAGE = re.compile(r"/libtcmalloc_minimal\.so\.4(\.\d+)*$")
+
+
+def _loads(path: Path) -> bool:
+    """Whether a Python process starts and allocates with ``path`` preloaded (right architecture,
+    a working library): checked in a child, since a running process cannot swap its allocator."""
+    probe = subprocess.run([sys.executable, "-c", "b = [bytearray(1 << 20) for _ in range(64)]"],
+                           env={**os.environ, "LD_PRELOAD": str(path)}, capture_output=True, timeout=60)
+    return probe.returncode == 0 and not probe.stderr.strip()
+
+
+def tcmalloc_path(root: Path | None = None) -> Path:
+    """The library to preload: an installed one, else the one unpacked under ``<data dir>/malloc``
+    (fetched once). Raises AssetError saying why when neither can be had."""
+    installed = sorted(glob.glob(f"/usr/lib/*/{LIBRARY}")) + sorted(glob.glob(f"/usr/lib/{LIBRARY}"))
+    return Path(installed[0]) if installed else unpacked(Path(root or data_dir()))
+
+
+def unpacked(root: Path) -> Path:
+    """``root/malloc/libtcmalloc_minimal.so.4``, from the package's .deb on first use, checked to load."""
+    lib = root / "malloc" / LIBRARY
+    if not lib.is_file():
+        from python3_distillation.corpus import fetch_deb, read_deb_member
+        from python3_distillation.fsio import atomic_write_bytes
+
+        deb = fetch_deb(PACKAGE, root / "downloads", "set DISTILL_MALLOC=glibc to train without it")
+        atomic_write_bytes(lib, read_deb_member(deb, IN_PACKAGE))
+    if not _loads(lib):
+        raise AssetError(f"{lib} does not load into Python here (another architecture?); "
+                         "delete it to fetch it again, or set DISTILL_MALLOC=glibc")
+    return lib
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("DISTILL_MALLOC", "tcmalloc") == "glibc":
+        return 0
+    try:
+        print(tcmalloc_path())
+    except AssetError as e:
+        print(f"allocator: glibc malloc (tcmalloc unavailable: {e})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
