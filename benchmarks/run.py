@@ -1,6 +1,6 @@
 """`make bench`: run every ``benchmarks/bench_*.py`` section and write ``benchmarks/results.md`` / ``.json``.
 
-    python benchmarks/run.py                    # all sections (distill, losses, generate, server, data, cache, others)
+    python benchmarks/run.py                    # all sections (distill, losses, … cache, others, engines last)
     python benchmarks/run.py --quick            # smoke run: small shapes, few rounds
     python benchmarks/run.py --only distill --only losses   # reruns those sections, keeps the others
 
@@ -28,14 +28,16 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere without installing the package
     sys.path.insert(0, str(REPO))
 
-ORDER = ["distill", "losses", "generate", "server", "data", "cache"]  # then any other bench_*.py, alphabetically
+ORDER = ["distill", "losses", "generate", "compiled", "server", "data", "cache"]  # then any other bench_*.py, alphabetically,
+LAST = ["engines"]  # then these: llama.cpp against this project (builds llama.cpp once, ~10 min)
 ROW_KEYS = ("metric", "value", "unit", "target", "met", "note")
 
 
 def discover(bench_dir: Path) -> dict[str, Path]:
     """``{name: file}`` for ``bench_<name>.py`` in ``bench_dir``, in report order."""
     found = {p.stem.removeprefix("bench_"): p for p in sorted(bench_dir.glob("bench_*.py"))}
-    names = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    names = ([n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER + LAST)
+             + [n for n in LAST if n in found])
     return {n: found[n] for n in names}
 
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes and few rounds (a smoke run)")
     ap.add_argument("--only", action="append", metavar="NAME",
-                    help="run only this section (distill, losses, generate, server…); repeatable")
+                    help="run only this section (distill, losses, generate, server, engines…); repeatable")
     ap.add_argument("--bench-dir", default=str(HERE), help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", default=str(HERE), help="where results.md / results.json go (default: benchmarks/)")
     args = ap.parse_args(argv)

@@ -158,7 +158,7 @@ class Generator:
     """A causal LM and its tokenizer, ready to complete prompts (one at a time, batched, or streamed)."""
 
     def __init__(self, model, tokenizer, device: str | torch.device | None = None, name: str | None = None,
-                 *, backend: str = "auto", meta: dict | None = None):
+                 *, backend: str = "auto", meta: dict | None = None, compile: bool | None = None):
         if device is not None:
             model = model.to(torch.device(device))
         self.model = model.eval()
@@ -189,6 +189,23 @@ class Generator:
         self.precision = str(scheme) if scheme else DTYPE_NAMES.get(params[0].dtype, str(params[0].dtype))
         self._bytes: list[bytes] | None = None
         self._head_t: torch.Tensor | None = None
+        self._step = self._compiled_step(compile)
+        self.compile = self._step is not None
+
+    def _compiled_step(self, wanted: bool | None):
+        """The opt-in compiled decode step (generation/compiled.py): ``compile``, else ``DISTILL_COMPILE``."""
+        from python3_distillation.generation.compiled import ENV, CompiledStep, env_wants_compile
+
+        if not (env_wants_compile() if wanted is None else wanted):
+            return None
+        if self.backend != "gpt2" or not CompiledStep.supports(self.model):
+            if wanted:
+                raise GenerationError("compile=True needs a GPT2LMHeadModel of float or int8 modules "
+                                      f"on the 'gpt2' backend; this is {type(self.model).__name__} on '{self.backend}'")
+            log.warning("%s ignored: the compiled step cannot run this model; decoding eagerly", ENV)
+            return None
+        self._head_t = cpu_head_t(self.model)
+        return CompiledStep(self.model, self._head_t)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = None,
@@ -330,6 +347,10 @@ class Generator:
             return HFDecoder(self.model)
         if self._head_t is None:
             self._head_t = cpu_head_t(self.model)
+        if self._step is not None:
+            from python3_distillation.generation.compiled import CompiledGPT2Decoder
+
+            return CompiledGPT2Decoder(self.model, self._head_t, self._step)
         return GPT2Decoder(self.model, self._head_t)
 
 
