@@ -9,6 +9,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -63,7 +64,11 @@ def test_the_environment_is_the_lock():
     """`pip freeze` of .venv is the lock, torch and the package itself aside: nothing missing,
     nothing extra, no other version."""
     pins = {name: e["pin"].split("==")[1] for name, e in lock.parse_lock(lock.LOCK.read_text("utf-8")).items()}
-    installed = {lock.norm(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # What is installed in the venv's own site-packages: a package that vendors others (setuptools'
+    # _vendor, put on sys.path once something imports setuptools) does not count.
+    site = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    installed = {lock.norm(d.metadata["Name"]): d.version for d in metadata.distributions()
+                 if Path(d._path).resolve().parent in site}
     installed = {n: v for n, v in installed.items() if n not in {"torch", lock.PACKAGE}}
     wrong = {n: (v, installed.get(n)) for n, v in pins.items() if installed.get(n) != v}
     extra = sorted(set(installed) - set(pins))

@@ -5,8 +5,8 @@
 Checked: the Benchmarks table of both READMEs and the English paragraphs that say they were
 "Measured by" a benchmark. Each number there must be a number of `benchmarks/results.md` (a value,
 a note or a row's name; never a target) rounded to the digits the README prints, or that number
-as a percentage. With `reports/report.json` present (after `make run`), the README's results table
-is checked against it the same way.
+as a percentage. With `reports/report.json` present (after `make run`), the results table's
+parameters and sizes are checked against it.
 """
 
 from __future__ import annotations
@@ -93,11 +93,20 @@ def test_the_check_catches_a_drifted_number():
 
 @pytest.mark.skipif(not REPORT.exists(), reason="no reports/report.json (make run writes it)")
 def test_results_table_matches_the_report():
+    """The results table's shape columns (parameters, MB) against a report of this checkout. Not the
+    perplexities or speeds: bf16 kernels round differently from one CPU to another (the README
+    names the machine its table comes from), so those are checked only on results.md above."""
     report = json.loads(REPORT.read_text(encoding="utf-8"))
-    pool = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", json.dumps(report))]
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     table = text.split("\n| model |", 1)[1].split("\n\n", 1)[0]
-    rows = [r for r in table.splitlines() if r.startswith("| ") and "---" not in r]
-    wrong = [t for r in rows for c in r.split("|")[3:] for t in numbers(re.sub(r"\([\d.,]+×\)", "", c))
-             if not matches(t, pool)]
-    assert not wrong, f"README results table vs reports/report.json: {wrong}"
+    header = [c.strip() for c in ("| model |" + table.splitlines()[0]).split("|")]
+    rows = {r.split("|")[1].strip(" *").split()[0].strip("*"): [c.strip(" *") for c in r.split("|")]
+            for r in table.splitlines()[2:] if r.startswith("| ")}
+    checked = 0
+    for label, m in report["models"].items():
+        if label in rows:
+            cells = dict(zip(header, rows[label]))
+            assert cells["params"] == f"{m['n_params'] / 1e6:.2f}M", label
+            assert cells["size MB"] == f"{m['size_mb']:.1f}", label
+            checked += 1
+    assert checked >= 2
