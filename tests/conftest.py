@@ -31,6 +31,26 @@ TEXT = (
 )
 
 
+# Prompts for decoding tests: short, long, non-ASCII (multi-byte tokens), unequal lengths for padding.
+PROMPTS = [
+    "Hello",
+    "It is a truth universally acknowledged, that a single man",
+    "你好, 世界 🙂 — café",
+    "The cat sat on the mat. The dog",
+    "She",
+]
+
+
+def spread(model, std: float = 0.15):
+    """Weights with GPT-2-like spread, so logits are far from uniform and argmax ties are rare."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, std, generator=g)
+    return model
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models decode fastest on one thread; two threads on a busy 2-core machine thrash."""

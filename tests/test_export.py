@@ -13,19 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_gpt2
+from conftest import spread, tiny_gpt2
 from python3_distillation.cli import main as cli_main
 from python3_distillation.models import load_model, save_model
-
-
-def _spread(model, std: float = 0.15):
-    """Weights with GPT-2-like spread, so logits are far from uniform and argmax ties are rare."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, std, generator=g)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +26,7 @@ def folder(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_inner=96, n_positions=64, vocab_size=50257,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256)
-    model = _spread(GPT2LMHeadModel(cfg).eval())
+    model = spread(GPT2LMHeadModel(cfg).eval())
     return save_model(model, tokenizer, tmp_path_factory.mktemp("export") / "student")
 
 

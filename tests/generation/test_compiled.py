@@ -11,32 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_gpt2
+from conftest import PROMPTS, spread, tiny_gpt2
 from python3_distillation.generation import Generator, GenerationError, RowInput, SamplingParams
 from python3_distillation.generation.compiled import (CompiledGPT2Decoder, CompiledStep, bucket,
                                                       env_wants_compile)
 from python3_distillation.quantize import quantize_model
 
 EOS = 50256
-PROMPTS = [
-    "Hello",
-    "It is a truth universally acknowledged, that a single man",
-    "你好, 世界 🙂 — café",
-    "The cat sat on the mat. The dog",
-    "She",
-]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def spread(model, std: float = 0.15):
-    """Weights with GPT-2-like spread, so logits are far from uniform and argmax ties are rare."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, std, generator=g)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,11 @@ import copy
 import pytest
 import torch
 
+from conftest import PROMPTS
 from python3_distillation.generation import Generator, RowInput, SamplingParams
 from python3_distillation.generation.decoders import GPT2Decoder
 
 EOS = 50256
-PROMPTS = [
-    "Hello",
-    "It is a truth universally acknowledged, that a single man",
-    "你好, 世界 🙂 — café",
-    "The cat sat on the mat. The dog",
-    "She",
-]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
