@@ -51,6 +51,28 @@ def spread(model, std: float = 0.15):
     return model
 
 
+def run_schedule(gen, schedule: dict[int, list[tuple[str, int]]]) -> tuple[dict, list[int]]:
+    """Step a DecodeBatch, adding ``schedule[step]`` rows (prompt, max_new_tokens) at that step: rows
+    joining a running decode (continuous batching). Returns each row's completion and the batch sizes."""
+    from python3_distillation.generation import RowInput, SamplingParams
+
+    batch = gen.new_batch()
+    done, sizes, key, step = {}, [], 0, 0
+    while step <= max(schedule) or len(batch):
+        new = []
+        for prompt, n in schedule.get(step, []):
+            params = SamplingParams(max_new_tokens=n, temperature=0)
+            new.append(RowInput((key, prompt, n), prompt, gen.check_prompt(prompt, params), params))
+            key += 1
+        for ev in batch.step(new):
+            assert ev.error is None, ev.error
+            if ev.finished:
+                done[ev.row] = ev.completion
+        sizes.append(batch.rows_in_use)
+        step += 1
+    return done, sizes
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models decode fastest on one thread; two threads on a busy 2-core machine thrash."""

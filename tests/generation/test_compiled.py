@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import PROMPTS, spread, tiny_gpt2
+from conftest import PROMPTS, run_schedule, spread, tiny_gpt2
 from python3_distillation.generation import Generator, GenerationError, RowInput, SamplingParams
 from python3_distillation.generation.compiled import (CompiledGPT2Decoder, CompiledStep, bucket,
                                                       env_wants_compile)
@@ -93,24 +93,6 @@ def test_int8_greedy_equals_the_int8_models_own_forward(int8_gen, tokenizer):
             ids.append(token)
         assert len(completion.token_ids) == 24
     assert int8_gen._step.graph.kinds["h0_qkv"] == "int8" and int8_gen._step.graph.kinds["head"] == "int8"
-
-
-def run_schedule(gen: Generator, schedule: dict[int, list[tuple[str, int]]]) -> tuple[dict, list[int]]:
-    """Step a DecodeBatch, adding ``schedule[step]`` rows (prompt, max_new_tokens) at that step."""
-    batch = gen.new_batch()
-    done, sizes, key, step = {}, [], 0, 0
-    while step <= max(schedule) or len(batch):
-        new = []
-        for prompt, n in schedule.get(step, []):
-            new.append(RowInput((key, prompt, n), prompt, gen.check_prompt(prompt, greedy(n)), greedy(n)))
-            key += 1
-        for ev in batch.step(new):
-            assert ev.error is None, ev.error
-            if ev.finished:
-                done[ev.row] = ev.completion
-        sizes.append(batch.rows_in_use)
-        step += 1
-    return done, sizes
 
 
 @pytest.mark.slow  # ~45 s on a busy 2-core machine: rows buckets 1, 2, 4, 8 × columns compile

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from conftest import PROMPTS
+from conftest import PROMPTS, run_schedule
 from python3_distillation.generation import Generator, RowInput, SamplingParams
 from python3_distillation.generation.decoders import GPT2Decoder
 
@@ -39,25 +39,6 @@ def hf_greedy(model, tokenizer, prompt: str, n: int) -> list[int]:
         out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=EOS)
     ids = out[0, enc.input_ids.shape[1]:].tolist()
     return ids[:ids.index(EOS)] if EOS in ids else ids
-
-
-def run_schedule(gen: Generator, schedule: dict[int, list[tuple[str, int]]]) -> tuple[dict, list[int]]:
-    """Step a DecodeBatch, adding ``schedule[step]`` rows (prompt, max_new_tokens) at that step."""
-    batch = gen.new_batch()
-    done, sizes, key, step = {}, [], 0, 0
-    while step <= max(schedule) or len(batch):
-        new = []
-        for prompt, n in schedule.get(step, []):
-            params = SamplingParams(max_new_tokens=n, temperature=0)
-            new.append(RowInput((key, prompt, n), prompt, gen.check_prompt(prompt, params), params))
-            key += 1
-        for ev in batch.step(new):
-            assert ev.error is None, ev.error
-            if ev.finished:
-                done[ev.row] = ev.completion
-        sizes.append(batch.rows_in_use)
-        step += 1
-    return done, sizes
 
 
 @pytest.mark.parametrize("backend", ["gpt2", "hf"])
