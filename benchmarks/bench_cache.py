@@ -103,18 +103,17 @@ def throughput_rows(work: Path, teacher_dir: Path, quick: bool, cache) -> list[d
     from python3_distillation.data import batch_indices, load_blocks
     from python3_distillation.distill import make_distill_loss
     from python3_distillation.evaluation import measure as ev
-    from python3_distillation.models import build_student, load_model
-    from python3_distillation.precision import decide
-    from python3_distillation.tokenizer import load_tokenizer
+    from python3_distillation.models import build_student, open_model
+    from python3_distillation.precision import decide, pick_device
     from python3_distillation.train import make_batch, make_optimizer
 
     cfg = _config(work, teacher_dir, quick, "bench-cache-speed")
     tc, dc = cfg.train, cfg.distill
-    teacher = load_model(teacher_dir).eval()
-    blocks = load_blocks(cfg.data, load_tokenizer(teacher_dir), seed=tc.seed)["train"]
+    teacher, tokenizer, _ = open_model(teacher_dir)
+    blocks = load_blocks(cfg.data, tokenizer, seed=tc.seed)["train"]
     student0, _ = build_student(teacher, cfg.student.n_layer, "teacher", seed=tc.seed)
-    precision = decide(tc.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
-    acc = Accelerator(mixed_precision=precision.mode, cpu=not torch.cuda.is_available())
+    precision = decide(tc.mixed_precision, pick_device())
+    acc = Accelerator(mixed_precision=precision.mode, cpu=pick_device().type == "cpu")
     teacher.to(acc.device)
     models, opts, losses = {}, {}, {}
     for name, loss in (("live", make_distill_loss(teacher, dc)), ("cache", make_distill_loss(None, dc, cache=cache))):

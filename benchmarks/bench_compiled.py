@@ -5,7 +5,7 @@ decode speed, compile time, time to first token.
     HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=./data python benchmarks/bench_compiled.py [--quick]
 
 On the v2 shape (6 layers × d256; the trained v2 student when there is one, else random weights:
-speed does not depend on them), fp32 and int8 (quantize.py), in one process:
+speed does not depend on them), fp32 and int8 (int8.py), in one process:
 
 * breakdown of one eager step at batch 1 and 8: the step's wall time; the LM head, the 24 block
   projections and the 6 attentions each timed alone (the same calls, back to back); the rest is
@@ -37,7 +37,7 @@ from python3_distillation.evaluation import measure  # noqa: E402
 from python3_distillation.generation import Generator, SamplingParams  # noqa: E402
 from python3_distillation.generation.compiled import CompiledStep  # noqa: E402
 from python3_distillation.generation.decoders import GPT2Decoder, cpu_head_t  # noqa: E402
-from python3_distillation.quantize import quantize_model  # noqa: E402
+from python3_distillation.int8 import quantize_model  # noqa: E402
 from python3_distillation.tokenizer import load_tokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,12 +50,12 @@ def _row(metric, value, unit="", note="", target=None, met=None) -> dict:
 
 def models() -> tuple[dict, str]:
     """fp32 and int8 v2-shaped models, and a note saying which weights."""
-    from python3_distillation.models import load_model
+    from python3_distillation.models import open_model
     from python3_distillation.paths import model_dir
 
     trained = model_dir("v2")
     if (trained / "config.json").is_file():
-        fp32, what = load_model(trained).eval(), f"trained v2 student ({trained.name})"
+        fp32, what = open_model(trained).model, f"trained v2 student ({trained.name})"
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -82,6 +82,7 @@ def decode_rows(quick: bool) -> list[dict]:
 
     from python3_distillation.generation import Generator
     from python3_distillation.models import build_student
+    from python3_distillation.precision import pick_device
     from python3_distillation.tokenizer import load_tokenizer
 
     new_tokens, rounds = (8, 2) if quick else (64, 5)
@@ -98,7 +99,7 @@ def decode_rows(quick: bool) -> list[dict]:
                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     teacher = GPT2LMHeadModel(config).eval()
     student, _ = build_student(teacher, 6, "teacher")
-    rows += decode_pair(Generator(teacher, tok, device="cpu" if not torch.cuda.is_available() else "cuda"),
+    rows += decode_pair(Generator(teacher, tok, device=pick_device()),
                         Generator(student.eval(), tok, device=next(teacher.parameters()).device),
                         new_tokens, rounds, "GPT-2-small shape (random)")
     return rows
@@ -183,14 +184,14 @@ def throughput_rows(quick: bool) -> list[dict]:
 
     from python3_distillation.config import TeacherConfig, load_config
     from python3_distillation.distill import make_distill_loss
-    from python3_distillation.models import build_student, load_model, new_gpt2
-    from python3_distillation.precision import decide
+    from python3_distillation.models import build_student, new_gpt2, open_model
+    from python3_distillation.precision import decide, pick_device
     from python3_distillation.train import make_optimizer
 
     cfg = load_config(["v2"])
     tc, dc = cfg.train, cfg.distill
     trained = is_model_dir(model_dir("teacher"))
-    teacher = load_model(model_dir("teacher")) if trained else new_gpt2(TeacherConfig(), 50257, seed=0)
+    teacher = open_model(model_dir("teacher")).model if trained else new_gpt2(TeacherConfig(), 50257, seed=0)
     teacher.eval()
     torch.manual_seed(0)
     student0, _ = build_student(teacher, cfg.student.n_layer, "teacher")
@@ -201,7 +202,7 @@ def throughput_rows(quick: bool) -> list[dict]:
 
     # Ours: train()'s step, line for line (accelerate, autocast as `auto` decides here, backward, clip,
     # fused AdamW). On a CPU without native bf16, auto is fp32 and both sides run in fp32.
-    precision = decide(tc.mixed_precision, "cuda" if torch.cuda.is_available() and not tc.cpu else "cpu")
+    precision = decide(tc.mixed_precision, pick_device(cpu=tc.cpu))
     acc = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=tc.grad_accum, cpu=tc.cpu)
     ours_student = copy.deepcopy(student0).train()
     ours_model, ours_opt = acc.prepare(ours_student, make_optimizer(ours_student, tc))

@@ -231,18 +231,17 @@ def run(quick: bool = False) -> dict:
 def _compare(binaries: dict, how: str, quick: bool, work: Path) -> list[dict]:
     """The section's rows; the models, GGUF files and logs go in ``work``."""
     from python3_distillation.export import run_export
-    from python3_distillation.models import load_model
+    from python3_distillation.models import open_model
     from python3_distillation.quantize import run_quantize
-    from python3_distillation.tokenizer import load_tokenizer
 
     new, rounds, bench_repeats = (16, 1, 1) if quick else (NEW_TOKENS, 5, 3)
     clients, requests, line_tokens = (16, 48, 16) if quick else (16, 200, 16)
     src, what = student_folder(work)
     ggufs = {kind: run_export(src, "gguf", kind, work / f"student-{kind}.gguf") for kind in ("f32", "q8_0")}
     int8_dir = run_quantize(src, work / "int8", head=True, measure=False)
-    tok = load_tokenizer(src)
-    gens = {"fp32": Generator(load_model(src).eval(), tok, device="cpu", name="fp32"),
-            "int8": Generator(load_model(int8_dir).eval(), tok, device="cpu", name="int8")}
+    fp32, tok, _ = open_model(src)
+    gens = {"fp32": Generator(fp32, tok, device="cpu", name="fp32"),
+            "int8": Generator(open_model(int8_dir).model, tok, device="cpu", name="int8")}
     # Batch 1 runs the longest prompt; llama.cpp's prompts are that long too (ours left-pad to it at batch 8).
     prompt_tokens = max(len(gens["fp32"].encode(p)) for p in PROMPTS)
     longest = max(PROMPTS, key=lambda p: len(gens["fp32"].encode(p)))

@@ -24,9 +24,9 @@ if __package__ in (None, ""):
 
 from python3_distillation.evaluation import measure  # noqa: E402
 from python3_distillation.generation import Generator  # noqa: E402
-from python3_distillation.models import load_model  # noqa: E402
-from python3_distillation.quantize import WEIGHTS_FILE, run_quantize  # noqa: E402
-from python3_distillation.tokenizer import load_tokenizer  # noqa: E402
+from python3_distillation.int8 import WEIGHTS_FILE  # noqa: E402
+from python3_distillation.models import open_model  # noqa: E402
+from python3_distillation.quantize import run_quantize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROMPTS, student_folder  # noqa: E402
@@ -45,8 +45,8 @@ def run(quick: bool = False) -> dict:
     variants = {"int8": run_quantize(src, work / "int8", head=True, measure=False),
                 "int8, fp32 head": run_quantize(src, work / "int8-head-fp32", head=False, measure=False)}
     threads = torch.get_num_threads()
-    tok = load_tokenizer(src)
-    models = {"fp32": load_model(src).eval(), **{k: load_model(v) for k, v in variants.items()}}
+    fp32, tok, _ = open_model(src)
+    models = {"fp32": fp32, **{k: open_model(v).model for k, v in variants.items()}}
     gens = {k: Generator(m, tok, device="cpu", name=k) for k, m in models.items()}
     new_tokens, rounds = (16, 2) if quick else (64, 5)
     speed = measure.decode_speed(gens, {1: PROMPTS[:1], 8: PROMPTS}, new_tokens, rounds)
@@ -74,16 +74,15 @@ def run(quick: bool = False) -> dict:
         entry = load_entry("v2", src)
         data_cfg, seed = eval_data_config([entry])
         blocks = validation_blocks([entry], data_cfg, 16 if quick else data_cfg.max_eval_blocks, seed)
-        ppl = {k: measure.perplexity(m, blocks)[1] for k, m in models.items()}
+        q = measure.quality(models, blocks, reference="fp32")
         for k in variants:
-            r = ppl[k] / ppl["fp32"]
-            agree = measure.fidelity(models[k], models["fp32"], blocks)
+            r = q[k]["ppl"] / q["fp32"]["ppl"]
             target = f"<= {TARGETS['ppl']}" if k == "int8" else None
             rows.append(_row(f"{k} ÷ fp32 validation perplexity", r, "×",
-                             f"{ppl[k]:.2f} vs {ppl['fp32']:.2f} on {len(blocks)} blocks", target,
+                             f"{q[k]['ppl']:.2f} vs {q['fp32']['ppl']:.2f} on {len(blocks)} blocks", target,
                              (r <= TARGETS["ppl"]) if target else None))
-            rows.append(_row(f"{k}: top-1 agreement with fp32", agree["top1"], "",
-                             f"mean KL(fp32 ‖ {k}) {agree['kl']:.4f} nats/position"))
+            rows.append(_row(f"{k}: top-1 agreement with fp32", q[k]["top1"], "",
+                             f"mean KL(fp32 ‖ {k}) {q[k]['kl']:.4f} nats/position"))
     else:
         rows.append(_row("int8 ÷ fp32 validation perplexity", None, "×", "no trained v2: run `make run`",
                          f"<= {TARGETS['ppl']}"))

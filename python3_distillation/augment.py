@@ -25,63 +25,51 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from python3_distillation.config import ConfigError, RunConfig
+from python3_distillation.config import ConfigError, RunConfig, load_config
+from python3_distillation.data import batch_indices, load_blocks
 from python3_distillation.errors import DataError
+from python3_distillation.generation import Generator, RowInput, SamplingParams, complete_rows
+from python3_distillation.lineage import data_fingerprint, weights_sha256
+from python3_distillation.models import open_model
+from python3_distillation.paths import display_path
+from python3_distillation.precision import pick_device
+from python3_distillation.resumable import append_jsonl, jsonl_rows
+from python3_distillation.validation import Checked, Temperature, TopK, TopP
 
 
-@dataclass
-class AugmentSettings:
-    n_samples: int = 512
-    prompt_tokens: int = 32  # cut from the start of a training block
-    new_tokens: int = 96  # at most; a sampled end-of-text token ends the sample earlier
-    temperature: float = 1.0
-    top_p: float = 0.95
-    top_k: int = 0
-    batch_size: int = 16  # rows decoded together
+class AugmentSettings(Checked):
+    """The sampling of ``gpt2-distill augment``; bounds as every sampling request's, errors naming the flag."""
 
-    def validate(self, block_size: int, context: int) -> "AugmentSettings":
-        for key in ("n_samples", "prompt_tokens", "new_tokens", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key.replace('_', '-')} must be ≥ 1")
+    error = ConfigError
+
+    n_samples: int = Field(512, ge=1)
+    prompt_tokens: int = Field(32, ge=1)  # cut from the start of a training block
+    new_tokens: int = Field(96, ge=1)  # at most; a sampled end-of-text token ends the sample earlier
+    temperature: Temperature = 1.0
+    top_p: TopP = 0.95
+    top_k: TopK = 0
+    batch_size: int = Field(16, ge=1)  # rows decoded together
+
+    @classmethod
+    def label(cls, path: str) -> str:
+        return "--" + path.replace("_", "-")
+
+    def validate(self, block_size: int, context: int) -> AugmentSettings:  # type: ignore[override]
+        """Check that prompts fit a training block and prompt + continuation the teacher's context."""
         if self.prompt_tokens > block_size:
             raise ConfigError(f"--prompt-tokens {self.prompt_tokens} is longer than a training block ({block_size})")
         if self.prompt_tokens + self.new_tokens > context:
             raise ConfigError(f"--prompt-tokens + --new-tokens = {self.prompt_tokens + self.new_tokens} exceeds the "
                               f"teacher's context of {context} tokens")
-        if not 0 <= self.temperature <= 100:
-            raise ConfigError("--temperature must be in [0, 100] (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("--top-p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ConfigError("--top-k must be ≥ 0 (0 = off)")
         return self
-
-
-def complete_rows(generator, rows: Sequence) -> dict:
-    """Decode ``RowInput`` rows (token-id prompts) in one batch with ``generator``: {row key: Completion}.
-
-    Token ids go in as they are, so a prompt cut from the token stream is not re-tokenized.
-    """
-    done = {}
-    batch, new = generator.new_batch(), list(rows)
-    while new or len(batch):
-        for ev in batch.step(new):
-            if ev.error is not None:
-                raise ev.error
-            if ev.finished:
-                done[ev.row] = ev.completion
-        new = []
-    return done
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -91,50 +79,25 @@ def sample_seed(seed: int, index: int) -> int:
 
 def _existing_rows(out: Path, run: dict) -> int:
     """How many samples ``out`` already holds (checked against ``run``); a line torn by a kill is cut off."""
-    if not out.exists():
-        return 0
-    good_bytes, n = 0, 0
-    with out.open("rb") as f:
-        lines = f.read().split(b"\n")
-    for i, raw in enumerate(lines):
-        if i == len(lines) - 1:  # after the last newline: nothing, or a line a kill cut off
-            if raw:
-                print(f"{out}: dropping a line cut off by an interrupted run ({len(raw)} bytes)", file=sys.stderr)
-            break
-        try:
-            row = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DataError(f"{out}:{i + 1}: not a JSON line; the file is not one `gpt2-distill augment` wrote") from None
-        if not isinstance(row, dict) or row.get("index") != n:
-            raise DataError(f"{out}:{i + 1}: expected sample {n}; the file is not one `gpt2-distill augment` wrote")
+    rows = jsonl_rows(out)
+    for n, row in enumerate(rows):
+        if row.get("index") != n:
+            raise DataError(f"{out}:{n + 1}: expected sample {n}; the file is not one `gpt2-distill augment` wrote")
         mine = {k: v for k, v in (row.get("run") or {}).items() if k != "teacher"}
         wanted = {k: v for k, v in run.items() if k != "teacher"}
         if mine != wanted:
             changed = sorted(k for k in wanted.keys() | mine.keys() if mine.get(k) != wanted.get(k))
             raise DataError(f"{out} was sampled with other settings ({', '.join(changed)} differ); continue it with the "
                             "same teacher, data and sampling settings, or write to another --out")
-        n += 1
-        good_bytes += len(raw) + 1
-    if good_bytes != out.stat().st_size:
-        with out.open("r+b") as f:
-            f.truncate(good_bytes)
-    return n
+    return len(rows)
 
 
 def run_augment(cfg: RunConfig, out: str | Path, s: AugmentSettings,
                 on_batch: Callable[[int], None] | None = None) -> Path:
     """Append samples to ``out`` until it holds ``s.n_samples`` of them; returns ``out``."""
-    from python3_distillation.data import batch_indices, load_blocks
-    from python3_distillation.generation import Generator, RowInput, SamplingParams, default_device
-    from python3_distillation.lineage import data_fingerprint, weights_sha256
-    from python3_distillation.models import load_model
-    from python3_distillation.paths import display_path
-    from python3_distillation.tokenizer import is_local_tokenizer_dir, load_tokenizer
-
     out = Path(out)
     teacher_dir = Path(cfg.teacher.path)
-    teacher = load_model(teacher_dir)
-    tokenizer = load_tokenizer(teacher_dir if is_local_tokenizer_dir(teacher_dir) else cfg.tokenizer)
+    teacher, tokenizer, _ = open_model(teacher_dir, tokenizer=cfg.tokenizer)
     s.validate(cfg.data.block_size, teacher.config.n_positions)
     seed = cfg.train.seed
     blocks = load_blocks(cfg.data, tokenizer, seed=seed)
@@ -149,38 +112,35 @@ def run_augment(cfg: RunConfig, out: str | Path, s: AugmentSettings,
         print(f"{out}: already holds {done} samples (asked for {s.n_samples}); nothing to do", file=sys.stderr)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    gen = Generator(teacher, tokenizer, device=default_device(), name="teacher")
+    gen = Generator(teacher, tokenizer, device=pick_device(), name="teacher")
     t0, new_tokens = time.perf_counter(), 0
     bar = tqdm(total=s.n_samples, initial=done, desc="augment", unit="sample", dynamic_ncols=True)
     try:
-        with out.open("a", encoding="utf-8") as f:
-            for start in range(done, s.n_samples, s.batch_size):
-                indices = range(start, min(s.n_samples, start + s.batch_size))
-                rows, where = [], {}
-                for i in indices:
-                    block = int(batch_indices(len(train), 1, i, seed)[0])  # epoch permutations of the blocks
-                    where[i] = block
-                    params = SamplingParams(max_new_tokens=s.new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                            top_k=s.top_k, seed=sample_seed(seed, i)).validate()
-                    rows.append(RowInput(i, "", train.ids[block, :s.prompt_tokens].tolist(), params))
-                completions = complete_rows(gen, rows)
-                lines = []
-                for row in rows:
-                    c = completions[row.key]
-                    prompt, completion = tokenizer.decode(row.ids), tokenizer.decode(c.token_ids)
-                    lines.append(json.dumps({
-                        "index": row.key, "text": prompt + completion, "prompt": prompt, "completion": completion,
-                        "prompt_tokens": len(row.ids), "completion_tokens": c.completion_tokens,
-                        "finish_reason": c.finish_reason,
-                        "source": {"block": where[row.key], "token_offset": where[row.key] * cfg.data.block_size},
-                        "seed": row.params.seed, "run": run}, ensure_ascii=False))
-                    new_tokens += c.completion_tokens
-                f.write("".join(line + "\n" for line in lines))
-                f.flush()
-                os.fsync(f.fileno())  # a kill after this point loses nothing of this batch
-                bar.update(len(rows))
-                if on_batch is not None:
-                    on_batch(indices[-1] + 1)
+        for start in range(done, s.n_samples, s.batch_size):
+            indices = range(start, min(s.n_samples, start + s.batch_size))
+            rows, where = [], {}
+            for i in indices:
+                block = int(batch_indices(len(train), 1, i, seed)[0])  # epoch permutations of the blocks
+                where[i] = block
+                params = SamplingParams(max_new_tokens=s.new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                        top_k=s.top_k, seed=sample_seed(seed, i))
+                rows.append(RowInput(i, "", train.ids[block, :s.prompt_tokens].tolist(), params))
+            completions = complete_rows(gen, rows)
+            samples = []
+            for row in rows:
+                c = completions[row.key]
+                prompt, completion = tokenizer.decode(row.ids), tokenizer.decode(c.token_ids)
+                samples.append({
+                    "index": row.key, "text": prompt + completion, "prompt": prompt, "completion": completion,
+                    "prompt_tokens": len(row.ids), "completion_tokens": c.completion_tokens,
+                    "finish_reason": c.finish_reason,
+                    "source": {"block": where[row.key], "token_offset": where[row.key] * cfg.data.block_size},
+                    "seed": row.params.seed, "run": run})
+                new_tokens += c.completion_tokens
+            append_jsonl(out, samples, sync=True)  # a kill after this point loses nothing of this batch
+            bar.update(len(rows))
+            if on_batch is not None:
+                on_batch(indices[-1] + 1)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -205,10 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"rows decoded together (default {d.batch_size})")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. teacher.path=my/teacher")
     args = p.parse_args(argv)
-    from python3_distillation.config import load_config
-
     cfg = load_config(args.config or [], args.overrides)
-    settings = AugmentSettings(**{k: getattr(args, k) for k in asdict(d)})
+    settings = AugmentSettings(**{k: getattr(args, k) for k in AugmentSettings.model_fields})
     run_augment(cfg, args.out, settings)
     return 0
 

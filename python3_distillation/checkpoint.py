@@ -2,15 +2,12 @@
 
     python -m python3_distillation.checkpoint runs/v2/checkpoint-200     # verify one, print its state
 
-A checkpoint folder holds the model weights, the optimizer state (tensors + a JSON of its param
-groups), each process's RNG states (tensors + JSON, ``rng-<rank>.*``, all written by the main
-process), ``trainer_state.json`` (step, tokens, seconds, the run's fingerprint) and, written last,
-``manifest.json``: the size and sha256 of every other file.
-Nothing is unpickled on resume (accelerate's ``save_state`` writes ``.pkl``/``.bin`` pickles that
-``load_state`` opens with ``weights_only=False``, so a run folder from someone else could run code).
-A checkpoint whose files do not match its manifest (truncated, corrupt, tampered with, or holding
-files the manifest does not list) is refused with a warning and the previous one is tried. The LR
-schedule is not stored: it is a pure function of the step and is rebuilt.
+A checkpoint folder holds the weights, the optimizer state, each process's RNG states
+(``rng-<rank>.*``), ``trainer_state.json`` (step, tokens, seconds, fingerprint) and, written last,
+``manifest.json`` (size and sha256 of every other file). Nothing is unpickled on resume (accelerate's
+``load_state`` opens pickles with ``weights_only=False``: a foreign run folder could run code). A
+checkpoint that does not match its manifest is refused with a warning and the previous one tried.
+The LR schedule is not stored: it is a pure function of the step.
 """
 
 from __future__ import annotations
@@ -18,19 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from python3_distillation.errors import CheckpointError
 from python3_distillation.fsio import sha256_file
+from python3_distillation.resumable import MANIFEST
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS, OPTIMIZER_GROUPS = "optimizer.safetensors", "optimizer.json"
@@ -41,28 +39,18 @@ def rng_files(rank: int) -> tuple[str, str]:
     return f"rng-{rank}.safetensors", f"rng-{rank}.json"
 
 
-def checkpoint_step(path: Path) -> int | None:
-    name = Path(path).name
-    if not name.startswith("checkpoint-"):
-        return None
-    tail = name.split("-", 1)[1]
-    return int(tail) if tail.isdigit() else None
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """``checkpoint-N`` folders of a run, oldest first (temp folders of an interrupted write excluded)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
+    found = [p for p in run_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-[0-9]+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
 # ------------------------------------------------------------------------------------- writing
 
 def save_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    from safetensors.torch import save_model
-
     save_model(model, str(Path(folder) / MODEL_FILE))  # drops tied duplicates (lm_head = wte)
 
 
@@ -94,22 +82,21 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def save_rng(folder: Path, rank: int, states: tuple[dict[str, torch.Tensor], dict] | None = None) -> None:
-    """Write process ``rank``'s RNG states: ``states`` as ``capture_rng`` returned them in that process
-    (gathered to the main process, which writes every rank's file), or this process's own."""
-    tensors, meta = states if states is not None else capture_rng()
+def save_rng(folder: Path, rank: int, states: tuple[dict[str, torch.Tensor], dict]) -> None:
+    """Write process ``rank``'s RNG states as ``capture_rng`` returned them there (the main process writes all)."""
+    tensors, meta = states
     t_name, j_name = rng_files(rank)
     save_file(tensors, str(Path(folder) / t_name))
     (Path(folder) / j_name).write_text(json.dumps(meta))
 
 
-def write_manifest(folder: Path, state: dict) -> None:
-    """Write ``trainer_state.json``, then the manifest of every file (the last write of a checkpoint)."""
+def write_state(folder: Path, state: dict) -> dict:
+    """Write ``trainer_state.json``; returns the manifest of every file, written last (``WorkFolder.publish``)."""
     folder = Path(folder)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+    return {"format": FORMAT, "files": files}
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -157,8 +144,6 @@ def newest_valid(run_dir: Path, warn=None) -> tuple[Path | None, dict | None]:
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    from safetensors.torch import load_model
-
     missing, unexpected = load_model(model, str(Path(folder) / MODEL_FILE), strict=False)
     # Tied weights are stored once; the other name is reported missing by design.
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}

@@ -21,25 +21,25 @@ reported in one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 
-from python3_distillation.errors import EXIT_BAD_INPUT, BadInput
+from python3_distillation.config import load_config
+from python3_distillation.errors import EXIT_BAD_INPUT, BadInput, ConfigError
 
 
-def _training_parser(prog: str, description: str, default_config: str | None) -> argparse.ArgumentParser:
+def _config_parser(prog: str, description: str, default_config: str | None,
+                   example: str = "train.max_steps=100") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", action="append", default=None, metavar="FILE",
                    help=f"YAML config (diff from the defaults); repeatable; default: {default_config or 'none'}")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.max_steps=100")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help=f"e.g. {example}")
     return p
 
 
 def _load(args, default_config: str | None):
-    from python3_distillation.config import load_config
-
     files = args.config if args.config else ([default_config] if default_config else [])
     return load_config(files, args.overrides)
 
@@ -61,12 +61,11 @@ def cmd_assets(argv: list[str]) -> int:
 
 
 def cmd_stage(argv: list[str], stage: str, default_config: str | None) -> int:
-    from python3_distillation.config import ConfigError
-
-    prog = f"gpt2-distill {stage}"
     desc = ("Train the GPT-2 teacher (from scratch, or fine-tune teacher.init_from)." if stage == "teacher" else
             "Distil the teacher into a student (KL×T² soft targets + CE).")
-    args = _training_parser(prog, desc, default_config).parse_args(argv)
+    p = _config_parser(f"gpt2-distill {stage}", desc, default_config)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    args = p.parse_args(argv)
     cfg = _load(args, default_config)
     if cfg.stage != stage:
         raise ConfigError(f"config is for stage {cfg.stage!r}, this command is {stage!r}")
@@ -82,82 +81,57 @@ def cmd_stage(argv: list[str], stage: str, default_config: str | None) -> int:
 
 
 def cmd_prepare_data(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gpt2-distill prepare-data", description="Tokenize the configured data into "
-                                "token shards (<data dir>/tokens/<key>/) ahead of training, resuming an interrupted "
-                                "run, and print the manifest summary. Training finds the same shards.")
-    p.add_argument("--config", action="append", default=None, metavar="FILE",
-                   help="YAML config (diff from the defaults); repeatable; default: teacher")
+    p = _config_parser("gpt2-distill prepare-data", "Tokenize the configured data into token shards "
+                       "(<data dir>/tokens/<key>/) ahead of training, resuming an interrupted run, and print the "
+                       "manifest summary. Training finds the same shards.", "teacher",
+                       "data.train=corpus/ data.block_size=512")
     p.add_argument("--num-proc", type=int, default=None, metavar="N",
                    help="tokenizing processes (default: from the CPU count and the size of the data)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.train=corpus/ data.block_size=512")
     args = p.parse_args(argv)
-    from pathlib import Path
-
     from python3_distillation.data import prepare_tokens
-    from python3_distillation.errors import ConfigError
-    from python3_distillation.tokenizer import load_tokenizer
+    from python3_distillation.models import stage_tokenizer
 
     if args.num_proc is not None and args.num_proc < 1:
         raise ConfigError("--num-proc must be ≥ 1")
     cfg = _load(args, "teacher")
-    # The tokenizer the stage itself will use (so training finds these shards): the teacher's folder
-    # for distillation, the fine-tuned checkpoint's folder for a teacher, else `tokenizer`.
-    spec = cfg.tokenizer
-    if cfg.stage == "teacher" and cfg.teacher.init_from and Path(cfg.teacher.init_from).is_dir():
-        spec = cfg.teacher.init_from
-    elif cfg.stage == "distill" and cfg.tokenizer == "gpt2" and Path(cfg.teacher.path).is_dir():
-        spec = cfg.teacher.path
-    shards = prepare_tokens(cfg.data, load_tokenizer(spec), seed=cfg.train.seed, num_proc=args.num_proc)
+    # The tokenizer the stage itself will use, so training finds these shards.
+    shards = prepare_tokens(cfg.data, stage_tokenizer(cfg), seed=cfg.train.seed, num_proc=args.num_proc)
     print(shards.summary(cfg.data.block_size))
     return 0
 
 
 def cmd_cache_teacher(argv: list[str]) -> int:
-    from python3_distillation.teacher_cache import main as cache_main
+    p = argparse.ArgumentParser(prog="gpt2-distill cache-teacher",
+                                description="Run the teacher once over the training blocks and store its top-k "
+                                "log-probabilities per position (+ the tail's mass), for distill.teacher_cache=DIR. "
+                                "Resumes an interrupted run.")
+    p.add_argument("--config", action="append", default=None, metavar="FILE",
+                   help="YAML config of the distillation (diff from the defaults); repeatable; default: v2")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where to write (default: distill.teacher_cache, else <data dir>/teacher_cache/<name>)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="blocks per teacher forward (default: train.batch_size)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. distill.cache_top_k=32")
+    args = p.parse_args(argv)
+    from python3_distillation.teacher_cache import cache_teacher
 
-    return cache_main(argv)
-
-
-def cmd_report(argv: list[str]) -> int:
-    from python3_distillation.evaluation.report import main as report_main
-
-    return report_main(argv)
-
-
-def cmd_quantize(argv: list[str]) -> int:
-    from python3_distillation.quantize import main as quantize_main
-
-    return quantize_main(argv)
-
-
-def cmd_export(argv: list[str]) -> int:
-    from python3_distillation.export import main as export_main
-
-    return export_main(argv)
-
-
-def cmd_prune(argv: list[str]) -> int:
-    from python3_distillation.prune import main as prune_main
-
-    return prune_main(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError("--batch-size must be ≥ 1")
+    cfg = _load(args, "v2")
+    if cfg.stage != "distill":
+        raise ConfigError(f"config is for stage {cfg.stage!r}; cache-teacher reads a distillation config "
+                          "(its teacher, data, distill.temperature and distill.cache_top_k)")
+    cache = cache_teacher(cfg, args.out, args.batch_size)
+    print(cache.summary())
+    print(f"train from it: gpt2-distill distill {' '.join(f'--config {c}' for c in args.config or ['v2'])} "
+          f"distill.teacher_cache={cache.folder}")
+    return 0
 
 
-def cmd_augment(argv: list[str]) -> int:
-    from python3_distillation.augment import main as augment_main
-
-    return augment_main(argv)
-
-
-def cmd_infer(argv: list[str]) -> int:
-    from python3_distillation.infer import main as infer_main
-
-    return infer_main(argv)
-
-
-def cmd_serve(argv: list[str]) -> int:
-    from python3_distillation.serving.cli import main as serve_main
-
-    return serve_main(argv)
+def _delegate(module: str):
+    """The command whose ``main(argv)`` is in ``module``, imported when run: ``--help`` needs no torch.
+    (Full module names, so tests/test_layout.py counts these imports with the others.)"""
+    return lambda argv: importlib.import_module(module).main(argv)
 
 
 COMMANDS = {
@@ -166,13 +140,13 @@ COMMANDS = {
     "teacher": lambda argv: cmd_stage(argv, "teacher", "teacher"),
     "distill": lambda argv: cmd_stage(argv, "distill", "v2"),
     "cache-teacher": cmd_cache_teacher,
-    "report": cmd_report,
-    "quantize": cmd_quantize,
-    "export": cmd_export,
-    "prune": cmd_prune,
-    "augment": cmd_augment,
-    "infer": cmd_infer,
-    "serve": cmd_serve,
+    "report": _delegate("python3_distillation.evaluation.report"),
+    "quantize": _delegate("python3_distillation.quantize"),
+    "export": _delegate("python3_distillation.export"),
+    "prune": _delegate("python3_distillation.prune"),
+    "augment": _delegate("python3_distillation.augment"),
+    "infer": _delegate("python3_distillation.infer"),
+    "serve": _delegate("python3_distillation.serving.cli"),
 }
 
 
@@ -183,7 +157,7 @@ def run_guarded(fn, argv: list[str]) -> int:
         return fn(argv)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130

@@ -1,6 +1,6 @@
 """Jane Austen's six novels as a train/validation text corpus, read from Debian's r-cran-janeaustenr.
 
-    DISTILL_DATA_DIR=./data python -m python3_distillation.corpus
+    DISTILL_DATA_DIR=./data gpt2-distill assets     # builds it; DISTILL_AUSTEN_DEB=FILE.deb reads a local .deb
 
 The novels are public domain. Debian ships them in ``r-cran-janeaustenr`` as R's lazy-load database
 ``usr/lib/R/site-library/janeaustenr/data/Rdata.{rdx,rdb}`` (one character vector per book, one
@@ -20,19 +20,18 @@ so validation loss measures generalisation to unseen text rather than recall of 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
 import re
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
+from python3_distillation.errors import AssetError
 from python3_distillation.fsio import atomic_dir, sha256_file
-from python3_distillation.paths import data_dir as default_data_dir
 from python3_distillation.rdata import RDataError, read_lazyload_db
-from python3_distillation.tokenizer import AssetError
 
 log = logging.getLogger(__name__)
 
@@ -187,16 +186,8 @@ def to_paragraphs(lines: list[str]) -> list[str]:
     italics underscores, and drop what is not the novel's text: the title block before the first
     heading (prose there, such as Northanger Abbey's advertisement, is kept), chapter/volume
     headings, "* * *" dividers, transcribers' volume notes, and everything from THE END/FINIS on."""
-    paragraphs: list[str] = []
-    current: list[str] = []
-    for line in [*lines, ""]:
-        if line.strip():
-            current.append(line)
-            continue
-        if current:
-            paragraphs.append(_clean(" ".join(current)))
-            current = []
-
+    paragraphs = [_clean(" ".join(group))
+                  for blank, group in itertools.groupby(lines, key=lambda line: not line.strip()) if not blank]
     out: list[str] = []
     in_front_matter = True
     for p in paragraphs:
@@ -290,25 +281,3 @@ def load_manifest(data_dir: Path) -> dict:
     except (OSError, ValueError) as e:
         raise CorpusError(f"{path}: cannot read the corpus manifest ({e})") from e
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) > 1 or (args and args[0].startswith("-")):
-        print("usage: python -m python3_distillation.corpus [PATH/TO/r-cran-janeaustenr.deb]", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data_dir = default_data_dir()
-    try:
-        paths = build_austen_corpus(data_dir, Path(args[0]) if args else None)
-    except AssetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    manifest = load_manifest(data_dir)
-    for split, path in paths.items():
-        entry = manifest["splits"][split]
-        print(f"{split}: {path} ({entry['paragraphs']} paragraphs, {entry['characters']} characters)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

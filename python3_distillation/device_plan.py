@@ -2,24 +2,14 @@
 
     python -m python3_distillation.device_plan        # prints this machine's plan, one line per decision
 
-Training (train.py), distillation's KL (losses.py), the teacher cache (teacher_cache.py), the report
-(evaluation/) and serving (generation/generator.py) read their device decisions from here, and each
-stage logs them at its start in the style of the precision line (``precision: bf16 — why``):
-
-- **precision** — precision.py (CPU: a measured probe; CUDA: bf16 where the GPU does it natively,
-  fp16 with loss scaling on older tensor-core GPUs, fp32 otherwise).
-- **KL chunks** — ``kd_chunk_elements``: on CPU 16 rows of GPT-2's vocabulary (a cache-sized chunk,
-  measured: see ``CPU_KD_CHUNK_ELEMENTS``); on CUDA 1,024 rows, so an 8 × 1,024-token batch is 8
-  chunks instead of 512 (each chunk is ~16 kernel launches forward and as many backward).
-- **compile** — ``train.compile: auto|on|off``; ``auto`` by a documented rule (``decide_compile``).
-- **TF32** — fp32 matmuls on CUDA use TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``;
-  ``torch.set_float32_matmul_precision("high")`` is not used: it also switches oneDNN's CPU matmuls
-  to TF32, which would change CPU numerics).
-- **batches and syncs** — on CUDA each batch is gathered into pinned host memory and its copy to the
-  device issued before the previous step has finished (``BatchPrefetcher``); on every device the loss
-  terms stay tensors on the device and are read back only at ``train.log_every``.
-- **serving dtype** — ``serving_dtype``: bf16 where the GPU has native bf16, fp16 on older
-  tensor-core GPUs, fp32 on CPU; an int8 folder on CUDA is served dequantized once at load.
+Training, distillation's KL, the teacher cache, the report and serving read their device decisions
+from here (the device itself and the precision: precision.py), and each stage logs them at its start
+in the style of the precision line (``precision: bf16 — why``). TF32: fp32 matmuls on CUDA use TF32
+tensor cores through ``torch.backends.cuda.matmul.allow_tf32``, not
+``torch.set_float32_matmul_precision("high")``, which also switches oneDNN's CPU matmuls to TF32 and
+would change CPU numerics. On CUDA each batch is gathered into pinned host memory and its copy issued
+before the previous step has finished (train.BatchPrefetcher); on every device the loss terms stay on
+the device and are read back only at ``train.log_every``.
 """
 
 from __future__ import annotations
@@ -30,7 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from python3_distillation.precision import Precision, decide, native_bf16
+from python3_distillation.errors import GenerationError
+from python3_distillation.precision import Precision, decide, gpu_choice, pick_device
 
 # Logits per KL chunk on CPU: 16 rows of GPT-2's 50,257-token vocabulary, 3.2 MB per fp32
 # temporary, so a worker's few live temporaries stay near its core's cache (2 MB L2 per core, 32 MB
@@ -104,22 +95,13 @@ class DevicePlan:
     def is_cuda(self) -> bool:
         return torch.device(self.device).type == "cuda"
 
+    # TF32 for fp32 matmuls, pinned host buffers (only then is ``non_blocking=True`` asynchronous)
+    # and the next batch prefetched: CUDA only.
+    tf32 = pin_memory = prefetch = is_cuda
+
     @property
     def kd_chunk_elements(self) -> int:
         return kd_chunk_elements(self.device)
-
-    @property
-    def tf32(self) -> bool:
-        return self.is_cuda
-
-    @property
-    def pin_memory(self) -> bool:
-        """Pinned host buffers for host → device copies: only then is ``non_blocking=True`` asynchronous."""
-        return self.is_cuda
-
-    @property
-    def prefetch(self) -> bool:
-        return self.is_cuda
 
     def compile_line(self) -> str:
         return f"compile: {'on' if self.compile else 'off'} — {self.compile_reason}"
@@ -174,47 +156,44 @@ def compile_blocks(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------------------- serving
 
 SERVING_DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``, ``"bfloat16"``, ``torch.float16``… → a torch dtype (None / ``"auto"`` → None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise GenerationError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[key]
 
 
 def serving_dtype(requested: str, device: torch.device | str, int8: bool = False) -> tuple[torch.dtype | None, str]:
     """(dtype to serve in, why) on ``device``. ``None`` keeps the folder's own weights (int8 on CPU).
 
-    ``auto``: CUDA → bf16 where the GPU has native bf16 (capability ≥ 8.0), fp16 on older tensor-core
-    GPUs (≥ 7.0), fp32 otherwise; CPU → fp32 (bf16 decoding on CPU is only fast with native bf16,
-    and fp32 is what the README's CPU speeds are). An int8 folder is a CPU format: on CPU it is served
-    in its int8 kernels; on CUDA PyTorch's int8 weight-only kernel is missing and the int8 layers
-    would dequantize every whole weight on every call, so it is dequantized once at load and served in
-    the ``auto`` dtype (bf16 on Ampere and later): int8's speed-up is not measured on GPUs.
+    ``auto``: CUDA → the training precision's capability rule (precision.py: bf16 on native bf16,
+    fp16 on older tensor-core GPUs, fp32 otherwise); CPU → fp32 (bf16 decoding on CPU is only fast
+    with native bf16, and fp32 is what the README's CPU speeds are). An int8 folder is a CPU format:
+    on CUDA PyTorch's int8 weight-only kernel is missing and the int8 layers would dequantize every
+    whole weight on every call, so it is dequantized once at load and served in the ``auto`` dtype.
     """
     if requested not in SERVING_DTYPES:
         raise ValueError(f"dtype {requested!r}: expected one of {', '.join(SERVING_DTYPES)}")
     device = torch.device(device)
-    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if device.type != "cuda":
-        if int8:
-            return (None, "int8 kernels on CPU") if requested == "auto" else \
-                (names[requested], f"set explicitly: int8 dequantized once at load to {requested}")
         if requested == "auto":
-            return torch.float32, f"{device.type}: fp32"
-        return names[requested], "set explicitly"
+            return (None, "int8 kernels on CPU") if int8 else (torch.float32, f"{device.type}: fp32")
+        why = f"set explicitly: int8 dequantized once at load to {requested}" if int8 else "set explicitly"
+        return DTYPES[requested], why
     suffix = " (int8 is a CPU format: dequantized once at load, served on CUDA in this dtype)" if int8 else ""
     if requested != "auto":
-        return names[requested], "set explicitly" + suffix
-    name = torch.cuda.get_device_name(device)
-    major, minor = torch.cuda.get_device_capability(device)
-    if native_bf16(device):
-        return torch.bfloat16, f"{name} has native bf16" + suffix
-    if major >= 7:
-        return torch.float16, f"{name} (compute capability {major}.{minor}) has fp16 tensor cores, no native bf16" + suffix
-    return torch.float32, f"{name} (compute capability {major}.{minor}) has no bf16/fp16 tensor cores" + suffix
-
-
-def main() -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for line in plan(device, mixed_precision=os.environ.get("MIXED_PRECISION", "auto"),
-                     compile=os.environ.get("COMPILE", "auto")).lines():
-        print(line)
+        return DTYPES[requested], "set explicitly" + suffix
+    choice = gpu_choice(device)
+    return DTYPES.get(choice.mode, torch.float32), choice.reason + suffix  # mode "no": fp32
 
 
 if __name__ == "__main__":
-    main()
+    print(*plan(pick_device(), mixed_precision=os.environ.get("MIXED_PRECISION", "auto"),
+                compile=os.environ.get("COMPILE", "auto")).lines(), sep="\n")

@@ -7,10 +7,8 @@ loss = alpha_kd · T² · D(teacher_T, student_T) + alpha_ce · CE(labels) [+ al
 D is ``distill.loss``: forward KL (the default), reverse KL or GKD's generalised JSD (losses.kd_loss).
 With ``distill.on_policy_fraction`` λ > 0, that share of the batches holds sequences the student
 samples itself from prompts cut from the batch, scored by the teacher (GKD's on-policy mixture).
-The teacher runs in eval mode under ``no_grad``; the divergence is computed in row chunks (losses.py).
-With ``distill.teacher_cache=DIR`` (made by ``gpt2-distill cache-teacher``) the kd term is read from
-the teacher's cached top-k instead (teacher_cache.py) and the teacher leaves memory once the student
-is built from it.
+With ``distill.teacher_cache=DIR`` (``gpt2-distill cache-teacher``) the kd term comes from the
+teacher's cached top-k, and the teacher leaves memory once the student is built from it.
 """
 
 from __future__ import annotations
@@ -21,16 +19,17 @@ from pathlib import Path
 
 import torch
 
-from python3_distillation.evaluation.cards import model_card
 from python3_distillation.config import ConfigError, DistillConfig, RunConfig
 from python3_distillation.data import load_blocks
-from python3_distillation.lineage import data_fingerprint, process_seconds, weights_sha256
+from python3_distillation.evaluation.cards import model_card
+from python3_distillation.generation import Generator, RowInput, SamplingParams, complete_rows
+from python3_distillation.lineage import data_fingerprint, weights_sha256
 from python3_distillation.losses import hidden_cosine_loss, kd_loss, lm_loss
+from python3_distillation.models import (ModelError, build_student, check_same_vocab, check_vocab, open_model,
+                                         save_model, stage_tokenizer)
 from python3_distillation.paths import display_path
-from python3_distillation.models import (ModelError, build_student, check_same_vocab, check_vocab, count_parameters,
-                                         load_model, read_meta, save_model)
-from python3_distillation.teacher import check_block_size
-from python3_distillation.tokenizer import load_tokenizer
+from python3_distillation.teacher import check_block_size, trained_meta
+from python3_distillation.teacher_cache import TeacherCache
 from python3_distillation.train import training_log_text, train
 
 log = logging.getLogger(__name__)
@@ -57,11 +56,10 @@ class OnPolicySampler:
     """On-policy batches for distillation: the student continues prompts cut from the real batch.
 
     Which batches, and each row's sampling seed, come from a hash of the batch's tokens and
-    ``train.seed``. The loop's batches are a pure function of the step, so a resumed run makes the
-    same choices and (its student being bit-identical) samples the same tokens; no sampler state is
-    saved. Sampling is the project's ``Generator`` (per-row seeded, EOS ignored so every row keeps
-    the block's length) on the student being trained, in eval mode and without gradient; its
-    ``hf`` backend runs the model's own modules, so there is no weight copy to go stale as it learns.
+    ``train.seed``: batches are a pure function of the step, so a resumed run makes the same choices
+    and samples the same tokens with no sampler state saved. Sampling is the ``Generator`` (per-row
+    seeded, EOS ignored so every row keeps the block's length) on the student being trained, in eval
+    mode; its ``hf`` backend runs the model's own modules, so no weight copy goes stale as it learns.
     """
 
     def __init__(self, tokenizer, dc: DistillConfig, seed: int):
@@ -92,9 +90,6 @@ class OnPolicySampler:
         The kd mask keeps the positions that predict the student's tokens (p−1 onwards); the labels
         keep the real prompt only (−100 elsewhere), so CE never trains on the student's own samples.
         """
-        from python3_distillation.augment import complete_rows
-        from python3_distillation.generation import Generator, RowInput, SamplingParams
-
         n_rows, block = ids.shape
         p = self.prompt_length(block)
         net = getattr(model, "module", model)  # the model itself under DistributedDataParallel
@@ -103,7 +98,7 @@ class OnPolicySampler:
             self._generator = Generator(net, self.tokenizer, backend="hf")
         rows = [RowInput(r, "", ids[r, :p].tolist(),
                          SamplingParams(max_new_tokens=block - p, temperature=self.temperature, seed=s,
-                                        ignore_eos=True).validate())
+                                        ignore_eos=True))
                 for r, s in enumerate(self.row_seeds(ids))]
         try:
             net.eval()
@@ -174,7 +169,7 @@ def load_pruned_student(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
     """``student.init=pruned``: the model in ``student.from_dir``, whose shape is its own; a shape
     field set to something else is an error rather than silently ignored."""
     sc = cfg.student
-    student = load_model(sc.from_dir)
+    student, _, meta = open_model(sc.from_dir)
     shape = {"n_layer": student.config.n_layer, "n_embd": student.config.n_embd, "n_head": student.config.n_head,
              "n_inner": student.config.n_inner or 4 * student.config.n_embd}
     for key, have in shape.items():
@@ -184,7 +179,6 @@ def load_pruned_student(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
                               f"{key}={have}: with student.init=pruned the shape is the folder's (set student.{key}=0)")
     if sc.layers:
         raise ConfigError("student.layers picks teacher blocks; with student.init=pruned the blocks are the folder's")
-    meta = read_meta(sc.from_dir)
     info = {"init": "pruned", "from": display_path(sc.from_dir), "n_layer": shape["n_layer"], "n_inner": shape["n_inner"]}
     for key in ("layers", "target", "block_params_removed"):
         if key in (meta.get("student_init") or {}):
@@ -195,15 +189,15 @@ def load_pruned_student(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
 def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
     """Build the student from the teacher, distil it, save it to ``cfg.student.output_dir``."""
     teacher_dir = Path(cfg.teacher.path)
-    teacher = load_model(teacher_dir)
-    teacher_tok = load_tokenizer(teacher_dir) if teacher_dir.is_dir() else load_tokenizer(cfg.tokenizer)
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer != "gpt2" else teacher_tok
-    teacher_meta = read_meta(teacher_dir) if teacher_dir.is_dir() else {"base_checkpoint": str(teacher_dir)}
+    teacher, teacher_tok, teacher_meta = open_model(teacher_dir, tokenizer=cfg.tokenizer)
+    tokenizer = stage_tokenizer(cfg, "distill")
+    if not teacher_dir.is_dir():  # a hub teacher is its own base checkpoint
+        teacher_meta = {"base_checkpoint": str(teacher_dir)}
 
     base = None
     inputs = {"teacher": weights_sha256(teacher)}
     if cfg.student.init == "base" and teacher_meta.get("base_checkpoint"):
-        base = load_model(teacher_meta["base_checkpoint"])
+        base = open_model(teacher_meta["base_checkpoint"]).model
         inputs["base"] = weights_sha256(base)
     sc = cfg.student
     if sc.init == "pruned":
@@ -228,10 +222,9 @@ def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
 
     cache = None
     if cfg.distill.teacher_cache.strip():
-        from python3_distillation.teacher_cache import open_for_training
-
-        cache = open_for_training(cfg.distill.teacher_cache, teacher_sha256=inputs["teacher"], data=inputs["data"],
-                                  n_blocks=len(blocks["train"]), dc=cfg.distill)
+        cache = TeacherCache.open(cfg.distill.teacher_cache).check(
+            teacher_sha256=inputs["teacher"], data=inputs["data"], n_blocks=len(blocks["train"]),
+            temperature=cfg.distill.temperature, top_k=cfg.distill.cache_top_k)
         inputs["teacher_cache"] = cache.key  # a re-made cache (other k, T, teacher) is another input
         teacher = base = None  # the student is built: from here on the cache stands in for the teacher
     loss_fn = make_distill_loss(teacher, cfg.distill, tokenizer, seed=cfg.train.seed, cache=cache)
@@ -241,32 +234,11 @@ def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
                             extra_modules=[teacher] if teacher is not None else [], **train_kwargs)
     if not result.main:  # another process of a multi-process launch: the main one saves the model
         return Path(cfg.student.output_dir)
-    meta = {
-        "stage": "distill",
-        "teacher": display_path(teacher_dir),
-        "student_init": init_info,
-        "n_params": count_parameters(student),
-        "n_layer": student.config.n_layer,
-        "n_embd": student.config.n_embd,
-        "temperature": cfg.distill.temperature,
-        "alpha_kd": cfg.distill.alpha_kd,
-        "alpha_ce": cfg.distill.alpha_ce,
-        "alpha_cos": cfg.distill.alpha_cos,
-        "loss": loss_name(cfg.distill),
-        "val_loss": result.val_loss,
-        "val_ppl": result.val_ppl,
-        "teacher_val_ppl": teacher_meta.get("val_ppl"),
-        "train_steps": result.step,
-        "train_tokens": result.tokens,
-        "train_seconds": round(result.seconds, 1),
-        "stage_seconds": process_seconds(),
-        "data": cfg.data.train,
-        "seed": cfg.train.seed,
-        "precision": result.precision,
-        "teacher_sha256": inputs["teacher"],
-        "fingerprint": result.fingerprint,
-        "weights_sha256": weights_sha256(student),
-    }
+    dc = cfg.distill
+    meta = trained_meta(student, result, cfg, stage="distill", teacher=display_path(teacher_dir),
+                        student_init=init_info, temperature=dc.temperature, alpha_kd=dc.alpha_kd,
+                        alpha_ce=dc.alpha_ce, alpha_cos=dc.alpha_cos, loss=loss_name(dc),
+                        teacher_val_ppl=teacher_meta.get("val_ppl"), teacher_sha256=inputs["teacher"])
     if cache is not None:  # offline KD: the kd term came from this cache, not from the live teacher
         meta["teacher_cache"] = {"key": cache.key, "top_k": cache.top_k, "temperature": cache.temperature}
     out = save_model(student, tokenizer, cfg.student.output_dir, cfg, meta, model_card(cfg.name, meta, cfg),

@@ -19,10 +19,5 @@ if __package__ in (None, ""):
 
 from python3_distillation import infer  # noqa: E402
 
-
-def main(argv: list[str] | None = None) -> int:
-    return infer.main(argv, default_model="v2")
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(infer.main(default_model="v2"))

@@ -1,9 +1,11 @@
-"""The errors a user can fix, in one light module: every command reports them in one line, exit status 2.
+"""The one family of errors a user can fix: one line each, exit status 2, or an HTTP 4xx with a JSON reason.
 
-    python -c "from python3_distillation.errors import BadInput, EXIT_BAD_INPUT; print(EXIT_BAD_INPUT)"
+    python -c "from python3_distillation.errors import BadInput; e = BadInput('top_p: too big', param='top_p'); print(e.status, e.exit_status)"
 
-Kept free of torch and transformers so a command can catch them (and answer ``--help`` or a typo in
-a config key) without first loading the heavy libraries.
+Every input edge (configs, environment settings, request bodies, CLI files, sampling parameters,
+model and data folders) raises a :class:`BadInput`; commands catch it once (``cli.run_guarded``),
+the server once (``serving/errors.py``). Kept free of torch and transformers so a command can answer
+``--help`` or a typo in a config key without loading the heavy libraries.
 """
 
 from __future__ import annotations
@@ -12,11 +14,32 @@ EXIT_BAD_INPUT = 2  # the exit status of every command for input the user can fi
 
 
 class BadInput(ValueError):
-    """Input the user can fix; the message is the whole one-line report."""
+    """Input the user can fix; the message is the whole one-line report.
+
+    ``param`` names the field at fault (the API's ``param``); ``status`` is the HTTP status a server
+    answers with: 422 for a value that breaks a rule, 400 for a body that is not even JSON.
+    """
+
+    status = 422
+    exit_status = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, *, param: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+        if status is not None:
+            self.status = status
 
 
 class ConfigError(BadInput):
-    """A configuration value is unknown, of the wrong type or out of range."""
+    """A configuration value or setting is unknown, of the wrong type or out of range."""
+
+
+class GenerationError(BadInput):
+    """Bad sampling parameters or prompt for the model at hand."""
+
+
+class SchemaError(BadInput):
+    """A request body or input line that breaks its schema."""
 
 
 class DataError(BadInput):

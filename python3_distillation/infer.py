@@ -17,14 +17,19 @@ import random
 import shutil
 import sys
 import textwrap
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 from typing import IO, Any
 
-from python3_distillation.errors import EXIT_BAD_INPUT
+from tqdm import tqdm
 
-EXIT_OK = 0
+from python3_distillation.errors import EXIT_BAD_INPUT, BadInput, ConfigError, DataError, GenerationError, ModelError
+from python3_distillation.generation import Generator, SamplingParams
+from python3_distillation.paths import model_arg, model_dir
+from python3_distillation.validation import Stop, Text
+
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed", "ignore_eos")
 
 EPILOG = """\
@@ -45,10 +50,6 @@ examples:
 exit status: 0 ok, 2 bad input (one line on stderr)."""
 
 
-class InputError(Exception):
-    """Bad command line input; the message is the whole one-line report."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage dump) with exit status 2."""
 
@@ -62,11 +63,9 @@ def _model_label(default_model: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser, default_model: str = "v2") -> argparse.ArgumentParser:
     """Add the inference options to ``p`` (for ``gpt2-distill infer`` or the entry scripts)."""
-    from python3_distillation.paths import model_dir
-
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt(s) to continue")
-    p.add_argument("--model", metavar="DIR", default=None,
-                   help=f"model folder or name, e.g. v2_int8 (default: {_model_label(default_model)}, {model_dir(default_model)})")
+    p.add_argument("--model", metavar="DIR", default=None, help="model folder or name, e.g. v2_int8 (default: "
+                   f"{_model_label(default_model)}, {model_dir(default_model)})")
     p.add_argument("--prompts-file", metavar="FILE", help="a .txt or .jsonl file of prompts (see below)")
     p.add_argument("--output", "-o", metavar="FILE", help="write JSON lines here instead of stdout")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts decoded together (default 8)")
@@ -91,13 +90,11 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str = "v2") -> argp
     return p
 
 
-def build_parser(prog: str | None = None, default_model: str = "v2") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-                description=f"Continue prompts with a GPT-2 model (default: {_model_label(default_model)}).")
-    return add_arguments(p, default_model)
+class PromptLine(SamplingParams):
+    """One line of ``--prompts-file`` JSONL: a prompt and any sampling field, bounded as the server's requests."""
 
-
-# ------------------------------------------------------------------------------------------ inputs
+    stop: Stop = []
+    prompt: Text
 
 
 @dataclass
@@ -106,29 +103,18 @@ class Item:
 
     where: str
     prompt: str
-    params: Any  # SamplingParams
+    params: SamplingParams
     line: int = 0  # line in the prompts file, to report errors in file order
 
 
-def cli_sampling(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling flags given on the command line (unset ones left to the defaults)."""
-    return {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
-
-
 def read_prompts_file(path: Path, base: dict[str, Any]) -> tuple[list[Item], list[tuple[int, str]]]:
-    """Items of a .txt / .jsonl file and the one-line errors of its bad lines.
-
-    A JSONL line is checked by the same schema (field bounds included) as the server's requests.
-    """
-    from python3_distillation.generation import GenerationError, SamplingParams
-    from python3_distillation.serving.schemas import PromptLine, SchemaError, validate
-
+    """Items of a .txt / .jsonl file and the one-line errors of its bad lines (JSONL: bounded as requests)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise InputError(f"prompts file {path} not found") from None
+        raise DataError(f"prompts file {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read prompts file {path}: {e}") from None
+        raise DataError(f"cannot read prompts file {path}: {e}") from None
     items, errors = [], []
     jsonl = path.suffix.lower() == ".jsonl"
     for n, line in enumerate(lines, 1):
@@ -151,17 +137,14 @@ def read_prompts_file(path: Path, base: dict[str, Any]) -> tuple[list[Item], lis
             errors.append((n, f"{where}: needs a \"prompt\" string"))
             continue
         try:
-            line_params = validate(PromptLine, {**base, **obj, "prompt": prompt}).params()
-            items.append(Item(where, prompt, line_params, n))
-        except (SchemaError, GenerationError) as e:
+            items.append(Item(where, prompt, PromptLine.check({**base, **obj, "prompt": prompt}).params(), n))
+        except BadInput as e:
             errors.append((n, f"{where}: {e}"))
     return items, errors
 
 
 def check_items(gen, items: list[Item], errors: list[tuple[int, str]]) -> list[Item]:
     """Items whose prompt the model can take; warns about those it will truncate, reports the rest."""
-    from python3_distillation.generation import GenerationError
-
     ok = []
     for it in items:
         try:
@@ -179,9 +162,6 @@ def check_items(gen, items: list[Item], errors: list[tuple[int, str]]) -> list[I
     return ok
 
 
-# ----------------------------------------------------------------------------------------- outputs
-
-
 def record(c) -> dict[str, Any]:
     return {"prompt": c.prompt, "completion": c.text, "prompt_tokens": c.prompt_tokens,
             "completion_tokens": c.completion_tokens, "seconds": round(c.seconds, 4), "finish_reason": c.finish_reason}
@@ -196,11 +176,8 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str, width
     width = width or shutil.get_terminal_size((120, 24)).columns
     col = max(20, (width - 3) // 2)
 
-    def wrap(text: str) -> list[str]:
-        out = []
-        for para in text.split("\n"):
-            out.extend(textwrap.wrap(para, col, replace_whitespace=False, drop_whitespace=True) or [""])
-        return out
+    def wrap(text: str) -> list[str]:  # paragraphs kept, an empty one as an empty line
+        return [ln for para in text.split("\n") for ln in textwrap.wrap(para, col, replace_whitespace=False) or [""]]
 
     rows = [(left_title, right_title), ("-" * min(col, len(left_title)), "-" * min(col, len(right_title)))]
     rows += list(zip_longest(wrap(left), wrap(right), fillvalue=""))
@@ -212,71 +189,28 @@ def describe(label: str, gen, c) -> str:
             f"{c.finish_reason}")
 
 
-# ------------------------------------------------------------------------------------------- runs
-
-
 def load_generator(folder: Path, what: str, args: argparse.Namespace):
-    from python3_distillation.generation import GenerationError, Generator
-
     if not folder.is_dir():
         flag = "--teacher" if what == "teacher" else "--model"
-        raise InputError(f"{what + ' ' if what else ''}model folder {folder} not found; `make run` creates it "
+        raise ModelError(f"{what + ' ' if what else ''}model folder {folder} not found; `make run` creates it "
                          f"(or pass {flag} DIR)")
-    try:
-        return Generator.from_pretrained(folder, device=args.device, dtype=args.dtype)
-    except GenerationError as e:
-        raise InputError(str(e)) from None
+    return Generator.from_pretrained(folder, device=args.device, dtype=args.dtype)
 
 
-def run_file(args, gen, teacher, items: list[Item], out: IO[str]) -> None:
-    """Complete ``items`` in batches of ``--batch-size``, writing one JSON line each in input order."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(items), file=sys.stderr, unit="prompt", desc=gen.name, dynamic_ncols=True)
-    try:
-        for i in range(0, len(items), args.batch_size):
-            chunk = items[i:i + args.batch_size]
-            prompts, params = [it.prompt for it in chunk], [it.params for it in chunk]
-            done = gen.generate(prompts, params, truncate=True)
-            theirs = teacher.generate(prompts, params, truncate=True) if teacher is not None else [None] * len(done)
-            for c, t in zip(done, theirs):
-                rec = record(c)
-                if t is not None:
-                    rec["teacher"] = {k: v for k, v in record(t).items() if k != "prompt"}
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            out.flush()
-            bar.update(len(chunk))
-    finally:
-        bar.close()
+def completed(gen, teacher, items: list[Item], size: int):
+    """``(item, completion, teacher's completion or None)`` in input order, decoding ``size`` prompts together."""
+    for i in range(0, len(items), size):
+        chunk = items[i:i + size]
+        prompts, params = [it.prompt for it in chunk], [it.params for it in chunk]
+        done = gen.generate(prompts, params, truncate=True)
+        theirs = teacher.generate(prompts, params, truncate=True) if teacher is not None else [None] * len(done)
+        yield from zip(chunk, done, theirs)
 
 
-def run_prompts(args, gen, teacher, items: list[Item]) -> None:
-    """Prompts from the command line: printed as text (streamed or whole), or side by side with the teacher."""
-    if teacher is None and not args.stream:
-        # Plain text: decode the prompts together, --batch-size at a time, print in order.
-        first = True
-        for i in range(0, len(items), args.batch_size):
-            chunk = items[i:i + args.batch_size]
-            for it, c in zip(chunk, gen.generate([it.prompt for it in chunk], [it.params for it in chunk],
-                                                 truncate=True)):
-                print(("" if first else "\n") + it.prompt + c.text)
-                print(f"[{describe('', gen, c).strip()}, {c.seconds:.2f} s]", file=sys.stderr)
-                first = False
-        return
+def streamed(gen, items: list[Item]):
+    """Like :func:`completed`, one prompt at a time, writing each prompt and its text to stdout as it comes."""
     for k, it in enumerate(items):
-        if k:
-            print()
-        if teacher is not None:
-            mine = gen.generate([it.prompt], it.params, truncate=True)[0]
-            theirs = teacher.generate([it.prompt], it.params, truncate=True)[0]
-            print(f"prompt: {it.prompt}\n")
-            print(side_by_side(describe("teacher", teacher, theirs), theirs.text,
-                               describe("student", gen, mine), mine.text))
-            if theirs.seconds > 0 and mine.seconds > 0:
-                ratio = tokens_per_second(mine) / max(tokens_per_second(theirs), 1e-9)
-                print(f"\nstudent speed: {ratio:.2f}× the teacher's tokens/s")
-            continue
-        sys.stdout.write(it.prompt)
+        sys.stdout.write(("\n" if k else "") + it.prompt)
         sys.stdout.flush()
         c = None
         for ev in gen.stream_batch([it.prompt], it.params, truncate=True):
@@ -284,28 +218,53 @@ def run_prompts(args, gen, teacher, items: list[Item]) -> None:
             sys.stdout.flush()
             c = ev.completion or c
         sys.stdout.write("\n")
-        print(f"[{describe('', gen, c).strip()}, {c.seconds:.2f} s]", file=sys.stderr)
+        yield it, c, None
+
+
+def run_file(args, gen, teacher, items: list[Item], out: IO[str]) -> None:
+    """One JSON line per item, in input order."""
+    with tqdm(total=len(items), file=sys.stderr, unit="prompt", desc=gen.name, dynamic_ncols=True) as bar:
+        for _, c, t in completed(gen, teacher, items, args.batch_size):
+            rec = record(c)
+            if t is not None:
+                rec["teacher"] = {k: v for k, v in record(t).items() if k != "prompt"}
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update()
+
+
+def run_prompts(args, gen, teacher, items: list[Item]) -> None:
+    """Prompts from the command line: printed as text (streamed or whole), or side by side with the teacher."""
+    if args.stream:
+        results = streamed(gen, items)
+    else:  # --compare decodes each prompt alone, so each model's tokens/s are its own
+        results = completed(gen, teacher, items, 1 if teacher is not None else args.batch_size)
+    for k, (it, c, t) in enumerate(results):
+        if t is None:
+            if not args.stream:
+                print(("\n" if k else "") + it.prompt + c.text)
+            print(f"[{describe('', gen, c).strip()}, {c.seconds:.2f} s]", file=sys.stderr)
+            continue
+        print(("\n" if k else "") + f"prompt: {it.prompt}\n")
+        print(side_by_side(describe("teacher", teacher, t), t.text, describe("student", gen, c), c.text))
+        if t.seconds > 0 and c.seconds > 0:
+            ratio = tokens_per_second(c) / max(tokens_per_second(t), 1e-9)
+            print(f"\nstudent speed: {ratio:.2f}× the teacher's tokens/s")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Carry out parsed arguments (from :func:`build_parser` or a parser given :func:`add_arguments`)."""
-    from python3_distillation.generation import GenerationError, SamplingParams
-    from python3_distillation.paths import model_arg, model_dir
-
+    """Carry out arguments parsed by a parser given :func:`add_arguments`."""
     errors: list[tuple[int, str]] = []
     try:
         if args.batch_size < 1:
-            raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
         if not args.prompts and not args.prompts_file:
-            raise InputError("no prompt: give one as an argument or use --prompts-file FILE")
+            raise ConfigError("no prompt: give one as an argument or use --prompts-file FILE")
         if args.stream and (args.prompts_file or args.compare or args.output):
-            raise InputError("--stream prints prompts given as arguments; it does not combine with "
-                             "--prompts-file, --output or --compare")
-        base = cli_sampling(args)
-        try:
-            cli_params = SamplingParams.from_dict(base)
-        except GenerationError as e:
-            raise InputError(str(e)) from None
+            raise ConfigError("--stream prints prompts given as arguments; it does not combine with "
+                              "--prompts-file, --output or --compare")
+        base = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}  # unset: the defaults
+        cli_params = SamplingParams.from_dict(base)
         if args.compare and cli_params.seed is None and cli_params.temperature > 0:
             # One seed for both models, so a rerun with it shows the same pair.
             base["seed"] = random.randrange(2**31)
@@ -313,31 +272,26 @@ def run(args: argparse.Namespace) -> int:
         items = []
         for k, prompt in enumerate(args.prompts, 1):
             if not prompt.strip():
-                raise InputError(f"prompt {k} is empty" if len(args.prompts) > 1 else "prompt is empty")
+                raise GenerationError(f"prompt {k} is empty" if len(args.prompts) > 1 else "prompt is empty")
             items.append(Item(f"prompt {k}", prompt, cli_params))
         if args.prompts_file:
             file_items, errors = read_prompts_file(Path(args.prompts_file), base)
             items += file_items
         folder = model_arg(args.model) if args.model else model_dir(args.default_model)
         gen = load_generator(folder, "student" if not args.model else "", args)
-        teacher = None
-        if args.compare:
-            teacher = load_generator(model_arg(args.teacher) if args.teacher else model_dir("teacher"), "teacher", args)
+        teacher = (load_generator(model_arg(args.teacher) if args.teacher else model_dir("teacher"), "teacher", args)
+                   if args.compare else None)
         items = check_items(gen, items, errors)
         if args.prompts_file or args.output:
-            out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-            try:
+            with open(args.output, "w", encoding="utf-8") if args.output else nullcontext(sys.stdout) as out:
                 run_file(args, gen, teacher, items, out)
-            finally:
-                if out is not sys.stdout:
-                    out.close()
         else:
             run_prompts(args, gen, teacher, items)
-    except InputError as e:
+    except BadInput as e:
         errors.append((0, str(e)))
     for _, msg in sorted(errors, key=lambda e: e[0]):
         print(f"error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT if errors else EXIT_OK
+    return EXIT_BAD_INPUT if errors else 0
 
 
 def main(argv: list[str] | None = None, default_model: str = "v2", prog: str | None = None) -> int:
@@ -347,7 +301,9 @@ def main(argv: list[str] | None = None, default_model: str = "v2", prog: str | N
         argv = sys.argv[1:]
     prog = prog or ("gpt2-distill infer" if default_model == "v2" else f"distill_infer ({default_model})")
     try:
-        args = build_parser(prog, default_model).parse_args(argv)
+        p = _Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                    description=f"Continue prompts with a GPT-2 model (default: {_model_label(default_model)}).")
+        args = add_arguments(p, default_model).parse_args(argv)
     except SystemExit as e:  # --help, or a one-line usage error
         return int(e.code or 0)
     gen_log = logging.getLogger("python3_distillation.generation")
@@ -367,6 +323,7 @@ def main(argv: list[str] | None = None, default_model: str = "v2", prog: str | N
         hf_logging.set_verbosity(hf_verbosity)
         if hf_bars:
             hf_logging.enable_progress_bar()
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

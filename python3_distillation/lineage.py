@@ -1,7 +1,7 @@
 """What a stage was built from: fingerprints of its inputs and its config, compared on resume and in the report.
 
-    python -c "from python3_distillation.models import load_model; from python3_distillation.lineage import weights_sha256; \
-print(weights_sha256(load_model('python3_distillation/gpt2_teacher')))"
+    python -c "from python3_distillation.models import open_model; from python3_distillation.lineage import weights_sha256; \
+print(weights_sha256(open_model('python3_distillation/gpt2_teacher').model))"
 
 Each saved model records ``weights_sha256`` (a hash of its own tensors) and ``fingerprint``:
 ``{"inputs": {...}, "config": {...}}``, where inputs are the hashes of what it was made from (the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import torch
 import yaml
@@ -38,8 +39,6 @@ def process_seconds() -> float | None:
         import psutil
     except ImportError:
         return None
-    import time
-
     return round(time.time() - psutil.Process().create_time(), 1)
 
 

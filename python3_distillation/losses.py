@@ -2,20 +2,12 @@
 
     HF_HUB_OFFLINE=1 python -m pytest tests/test_losses.py -q
 
-``cached_kd_loss`` is the same term against a teacher stored as its top-k log-probabilities and
-the mass of the rest (teacher_cache.py): a KL between (k+1)-bucket distributions, also chunked
-with an analytic gradient. ``kd_loss`` is the DistilGPT2 soft-target term ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` averaged over
-positions. It walks the (N, V) rows in chunks, in fp32 whatever the input dtype, and back-propagates
-the closed-form gradient instead of an autograd graph: for one 8×128×50257 batch a naive
-``F.kl_div`` graph keeps several 206 MB fp32 tensors alive, while this keeps only the inputs it was
-given plus a few chunk-sized temporaries (``chunk_rows × V × 4`` bytes each, 3.2 MB by default on
-CPU; on CUDA few large chunks, 206 MB each: device_plan.py),
-and recomputes the two softmaxes chunk by chunk in backward. The chunks are run by
-``chunks.map_chunks`` (on CPU, shared out to single-threaded workers); results are bit-identical for
-any thread count. The functions here hold no state.
-
-The teacher never receives a gradient: ``kd_loss`` and ``hidden_cosine_loss`` detach the teacher
-tensor, so a teacher tensor that happens to require grad keeps ``.grad is None``.
+``kd_loss`` (``T² · KL(softmax(t/T) ‖ softmax(s/T))``, DistilGPT2) and ``cached_kd_loss`` (the same
+against a stored top-k teacher, teacher_cache.py) walk the (N, V) rows in chunks, in fp32, with the
+closed-form gradient instead of an autograd graph: a naive ``F.kl_div`` graph of one 8×128×50257
+batch keeps several 206 MB fp32 tensors alive; this keeps the inputs plus a few ``chunk_rows × V × 4``
+byte temporaries (3.2 MB on CPU, 206 MB on CUDA: device_plan.py). ``chunks.map_chunks`` runs the
+chunks; results are bit-identical for any thread count. Teacher tensors are detached (no gradient).
 """
 
 from __future__ import annotations
@@ -38,8 +30,7 @@ CHUNK_ELEMENTS = kd_chunk_elements("cpu")
 
 
 def default_chunk_rows(vocab_size: int, device: torch.device | str | None = None) -> int:
-    """Rows per chunk so one fp32 chunk holds about ``device_plan.kd_chunk_elements(device)`` values
-    (``CHUNK_ELEMENTS`` on CPU and for ``device=None``; at least 1 row)."""
+    """Rows per chunk so one fp32 chunk holds about ``kd_chunk_elements(device)`` values (≥ 1 row)."""
     return max(1, kd_chunk_elements(device) // max(vocab_size, 1))
 
 
@@ -48,16 +39,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _scaled(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """A fresh ``x / T`` in ``dtype``; upcast before dividing so bf16 never rounds ``x / T``."""
+    return x / temperature if x.dtype == dtype else x.to(dtype).div_(temperature)
+
+
 def _log_probs(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    """``log_softmax(x / T)`` in ``dtype``; upcast before dividing so bf16 never rounds ``x / T``."""
-    z = x / temperature if x.dtype == dtype else x.to(dtype).div_(temperature)
-    return torch.log_softmax(z, dim=-1)
-
-
-def _probs(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    """``softmax(x / T)`` in ``dtype`` (same upcast rule as ``_log_probs``)."""
-    z = x / temperature if x.dtype == dtype else x.to(dtype).div_(temperature)
-    return torch.softmax(z, dim=-1)
+    return torch.log_softmax(_scaled(x, temperature, dtype), dim=-1)
 
 
 def _zero_nan_(x: Tensor) -> Tensor:
@@ -73,9 +61,8 @@ def _log_mixture(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
 def _forward_kl_sum(s_c: Tensor, t_c: Tensor, temperature: float, dtype: torch.dtype, safe: bool) -> Tensor:
     """``Σ_rows Σ_v p_t (log p_t − log p_s)`` of one chunk, as an fp64 scalar.
 
-    The fast path (6 passes over the chunk) turns a teacher logit of −inf (p_t = 0) into NaN
-    (0 · −inf); ``safe`` sets those terms to 0 as ``F.kl_div`` does, for one extra pass. NaN logits
-    give NaN either way.
+    The fast path turns a −inf teacher logit into NaN (0 · −inf); ``safe`` zeroes those terms as
+    ``F.kl_div`` does, for one extra pass.
     """
     logp_s = _log_probs(s_c, temperature, dtype)
     logp_t = _log_probs(t_c, temperature, dtype)
@@ -89,11 +76,7 @@ def _forward_kl_sum(s_c: Tensor, t_c: Tensor, temperature: float, dtype: torch.d
 
 
 class _ChunkedKD(torch.autograd.Function):
-    """Sum over rows of ``T² · D(p_t, p_s)`` / N with the analytic student gradient.
-
-    ``rows`` selects the rows of the flattened (R, V) logits that count (None = all R). Forward saves
-    the inputs and, for β > 0, one (N,) vector; backward recomputes the softmaxes chunk by chunk.
-    """
+    """Sum over ``rows`` (None = all) of ``T² · D(p_t, p_s)`` / N; backward recomputes softmaxes per chunk."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -148,7 +131,8 @@ class _ChunkedKD(torch.autograd.Function):
         def chunk(i: int, j: int) -> None:
             s_c, t_c = _take(student, rows, i, j), _take(teacher, rows, i, j)
             if beta == 0.0:  # dKL(p_t‖p_s)/dz = p_s − p_t
-                g = _probs(s_c, temp, dtype).sub_(_probs(t_c, temp, dtype))
+                p_t = torch.softmax(_scaled(t_c, temp, dtype), dim=-1)
+                g = torch.softmax(_scaled(s_c, temp, dtype), dim=-1).sub_(p_t)
             else:  # dD/dz = p_s ⊙ (g − Σ p_s g), g = log p_s − log p_t (β=1) or (1−β)(log p_s − log m)
                 logp_s, logp_t = _log_probs(s_c, temp, dtype), _log_probs(t_c, temp, dtype)
                 if beta == 1.0:
@@ -190,23 +174,13 @@ def kd_loss(
     chunk_rows: int | None = None,
     beta: float = 0.0,
 ) -> Tensor:
-    """Soft-target distillation loss, averaged over the non-masked positions (fp32 scalar; fp64 for fp64).
+    """Soft-target loss over (..., V) logits, averaged over positions where ``mask`` (leading shape) is nonzero.
 
-    With ``beta=0`` (default) it is ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, i.e. exactly
-    ``F.kl_div(F.log_softmax(s/T, -1), F.softmax(t/T, -1), reduction="batchmean") * T**2`` over the
-    kept (N, V) rows. ``beta`` follows TRL's ``generalized_jsd_loss``: 1 is reverse KL
-    ``KL(p_s ‖ p_t)``, values in (0, 1) the generalized JSD with mixture ``(1−β)p_s + βp_t``; all are
-    multiplied by T² here (divide by T² for TRL's number).
-
-    Args:
-        student_logits: (..., V) logits, any float dtype; the gradient comes back in that dtype.
-        teacher_logits: same shape; detached here, so it never receives a gradient.
-        mask: leading shape (e.g. (B, T)), bool or 0/1; zero entries are ignored and get zero
-            gradient. None keeps every position. An all-masked batch gives 0 with a zero gradient.
-        temperature: softmax temperature T > 0.
-        chunk_rows: rows processed at once (memory ≈ a few × chunk_rows × V × 4 bytes); None picks
-            ``default_chunk_rows(V, device)`` (16 rows of GPT-2's vocabulary on CPU, 1,024 on CUDA).
-        beta: 0 forward KL, 1 reverse KL, in between generalized JSD.
+    ``beta=0``: ``F.kl_div(F.log_softmax(s/T, -1), F.softmax(t/T, -1), reduction="batchmean") * T**2``.
+    ``beta`` follows TRL's ``generalized_jsd_loss`` (1 reverse KL ``KL(p_s ‖ p_t)``, (0, 1) JSD with
+    mixture ``(1−β)p_s + βp_t``), times T² (divide by T² for TRL's number). fp32 result (fp64 for fp64
+    logits), gradient in the logits' dtype; all-masked gives 0. ``chunk_rows`` None:
+    ``default_chunk_rows(V, device)`` (16 rows of GPT-2's vocabulary on CPU, 1,024 on CUDA).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -233,12 +207,9 @@ def kd_loss(
 class _ChunkedBucketKD(torch.autograd.Function):
     """Sum over rows of ``T² · KL(P ‖ Q)`` / N between (k+1)-bucket distributions, analytic gradient.
 
-    P (the teacher's buckets) is given as log-probabilities; Q is the student's softmax(s/T) with
-    the vocabulary folded into the k named tokens and one bucket for all the others. With
-    q = softmax(z), z = s/T: dKL/dz_j = q_j − P_j for the k named tokens and q_j·(1 − P_tail/Q_tail)
-    for the rest (Σ P = 1). Forward keeps two numbers a row (the log-normaliser of z and log Q_tail);
-    backward recomputes q chunk by chunk like ``_ChunkedKD``. Each chunk is one fp32 copy of the
-    logits worked on in place: 6 passes forward, 5 backward (the full-vocabulary KL takes more).
+    Q is softmax(z), z = s/T, folded into the k named tokens and one tail bucket: dKL/dz_j = q_j − P_j
+    for the k named tokens and q_j·(1 − P_tail/Q_tail) for the rest (Σ P = 1). Forward keeps two numbers
+    a row (log-normaliser, log Q_tail); each chunk is one fp32 copy of the logits worked on in place.
     """
 
     @staticmethod
@@ -288,17 +259,11 @@ class _ChunkedBucketKD(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _scaled(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    """A fresh ``x / T`` in ``dtype`` (upcast first, as ``_log_probs``), for in-place work."""
-    return x / temperature if x.dtype == dtype else x.to(dtype).div_(temperature)
-
-
 def _bucket_log_probs(z: Tensor, ids: Tensor, lse: Tensor, log_tail: Tensor, i: int, j: int) -> Tensor:
-    """(rows, k+1): log softmax(z) of the k tokens ``ids`` and, last, of all the others together.
+    """(rows, k+1): log softmax(z) of the k tokens ``ids``, then of all others together; consumes ``z``.
 
-    ``z`` is consumed (worked on in place). The tail is the sum of the others' exponentials with the
-    k zeroed, not 1 − Σ top-k, which cancels to nothing when the k hold almost all the mass. Stores
-    each row's log-normaliser and log-tail into ``lse[i:j]`` and ``log_tail[i:j]`` for backward.
+    The tail sums the others' exponentials, not 1 − Σ top-k (which cancels to nothing when the k hold
+    almost all the mass). Stores the log-normaliser and log-tail into ``lse[i:j]``, ``log_tail[i:j]``.
     """
     m = z.amax(dim=-1, keepdim=True)
     z_named = z.sub_(m).gather(1, ids)
@@ -321,27 +286,13 @@ def cached_kd_loss(
 ) -> Tensor:
     """``T² · KL(P ‖ Q)`` against a cached teacher, averaged over the non-masked positions (fp32 scalar).
 
-    The teacher at each position is k token ids with their log-probabilities ``log softmax(t/T)``
-    and the log of the probability left for every other token (``tail_logprob``), as
-    ``gpt2-distill cache-teacher`` stores them. P is that (k+1)-bucket distribution, renormalised
-    so its buckets sum to 1 (fp16 storage rounds each log-probability by up to 2⁻¹¹ relative); Q is
-    the student's ``softmax(s/T)`` over the whole vocabulary folded into the same k+1 buckets (the k
-    tokens, and the sum over all the rest). So the loss is a proper divergence between two
-    distributions over the full vocabulary's buckets: zero exactly when the student puts the
-    teacher's mass on each of the k tokens and on the rest. Folding tokens together never increases
-    a KL, so this is a lower bound of the full-vocabulary ``kd_loss`` (equal to it when k = V, or
-    when the student's tail has the teacher's shape). The temperature applies to the student here;
-    the cached teacher values are already at the T they were cached at.
-
-    Args:
-        student_logits: (..., V) logits, any float dtype; the gradient comes back in that dtype.
-        top_ids: (..., k) integer token ids, distinct within each position.
-        top_logprobs: (..., k) the teacher's log-probabilities of those tokens (fp16 or wider).
-        tail_logprob: (...) log of the teacher's probability of every other token together
-            (−inf when k = V).
-        mask: leading shape (e.g. (B, T)); zero entries are ignored and get zero gradient.
-        temperature: the student's softmax temperature T > 0 (the one the teacher was cached at).
-        chunk_rows: positions processed at once; None picks ``default_chunk_rows(V, device)``.
+    The teacher is, per position, k distinct token ids (``top_ids``), their ``log softmax(t/T)``
+    (``top_logprobs``) and the log of the mass of every other token (``tail_logprob``, −inf when
+    k = V), as ``gpt2-distill cache-teacher`` stores them. P is that (k+1)-bucket distribution
+    renormalised to sum 1 (fp16 storage rounds each log-probability by up to 2⁻¹¹ relative); Q is the
+    student's ``softmax(s/T)`` folded into the same buckets. Folding never increases a KL, so this is
+    a lower bound of ``kd_loss`` (equal when k = V). T applies to the student only: the cached values
+    are already at the T they were cached at.
     """
     vocab = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
@@ -386,11 +337,7 @@ def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
 
 
 def hidden_cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean over non-masked positions of ``1 − cos(s, t)`` (DistilBERT's hidden-state term), fp32.
-
-    Both are (..., H) with the same H (project the student first if widths differ); the teacher is
-    detached. An all-masked batch gives 0.
-    """
+    """Mean over non-masked positions of ``1 − cos(s, t)`` (DistilBERT's hidden-state term), fp32 (0 if none)."""
     if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
         raise ValueError(
             f"hidden widths differ: student {student_hidden.shape[-1]} vs teacher {teacher_hidden.shape[-1]}; "

@@ -1,9 +1,11 @@
-"""GPT-2 models: load a teacher, build a student from its layers, save folders transformers can open.
+"""GPT-2 models: open a model folder, build a student from the teacher's layers, save folders transformers can open.
 
-    python -c "from python3_distillation.models import load_model; print(load_model('python3_distillation/gpt2_teacher'))"
+    python -c "from python3_distillation.models import open_model as o; print(o('python3_distillation/gpt2_teacher').meta)"
 
 Every model is ``transformers``' own ``GPT2LMHeadModel`` saved with ``save_pretrained``
-(safetensors), so it opens in ``AutoModelForCausalLM``, ``pipeline()`` and vLLM.
+(safetensors), so it opens in ``AutoModelForCausalLM``, ``pipeline()`` and vLLM. ``open_model`` is
+the one way the project opens a model for use: fp32 and int8 folders (int8.py) alike, with the
+folder's tokenizer and lineage.
 """
 
 from __future__ import annotations
@@ -12,15 +14,19 @@ import contextlib
 import copy
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from python3_distillation import int8
 from python3_distillation.config import CONFIG_FILE, RunConfig, TeacherConfig
 from python3_distillation.errors import ModelError
 from python3_distillation.fsio import atomic_dir, atomic_write_text
+from python3_distillation.tokenizer import hub_reachable, is_local_tokenizer_dir, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -28,40 +34,68 @@ META_FILE = "distill_meta.json"  # lineage: stage, base checkpoint, copied layer
 TRAINING_LOG = "training_log.jsonl"  # the run's metrics, kept with the model so its curve travels with it
 
 
-def is_model_dir(path: Path) -> bool:
+class OpenModel(NamedTuple):
+    model: GPT2LMHeadModel
+    tokenizer: Any
+    meta: dict
+
+
+def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").exists()
-
-
-def load_model(spec: str | Path, dtype: torch.dtype | None = None) -> GPT2LMHeadModel:
-    """A GPT-2 from a local folder (an int8 folder too: quantize.py), or a hub id when the hub is reachable."""
-    from transformers import AutoModelForCausalLM
-
-    from python3_distillation.tokenizer import hub_reachable
-
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not is_model_dir(path):
-            raise ModelError(f"{path}: not a model folder (no config.json); train one first (`make run`)")
-        source = str(path)
-    elif hub_reachable():
-        source = str(spec)
-    else:
-        raise ModelError(f"model {str(spec)!r}: no such folder, and the hub is not reachable "
-                         "(offline: train the embedded teacher with `make run`)")
-    if path.exists():
-        from python3_distillation.quantize import is_int8_dir, load_int8
-
-        if is_int8_dir(path):
-            return load_int8(path)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    if not isinstance(model, GPT2LMHeadModel):
-        raise ModelError(f"{spec}: a {type(model).__name__}, but this tool distils GPT-2 (GPT2LMHeadModel) models")
-    return model
 
 
 def read_meta(path: str | Path) -> dict:
     f = Path(path) / META_FILE
     return json.loads(f.read_text()) if f.exists() else {}
+
+
+def tokenizer_source(folder: str | Path, default: str = "gpt2") -> str:
+    """The tokenizer rule: the one saved in a model folder, else ``default`` (``cfg.tokenizer``: GPT-2's)."""
+    path = Path(folder).expanduser()
+    return str(path) if is_local_tokenizer_dir(path) else default
+
+
+def stage_tokenizer(cfg: RunConfig, stage: str | None = None):
+    """The tokenizer ``stage`` (default: ``cfg.stage``) trains with, its token shards keyed by it: a
+    teacher fine-tuned from a folder uses that folder's; a student the teacher folder's, unless
+    ``cfg.tokenizer`` names another than GPT-2's; else ``cfg.tokenizer``."""
+    if (stage or cfg.stage) == "teacher":
+        spec = tokenizer_source(cfg.teacher.init_from, cfg.tokenizer) if cfg.teacher.init_from else cfg.tokenizer
+    else:
+        spec = tokenizer_source(cfg.teacher.path, cfg.tokenizer) if cfg.tokenizer == "gpt2" else cfg.tokenizer
+    return load_tokenizer(spec)
+
+
+def open_model(spec: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               tokenizer: str = "gpt2") -> OpenModel:
+    """(model in eval mode, its tokenizer, its lineage) from a model folder, or a hub id when the hub is reachable.
+
+    An int8 folder keeps its int8 layers (int8.py) when ``dtype`` is None; a ``dtype`` given for one
+    dequantizes it once, into a plain GPT-2 in that dtype. The tokenizer is the folder's own, else
+    ``tokenizer`` (``tokenizer_source``); a hub id gets ``tokenizer`` and no lineage.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not is_model_dir(path):
+            raise ModelError(f"{path}: not a model folder (no config.json); train one first (`make run`)")
+    elif not hub_reachable():
+        raise ModelError(f"model {str(spec)!r}: no such folder, and the hub is not reachable "
+                         "(offline: train the embedded teacher with `make run`)")
+    if path.exists() and int8.is_int8_dir(path):
+        try:
+            model = int8.load_int8(path)
+            if dtype is not None:
+                model = int8.dequantize(model, dtype)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(spec), dtype=dtype)
+        if not isinstance(model, GPT2LMHeadModel):
+            raise ModelError(f"{spec}: a {type(model).__name__}, but this tool distils GPT-2 (GPT2LMHeadModel) models")
+    if device is not None:
+        model = model.to(torch.device(device))
+    tok = load_tokenizer(tokenizer_source(path, tokenizer) if path.exists() else tokenizer)
+    return OpenModel(model.eval(), tok, read_meta(path) if path.exists() else {})
 
 
 @contextlib.contextmanager
@@ -252,7 +286,7 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def with_converter_fields(config: dict) -> dict:
+def write_config(folder: str | Path, config: dict) -> None:
     """``config.json`` plus the fields model converters read but transformers 5 no longer writes for GPT-2.
 
     llama.cpp's ``convert_hf_to_gguf.py`` reads ``n_ctx`` (GPT-2's original name for the context
@@ -262,24 +296,37 @@ def with_converter_fields(config: dict) -> dict:
     config = dict(config)
     if "n_positions" in config:
         config.setdefault("n_ctx", config["n_positions"])
-    return config
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    (Path(folder) / "config.json").write_text(text, encoding="utf-8")
 
 
 def save_model(model, tokenizer, out_dir: str | Path, cfg: RunConfig | None = None, meta: dict | None = None,
-               card: str | None = None, training_log: str | None = None) -> Path:
-    """``save_pretrained`` model + tokenizer + resolved config + lineage (+ the training log), atomically."""
+               card: str | None = None, training_log: str | None = None, copy_from: str | Path | None = None) -> Path:
+    """``save_pretrained`` model + tokenizer + resolved config + lineage (+ the training log), atomically.
+
+    An int8 model (int8.py) is written in int8.py's format. ``copy_from``: a folder whose saved config
+    and training log come along (an int8 copy keeps its source's).
+    """
     out_dir = Path(out_dir)
     model = getattr(model, "module", model)
     need = sum(p.numel() * p.element_size() for p in model.parameters())
     with atomic_dir(out_dir, "the model", need) as tmp:
         model.generation_config.pad_token_id = tokenizer.eos_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
-        saved = tmp / "config.json"
-        saved.write_text(json.dumps(with_converter_fields(json.loads(saved.read_text())), indent=2, sort_keys=True)
-                         + "\n", encoding="utf-8")
+        if any(isinstance(m, int8.Int8Linear) for m in model.modules()):
+            int8.save_int8_weights(model, tmp)
+            write_config(tmp, int8.int8_config(model, head=isinstance(model.transformer.wte, int8.Int8Embedding)))
+            model.generation_config.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            write_config(tmp, json.loads((tmp / "config.json").read_text()))
         tokenizer.save_pretrained(tmp)
-        if cfg is not None:
-            (tmp / CONFIG_FILE).write_text(config_text(cfg, meta), encoding="utf-8")
+        for name in (CONFIG_FILE, TRAINING_LOG) if copy_from else ():
+            if (Path(copy_from) / name).exists():
+                shutil.copy2(Path(copy_from) / name, tmp / name)
+        if cfg is not None:  # the resolved config, headed by the precision it was trained in
+            precision = (meta or {}).get("precision") or {}
+            head = f"# precision used: {precision.get('label')} — {precision.get('reason')}\n" if precision else ""
+            (tmp / CONFIG_FILE).write_text(head + cfg.to_yaml(), encoding="utf-8")
         if meta is not None:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
         if card is not None:
@@ -287,13 +334,6 @@ def save_model(model, tokenizer, out_dir: str | Path, cfg: RunConfig | None = No
         if training_log:
             (tmp / TRAINING_LOG).write_text(training_log, encoding="utf-8")
     return out_dir
-
-
-def config_text(cfg: RunConfig, meta: dict | None = None) -> str:
-    """The resolved config as saved beside a model, headed by the precision it was trained in."""
-    precision = (meta or {}).get("precision") or {}
-    head = f"# precision used: {precision.get('label')} — {precision.get('reason')}\n" if precision else ""
-    return head + cfg.to_yaml()
 
 
 def update_model_files(out_dir: str | Path, meta: dict | None = None, card: str | None = None) -> None:

@@ -11,17 +11,6 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def checkout_dir() -> Path | None:
-    """The source checkout the package is imported from (the folder with its pyproject.toml), or
-    None for an installed package."""
-    root = PACKAGE_DIR.parent
-    try:
-        project = (root / "pyproject.toml").read_text(encoding="utf-8")
-    except OSError:
-        return None
-    return root if 'name = "python3-distillation"' in project else None
-
-
 def data_dir() -> Path:
     """Tokenizer, corpus, token shards, teacher caches: ``$DISTILL_DATA_DIR`` if set; else the
     checkout's ``data/`` when the package runs from a checkout (so `make` and a shell command, from
@@ -29,9 +18,12 @@ def data_dir() -> Path:
     env = os.environ.get("DISTILL_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    checkout = checkout_dir()
-    if checkout is not None:
-        return checkout / "data"
+    try:  # a source checkout: the folder above the package holds the project's pyproject.toml
+        project = (PACKAGE_DIR.parent / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        project = ""
+    if 'name = "python3-distillation"' in project:
+        return PACKAGE_DIR.parent / "data"
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache).expanduser() / "python3_distillation"
 

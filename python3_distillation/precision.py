@@ -1,4 +1,4 @@
-"""Which precision to train in, decided on the machine at hand: ``mixed_precision: auto``.
+"""Which device and precision to train in, decided on the machine at hand: ``mixed_precision: auto``.
 
     python -m python3_distillation.precision          # prints the choice for this machine and why
 
@@ -16,15 +16,12 @@ otherwise. The other per-device decisions (KL chunks, compile, TF32, syncs) are 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
 import warnings
 from collections.abc import Callable
 
 import torch
-
-log = logging.getLogger(__name__)
 
 # bf16 must beat fp32 by this much on the probe to be chosen: autocast also pays for casting the
 # weights every step, so a small matmul gain can be a net loss for the whole training step.
@@ -58,17 +55,13 @@ class Precision:
 def _alternating_best(a: Callable[[], object], b: Callable[[], object], pairs: int) -> tuple[float, float]:
     """Best time of each of two calls, run in alternation: the minimum over many short runs is what a
     shared, loaded machine can still measure, and alternation gives both the same conditions."""
-    best_a = best_b = float("inf")
+    best = [float("inf"), float("inf")]
     for _ in range(pairs):
-        for fn, is_a in ((a, True), (b, False)):
+        for i, fn in enumerate((a, b)):
             t0 = time.perf_counter()
             fn()
-            dt = time.perf_counter() - t0
-            if is_a:
-                best_a = min(best_a, dt)
-            else:
-                best_b = min(best_b, dt)
-    return best_a, best_b
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]
 
 
 def probe_cpu_bf16() -> float:
@@ -137,7 +130,7 @@ def native_bf16(device: torch.device | str) -> bool:
     return major >= 8 and bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
-def _cuda_choice(device: torch.device) -> Precision:
+def gpu_choice(device: torch.device) -> Precision:
     name = torch.cuda.get_device_name(device)
     major, minor = torch.cuda.get_device_capability(device)
     if native_bf16(device):
@@ -145,6 +138,15 @@ def _cuda_choice(device: torch.device) -> Precision:
     if major >= 7:
         return Precision("fp16", f"{name} (compute capability {major}.{minor}) has fp16 tensor cores but no bf16")
     return Precision("no", f"{name} (compute capability {major}.{minor}) has neither bf16 nor fp16 tensor cores")
+
+
+def pick_device(device: str | torch.device | None = None, *, cpu: bool = False) -> torch.device:
+    """The device a stage runs on: ``device`` when given; else CUDA when available and ``cpu``
+    (``train.cpu``) is not set; else the CPU. Training, the teacher cache, the precision decision,
+    generation and serving all ask here."""
+    if device:  # None or "" (an unset setting): the rule below
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
 
 
 def decide(requested: str = "auto", device: torch.device | str | None = None,
@@ -159,13 +161,11 @@ def decide(requested: str = "auto", device: torch.device | str | None = None,
     """
     if requested not in ("auto", "bf16", "fp16", "no"):
         raise ValueError(f"mixed_precision {requested!r}: expected auto, bf16, fp16 or no")
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    device = pick_device(device)
     if device.type == "cuda":
         if requested != "auto":
             return Precision(requested, "set explicitly", requested)
-        return dataclasses.replace((cuda_choice or _cuda_choice)(device), requested="auto")
+        return dataclasses.replace((cuda_choice or gpu_choice)(device), requested="auto")
     if device.type != "cpu":
         return Precision("no" if requested == "auto" else requested,
                          f"{device.type}: no autocast measurement for this device", requested)

@@ -3,29 +3,21 @@ share of the block parameters; recovered afterwards by distillation from the unp
 
     gpt2-distill prune python3_distillation/gpt2_teacher --target 0.5   # → python3_distillation/gpt2_teacher_pruned50
     gpt2-distill distill --config exp_prune50 student.from_dir=python3_distillation/gpt2_teacher_pruned50
-                                                                       # recovery: KD from the unpruned teacher
 
-What can go is decided by the format the result is saved in. A stock ``GPT2Config`` has one
-``n_embd``, one ``n_head`` and one ``n_inner`` for every block, and GPT-2's attention is exactly
-``n_head`` heads of ``n_embd / n_head`` reading and writing the whole residual stream: a head cannot
-be removed while the stream keeps its width (transformers 5 no longer reads the ``pruned_heads``
-config entry that once allowed per-layer head counts), and narrowing the stream changes what every
-kept head sees. So the pruned units here are the ones the stock config expresses exactly:
+What can go is what a stock ``GPT2Config`` expresses exactly: it has one ``n_embd``, ``n_head`` and
+``n_inner`` for every block, and a head cannot be removed while the residual stream keeps its width
+(transformers 5 no longer reads ``pruned_heads``). So the pruned units are:
 
-* **MLP neurons**, the same number ``n_inner`` in every block, each block keeping its own most
-  important ones by first-order Taylor importance (Molchanov et al. 2017, the gate gradient of
-  Michel et al. 2019 applied to neurons): ``|Σ a·∂L/∂a|`` over a batch's positions, averaged over
-  batches — the loss change a first-order expansion predicts when the neuron's output is zeroed;
-* **whole blocks**, attention heads and all, ranked by how much the loss rises when the block alone
-  is skipped (measured: a first-order estimate is poor for a change that large).
+* **MLP neurons**, ``n_inner`` in every block, each block keeping its most important ones by
+  first-order Taylor importance (Molchanov et al. 2017; Michel et al. 2019's gate gradient applied
+  to neurons): ``|Σ a·∂L/∂a|`` over a batch's positions, averaged over batches;
+* **whole blocks**, ranked by how much the loss rises when the block alone is skipped (measured: a
+  first-order estimate is poor for a change that large).
 
-For every block count that can meet the target, the least important blocks are dropped and
-``n_inner`` is the widest that meets it; the candidate with the lowest loss right after pruning
-wins. Importance and that choice are measured on training blocks drawn with ``train.seed`` (the
-folder's config), never on the validation text perplexity is reported on. Every kept weight is
-copied unchanged, so a kept head computes exactly what it did, given the same input. The result is
-a plain GPT-2 folder (``n_layer`` and ``n_inner`` changed) that transformers, the project's
-generator and vLLM load as they are.
+For every block count that can meet the target, the least important blocks go and ``n_inner`` is the
+widest that meets it; the candidate with the lowest loss right after pruning wins. Importance and
+that choice are measured on training blocks drawn with ``train.seed``, never on validation text.
+Every kept weight is copied unchanged; the result is a plain GPT-2 folder (``n_layer``, ``n_inner``).
 """
 
 from __future__ import annotations
@@ -42,7 +34,13 @@ from tqdm.auto import tqdm
 from transformers import GPT2LMHeadModel
 
 from python3_distillation.config import ConfigError, RunConfig, saved_config
+from python3_distillation.data import batch_indices, load_blocks
 from python3_distillation.errors import ModelError
+from python3_distillation.evaluation.cards import model_card
+from python3_distillation.lineage import weights_sha256
+from python3_distillation.losses import lm_loss
+from python3_distillation.models import count_parameters, open_model, save_model, seeded
+from python3_distillation.paths import display_path
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +89,7 @@ def shrink(model: GPT2LMHeadModel, layers: list[int], neurons: list[torch.Tensor
         raise ValueError("one neuron index list per kept block, all of one length")
     config = copy.deepcopy(model.config)
     config.n_layer, config.n_inner = len(layers), len(neurons[0])
-    with torch.random.fork_rng(devices=[]):  # every weight is overwritten below; seeded all the same
-        torch.manual_seed(seed)
+    with seeded(seed):  # every weight is overwritten below; seeded all the same
         new = GPT2LMHeadModel(config).to(next(model.parameters()).dtype)
     src, dst = model.transformer, new.transformer
     for name in ("wte", "wpe", "ln_f"):
@@ -114,8 +111,6 @@ def shrink(model: GPT2LMHeadModel, layers: list[int], neurons: list[torch.Tensor
 
 def _loss(model, batches: list[torch.Tensor]) -> float:
     """Mean next-token loss (nats/token) over the batches, fp32, eval mode."""
-    from python3_distillation.losses import lm_loss
-
     with torch.no_grad():
         return sum(lm_loss(model(input_ids=ids).logits, ids).item() for ids in batches) / len(batches)
 
@@ -127,8 +122,6 @@ def neuron_importance(model: GPT2LMHeadModel, batches: list[torch.Tensor]) -> to
     Σ a·∂L/∂a over the batch's positions. The score is |∂L/∂g| averaged over batches (Michel et al.
     take the absolute value per batch so that opposite-signed batches do not cancel).
     """
-    from python3_distillation.losses import lm_loss
-
     model.eval()
     gates = [torch.ones(mlp_width(model.config), requires_grad=True) for _ in model.transformer.h]
     hooks = [block.mlp.c_proj.register_forward_pre_hook(lambda _m, args, g=g: (args[0] * g.to(args[0].dtype),))
@@ -201,38 +194,19 @@ def prune_model(model: GPT2LMHeadModel, target: float, importance_batches: list[
 # --------------------------------------------------------------------------------------- the stage
 
 
-def default_out(model_dir: str | Path, target: float) -> Path:
-    path = Path(model_dir)
-    return path.with_name(f"{path.name}_pruned{round(target * 100)}")
-
-
-def prune_card(name: str, meta: dict) -> str:
-    from python3_distillation.evaluation.cards import model_card
-
-    return model_card(name, meta, None, folder=name)
-
-
 def run_prune(model_dir: str | Path, target: float, out: str | Path | None = None, n_batches: int = 4,
               batch_size: int = 4) -> Path:
     """Prune the model in ``model_dir`` and save it (default: ``<model_dir>_pruned<percent>``)."""
-    from python3_distillation.data import batch_indices, load_blocks
-    from python3_distillation.lineage import weights_sha256
-    from python3_distillation.models import count_parameters, load_model, read_meta, save_model
-    from python3_distillation.paths import display_path
-    from python3_distillation.tokenizer import is_local_tokenizer_dir, load_tokenizer
-
     if not 0.0 < target < 1.0:
         raise ConfigError(f"--target must be a fraction of the block parameters in (0, 1), e.g. 0.25 or 0.5; got {target}")
     if n_batches < 1 or batch_size < 1:
         raise ConfigError("--batches and --batch-size must be ≥ 1")
     model_dir = Path(model_dir)
-    source_meta = read_meta(model_dir)
+    model, tokenizer, source_meta = open_model(model_dir, dtype=torch.float32)
     if source_meta.get("stage") == "quantize":
         raise ModelError(f"{model_dir} is an int8 copy; prune the fp32 model it was made from ({source_meta.get('source')})")
-    model = load_model(model_dir, dtype=torch.float32)
     if type(model) is not GPT2LMHeadModel:
         raise ModelError(f"{model_dir}: pruning needs a plain GPT2LMHeadModel, got {type(model).__name__}")
-    tokenizer = load_tokenizer(model_dir if is_local_tokenizer_dir(model_dir) else "gpt2")
     cfg = saved_config(model_dir) or RunConfig()
     seed = cfg.train.seed
     if cfg.data.block_size > model.config.n_positions:
@@ -248,32 +222,26 @@ def run_prune(model_dir: str | Path, target: float, out: str | Path | None = Non
           f"{n_batches} × {batch_size} training blocks of {cfg.data.block_size} tokens (seed {seed})", file=sys.stderr)
     pruned, info = prune_model(model, target, draw[:n_batches], draw[n_batches:], seed)
 
-    out = Path(out) if out else default_out(model_dir, target)
+    out = Path(out) if out else model_dir.with_name(f"{model_dir.name}_pruned{round(target * 100)}")
     source_sha = weights_sha256(model)
     from_teacher = source_meta.get("stage", "teacher") == "teacher"
     meta = {
-        "stage": "prune",
-        "source": display_path(model_dir),
-        "source_sha256": source_sha,
+        "stage": "prune", "source": display_path(model_dir), "source_sha256": source_sha,
         # The teacher this model's lineage answers to: the source itself when it is a teacher.
         "teacher": display_path(model_dir) if from_teacher else source_meta.get("teacher"),
         "teacher_sha256": source_sha if from_teacher else source_meta.get("teacher_sha256"),
         "student_init": {"init": "pruned", "from": display_path(model_dir), "layers": info["layers"],
                          "n_inner": info["n_inner"], "target": target,
                          "block_params_removed": round(info["block_params_removed"], 4)},
-        "n_params": count_parameters(pruned),
-        "n_layer": pruned.config.n_layer,
-        "n_embd": pruned.config.n_embd,
+        "n_params": count_parameters(pruned), "n_layer": pruned.config.n_layer, "n_embd": pruned.config.n_embd,
         "n_inner": info["n_inner"],
         "prune": {**info, "importance_blocks": n_batches * batch_size, "choice_blocks": n_batches * batch_size,
                   "block_size": cfg.data.block_size, "data": cfg.data.train, "split": "train"},
-        "val_loss": None, "val_ppl": None,
-        "seed": seed,
-        "weights_sha256": weights_sha256(pruned),
+        "val_loss": None, "val_ppl": None, "seed": seed, "weights_sha256": weights_sha256(pruned),
     }
     out_cfg = copy.deepcopy(cfg)
     out_cfg.name = out.name  # its own run name: no training log of the source is shown as this model's
-    save_model(pruned, tokenizer, out, out_cfg, meta, prune_card(out.name, meta))
+    save_model(pruned, tokenizer, out, out_cfg, meta, model_card(out.name, meta, None, folder=out.name))
     print(f"pruned model saved to {out}: {info['n_layer']} blocks × {info['n_inner']} MLP neurons (kept blocks "
           f"{info['layers']}), {info['block_params_removed']:.1%} of the block parameters removed, "
           f"{meta['n_params'] / 1e6:.2f}M parameters; training loss on the choice batches "

@@ -3,38 +3,27 @@
     gpt2-distill cache-teacher --config v2                                # → <data dir>/teacher_cache/v2
     gpt2-distill distill --config v2 distill.teacher_cache=data/teacher_cache/v2   # no teacher in memory
 
-``cache-teacher`` runs the configured teacher over every training block (the token shards, in
-block order) and keeps, at every position, its ``distill.cache_top_k`` most likely tokens with their
-log-probabilities ``log softmax(t/T)`` (fp16, int32 ids) and the log of the probability of all the
-other tokens together (fp32: the tail). Training with ``distill.teacher_cache=DIR`` looks each
-batch's rows up by block index and takes the kd term as the KL between (k+1)-bucket distributions
-(``losses.cached_kd_loss``): the k tokens and "everything else", for the teacher as stored and for
-the student's full softmax folded the same way. That keeps it a proper divergence over the whole
-vocabulary, one that lower-bounds the full-vocabulary KL (equal to it at k = V).
+``cache-teacher`` keeps, at every position of every training block, the teacher's
+``distill.cache_top_k`` most likely tokens (int32 ids, fp16 ``log softmax(t/T)``) and the log of the
+mass of all others (fp32 tail); training looks rows up by block index and takes the kd term with
+``losses.cached_kd_loss``. The tail depends on T, so training at another T than the cache's is refused.
 
-The temperature is baked in: the tail's mass depends on T (it is a sum over tokens the cache does
-not hold), so the cache is made at ``distill.temperature`` and training at any other T is refused.
-
-Files (``DIR/``): ``shard-NNNNN.logprobs`` (float16), ``.ids`` (int32), ``.tail`` (float32), raw
-C-order arrays of ``(blocks, block_size, k)`` / ``(blocks, block_size)``, each shard a run of
-consecutive blocks, ~64 MiB; ``manifest.json`` binds them to the teacher (``lineage.weights_sha256``),
-the token shards and block size (the data fingerprint), T and k; its ``key`` is the cache's
-identity, part of a distillation run's fingerprint. Per position that is ``6k + 4`` bytes: 388 at
-k = 64, ~200× the 2-byte token it describes. Shards are written into ``.<name>.partial/`` beside
-the folder, each file renamed into place when complete, so a killed run resumes at the first
-unfinished shard; the finished folder is published atomically.
+Files: ``shard-NNNNN.logprobs`` / ``.ids`` / ``.tail``, raw C-order ``(blocks, block_size, k)`` /
+``(blocks, block_size)`` arrays of ~64 MiB of consecutive blocks, ``6k + 4`` bytes per position
+(388 at k = 64, ~200× the 2-byte token); ``manifest.json`` binds them to the teacher's weights, the
+token shards, block size, T and k, and its ``key`` is part of a distillation run's fingerprint. Shards
+are written into a work folder (resumable.py), so a killed run resumes at the first unfinished shard.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import datetime
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -45,13 +34,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from python3_distillation.data import load_blocks
+from python3_distillation.device_plan import plan as device_plan
 from python3_distillation.errors import ConfigError, DataError, ModelError
+from python3_distillation.fsio import atomic_file, read_rows, reporting_disk_full
+from python3_distillation.lineage import data_fingerprint, weights_sha256
+from python3_distillation.losses import cached_kd_loss
+from python3_distillation.models import check_vocab, open_model, stage_tokenizer
+from python3_distillation.paths import data_dir, display_path
+from python3_distillation.precision import pick_device
+from python3_distillation.resumable import MANIFEST, WorkFolder
+from python3_distillation.teacher import check_block_size
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-MANIFEST = "manifest.json"
-PROGRESS = "progress.json"
 # The three arrays of a shard: name → dtype. fp16 log-probabilities hold ~3 significant digits,
 # far finer than the differences distillation learns from; ids stay int32 for any vocabulary.
 ARRAYS = {"logprobs": np.float16, "ids": np.int32, "tail": np.float32}
@@ -65,8 +62,6 @@ def bytes_per_position(k: int) -> int:
 
 def default_dir(cfg) -> Path:
     """Where the cache of ``cfg`` goes: ``distill.teacher_cache``, else ``<data dir>/teacher_cache/<name>``."""
-    from python3_distillation.paths import data_dir
-
     return Path(cfg.distill.teacher_cache).expanduser() if cfg.distill.teacher_cache.strip() \
         else data_dir() / "teacher_cache" / cfg.name
 
@@ -123,29 +118,10 @@ class TeacherCache:
     folder: Path
     manifest: dict
 
-    @property
-    def key(self) -> str:
-        return self.manifest["key"]
-
-    @property
-    def top_k(self) -> int:
-        return int(self.manifest["top_k"])
-
-    @property
-    def temperature(self) -> float:
-        return float(self.manifest["temperature"])
-
-    @property
-    def n_blocks(self) -> int:
-        return int(self.manifest["n_blocks"])
-
-    @property
-    def block_size(self) -> int:
-        return int(self.manifest["block_size"])
-
-    @property
-    def n_bytes(self) -> int:
-        return int(self.manifest["bytes"])
+    def __post_init__(self):
+        m = self.manifest
+        self.key, self.top_k, self.temperature = m["key"], int(m["top_k"]), float(m["temperature"])
+        self.n_blocks, self.block_size, self.n_bytes = int(m["n_blocks"]), int(m["block_size"]), int(m["bytes"])
 
     @classmethod
     def open(cls, folder: str | Path) -> "TeacherCache":
@@ -168,8 +144,8 @@ class TeacherCache:
                                 "(truncated or changed); run cache-teacher again")
         return cls(folder, manifest)
 
-    def check(self, *, teacher_sha256: str, data: str, n_blocks: int, temperature: float, top_k: int) -> None:
-        """Refuse a cache made from another teacher, other data, or at another T or k."""
+    def check(self, *, teacher_sha256: str, data: str, n_blocks: int, temperature: float, top_k: int) -> TeacherCache:
+        """This cache, unless it was made from another teacher, other data, or at another T or k."""
         m = self.manifest
         if m["teacher_sha256"] != teacher_sha256:
             raise ModelError(f"{self.folder} was cached from another teacher (weights sha256 "
@@ -185,6 +161,7 @@ class TeacherCache:
         if self.top_k != top_k:
             raise ConfigError(f"distill.cache_top_k={top_k}, but {self.folder} holds the top {self.top_k}; set "
                               f"distill.cache_top_k={self.top_k} or cache again with {top_k}")
+        return self
 
     def rows(self, block_index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids (B, T, k) int64, log-probabilities (B, T, k) fp16, tail (B, T) fp32) of the given blocks,
@@ -196,23 +173,17 @@ class TeacherCache:
         k, block, per_shard = self.top_k, self.block_size, int(self.manifest["blocks_per_shard"])
         out = {name: np.empty((idx.size, *_row_shape(name, block, k)), dtype=dtype) for name, dtype in ARRAYS.items()}
         shard_of, local = np.divmod(idx, per_shard)
-        for name in ARRAYS:
-            row_bytes = _row_bytes(name, block, k)
+        for name, dtype in ARRAYS.items():
             for s in np.unique(shard_of):
-                with open(self.folder / f"{_shard_name(int(s))}.{name}", "rb", buffering=0) as f:
-                    for pos in np.flatnonzero(shard_of == s):
-                        f.seek(int(local[pos]) * row_bytes)
-                        view = memoryview(out[name][pos]).cast("B")
-                        if f.readinto(view) != row_bytes:
-                            raise DataError(f"{self.folder}: {_shard_name(int(s))}.{name} is shorter than its manifest says")
+                sel = np.flatnonzero(shard_of == s)
+                rows = np.empty((sel.size, *_row_shape(name, block, k)), dtype=dtype)
+                out[name][sel] = read_rows(self.folder / f"{_shard_name(int(s))}.{name}", local[sel], rows)
         return (torch.from_numpy(out["ids"]).to(torch.int64), torch.from_numpy(out["logprobs"]),
                 torch.from_numpy(out["tail"]))
 
     def kd_loss(self, student_logits: torch.Tensor, block_index, mask: torch.Tensor | None = None,
                 chunk_rows: int | None = None) -> torch.Tensor:
         """``losses.cached_kd_loss`` of the student's logits for the rows of ``block_index`` (T of the cache)."""
-        from python3_distillation.losses import cached_kd_loss
-
         device = student_logits.device
 
         def to_device(t: torch.Tensor) -> torch.Tensor:
@@ -233,49 +204,20 @@ class TeacherCache:
                 f"{m['seconds']:,.1f} s")
 
 
-def open_for_training(folder: str | Path, *, teacher_sha256: str, data: str, n_blocks: int, dc) -> TeacherCache:
-    """The cache a distillation run reads (``distill.teacher_cache``), checked against that run."""
-    cache = TeacherCache.open(folder)
-    cache.check(teacher_sha256=teacher_sha256, data=data, n_blocks=n_blocks, temperature=dc.temperature,
-                top_k=dc.cache_top_k)
-    return cache
-
-
-def _load_teacher_and_blocks(cfg):
-    """The teacher, its tokenizer's training blocks, as ``run_distill`` loads them."""
-    from python3_distillation.data import load_blocks
-    from python3_distillation.models import check_vocab, load_model
-    from python3_distillation.teacher import check_block_size
-    from python3_distillation.tokenizer import load_tokenizer
-
-    teacher_dir = Path(cfg.teacher.path)
-    teacher = load_model(teacher_dir).eval()
-    teacher_tok = load_tokenizer(teacher_dir) if teacher_dir.is_dir() else load_tokenizer(cfg.tokenizer)
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer != "gpt2" else teacher_tok
-    check_vocab(tokenizer, teacher, "teacher")
-    check_block_size(cfg, teacher.config.n_positions, "teacher")
-    return teacher, load_blocks(cfg.data, tokenizer, seed=cfg.train.seed)
-
-
 def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = None, shard_blocks: int | None = None,
                   on_shard: Callable[[int], None] | None = None) -> TeacherCache:
-    """Run the teacher of ``cfg`` over its training blocks and store the top-k cache in ``out``
-    (default: ``default_dir(cfg)``), resuming an interrupted run of the same inputs.
-
-    ``shard_blocks`` overrides the blocks per shard (tests use small shards); ``on_shard`` is
-    called with each shard's number once it is complete (tests use it to interrupt).
-    """
-    from python3_distillation.fsio import atomic_write_text, publish_dir, reporting_disk_full
-    from python3_distillation.lineage import data_fingerprint, weights_sha256
-    from python3_distillation.paths import display_path
-    from python3_distillation.device_plan import plan as device_plan
-
+    """Store the top-k cache of ``cfg``'s teacher over its training blocks in ``out`` (default:
+    ``default_dir(cfg)``), resuming an interrupted run. Tests set ``shard_blocks`` and ``on_shard(s)``."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would write the same shards
         raise ConfigError("cache-teacher runs in one process; start it with python or gpt2-distill, not a "
                           "multi-process launcher (training from the cache may use several)")
     dc = cfg.distill
     dest = Path(out).expanduser() if out else default_dir(cfg)
-    teacher, blocks = _load_teacher_and_blocks(cfg)
+    teacher = open_model(cfg.teacher.path).model  # the teacher and blocks as run_distill loads them
+    tokenizer = stage_tokenizer(cfg, "distill")
+    check_vocab(tokenizer, teacher, "teacher")
+    check_block_size(cfg, teacher.config.n_positions, "teacher")
+    blocks = load_blocks(cfg.data, tokenizer, seed=cfg.train.seed)
     k, temperature = dc.cache_top_k, dc.temperature
     vocab = teacher.config.vocab_size
     if k > vocab:
@@ -301,23 +243,18 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
 
     per_shard = shard_blocks or max(1, SHARD_BYTES // (block * bytes_per_position(k)))
     shards = _shards(n_blocks, per_shard)
-    work = dest.parent / f".{dest.name}.partial"
+    folder = WorkFolder(dest)
+    work = folder.path
     progress = {"key": key, "blocks_per_shard": per_shard}
-    try:
-        resumable = json.loads((work / PROGRESS).read_text()) == progress
-    except (OSError, ValueError):
-        resumable = False
-    if not resumable:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        atomic_write_text(work / PROGRESS, json.dumps(progress))
-    for stale in work.glob("*.tmp"):  # a shard being written when the run was killed
+    if folder.resume(lambda record: record == progress) is None:
+        folder.commit(progress)
+    for stale in [*work.glob(".shard-*"), *work.glob("*.tmp")]:  # a shard being written when the run was killed
         stale.unlink()
     done = [s for s, (a, b) in enumerate(shards) if _shard_complete(work, s, b - a, block, k)]
     if done:
         print(f"{dest}: resuming, {len(done)} of {len(shards)} shards already cached", file=sys.stderr)
 
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+    device = pick_device(cpu=cfg.train.cpu)
     plan = device_plan(device, mixed_precision=cfg.train.mixed_precision)  # forward only: never compiled
     plan.apply()
     for line in plan.lines():
@@ -336,9 +273,9 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
         for s, (a, b) in enumerate(shards):
             if s in done:
                 continue
-            name = _shard_name(s)
-            files = {n: open(work / f"{name}.{n}.tmp", "wb") for n in ARRAYS}
-            try:
+            with contextlib.ExitStack() as stack:  # each file appears whole under its final name or not at all
+                paths = {n: stack.enter_context(atomic_file(work / f"{_shard_name(s)}.{n}")) for n in ARRAYS}
+                files = {n: stack.enter_context(open(path, "wb")) for n, path in paths.items()}
                 for start in range(a, b, batch_size):
                     ids = train_blocks.ids[torch.arange(start, min(b, start + batch_size))].to(device)
                     with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32,
@@ -349,75 +286,19 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
                         for n, t in (("logprobs", logp), ("ids", top), ("tail", tail)):
                             files[n].write(t.cpu().numpy().astype(ARRAYS[n], copy=False).tobytes())
                     bar.update(ids.shape[0])
-                for f in files.values():
-                    f.flush()
-                    os.fsync(f.fileno())
-            finally:
-                for f in files.values():
-                    f.close()
-            for n in ARRAYS:  # each file appears whole under its final name or not at all
-                os.replace(work / f"{name}.{n}.tmp", work / f"{name}.{n}")
             if on_shard is not None:
                 on_shard(s)
 
     total = sum((work / f"{_shard_name(s)}.{n}").stat().st_size for s in range(len(shards)) for n in ARRAYS)
     manifest = {
-        "format": FORMAT,
-        "key": key,
-        "teacher": display_path(cfg.teacher.path),
-        "teacher_sha256": teacher_sha,
-        "data": data,
-        "n_blocks": n_blocks,
-        "block_size": block,
-        "top_k": k,
-        "temperature": temperature,
-        "vocab_size": vocab,
-        "dtypes": {n: np.dtype(d).name for n, d in ARRAYS.items()},
-        "blocks_per_shard": per_shard,
-        "shards": len(shards),
-        "bytes": total,
-        "bytes_per_token": bytes_per_position(k),
+        "format": FORMAT, "key": key, "teacher": display_path(cfg.teacher.path), "teacher_sha256": teacher_sha,
+        "data": data, "n_blocks": n_blocks, "block_size": block, "top_k": k, "temperature": temperature,
+        "vocab_size": vocab, "dtypes": {n: np.dtype(d).name for n, d in ARRAYS.items()},
+        "blocks_per_shard": per_shard, "shards": len(shards), "bytes": total, "bytes_per_token": bytes_per_position(k),
         "precision": precision.label,
         "seconds": round(time.perf_counter() - t0, 2),  # of the run that finished it
-        "resumed": bool(done),
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "resumed": bool(done), "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-    (work / PROGRESS).unlink()
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    publish_dir(work, dest)
+    folder.publish(manifest)
     return TeacherCache(dest, manifest)
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gpt2-distill cache-teacher",
-                                description="Run the teacher once over the training blocks and store its top-k "
-                                "log-probabilities per position (+ the tail's mass), for distill.teacher_cache=DIR. "
-                                "Resumes an interrupted run.")
-    p.add_argument("--config", action="append", default=None, metavar="FILE",
-                   help="YAML config of the distillation (diff from the defaults); repeatable; default: v2")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="where to write (default: distill.teacher_cache, else <data dir>/teacher_cache/<name>)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="blocks per teacher forward (default: train.batch_size)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. distill.cache_top_k=32")
-    args = p.parse_args(argv)
-    from python3_distillation.config import load_config
-
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError("--batch-size must be ≥ 1")
-    cfg = load_config(args.config or ["v2"], args.overrides)
-    if cfg.stage != "distill":
-        raise ConfigError(f"config is for stage {cfg.stage!r}; cache-teacher reads a distillation config "
-                          "(its teacher, data, distill.temperature and distill.cache_top_k)")
-    cache = cache_teacher(cfg, args.out, args.batch_size)
-    print(cache.summary())
-    print(f"train from it: gpt2-distill distill {' '.join(f'--config {c}' for c in args.config or ['v2'])} "
-          f"distill.teacher_cache={cache.folder}")
-    return 0
-
-
-if __name__ == "__main__":
-    from python3_distillation.cli import run_guarded
-
-    raise SystemExit(run_guarded(main, sys.argv[1:]))

@@ -44,16 +44,10 @@ KNOWN_ENCODINGS = {"Hello world": [15496, 995], " Hello world": [18435, 995]}
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte → printable-character map (from openai/gpt-2 ``encoder.py``)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    """GPT-2's reversible byte → printable-character map (openai/gpt-2 ``encoder.py``, as transformers has it)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return bytes_to_unicode()
 
 
 def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:

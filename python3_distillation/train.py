@@ -3,22 +3,13 @@
     python -m python3_distillation teacher train.max_steps=100     # uses this loop
     accelerate launch --multi_gpu --num_processes 8 -m python3_distillation distill --config v2   # 8 processes
 
-Built on Hugging Face ``accelerate`` (device placement, bf16/fp16 autocast on CPU and CUDA, gradient
-accumulation, multi-process launch). The precision is ``train.mixed_precision`` as decided for this
-machine (``auto``: see precision.py), logged in one line at the start and recorded in the model's
-meta; the other per-device decisions (compile, TF32, KL chunks, batch prefetch: device_plan.py) are
-logged beside it. The loss terms stay tensors on the device and are read back (one host sync) only
-every ``log_every`` steps; on CUDA the next batch is copied from pinned memory while a step runs. Checkpoints (checkpoint.py: safetensors + JSON, no pickles, a manifest of hashes) are written
-every ``save_every`` steps into a temp folder and renamed, so a kill never leaves a half checkpoint;
-``resume=True`` continues from the newest checkpoint that verifies, and reaches the same weights as
-an uninterrupted run (data order is a pure function of the step; RNG states are restored). Resume
-compares the run's fingerprint (lineage.py): changed inputs (a retrained teacher, other data) start
-the stage afresh with a notice; a changed config is an error, except a larger step budget.
-
-Under several processes (DDP) each reads its own slice of the step's global batch (``batch_size``
-blocks per process), the logged terms are averaged over processes, validation batches are shared
-out, and only the main process writes (log, checkpoints with every process's RNG states, the model):
-tests/test_multiprocess.py checks it against one process and across a kill.
+Built on ``accelerate`` (devices, autocast, gradient accumulation, multi-process launch); the
+per-device choices (precision.py, device_plan.py) are logged at the start. Checkpoints (checkpoint.py)
+are published whole every ``save_every`` steps (resumable.py); ``resume=True`` continues from the
+newest that verifies and reaches the weights of an uninterrupted run (data order is a function of the
+step, RNG states are restored). Changed inputs (lineage.py) start afresh; a changed config is an
+error, except a larger step budget. Under DDP each process reads its slice of the global batch and
+only the main one writes.
 """
 
 from __future__ import annotations
@@ -42,18 +33,17 @@ from python3_distillation.config import CONFIG_FILE, ConfigError, RunConfig, Tra
 from python3_distillation.data import Blocks, batch_indices
 from python3_distillation.device_plan import DevicePlan, compile_blocks, plan as device_plan
 from python3_distillation.errors import DiskFullError
-from python3_distillation.fsio import atomic_write_text, publish_dir, reporting_disk_full
+from python3_distillation.fsio import atomic_write_text, reporting_disk_full
 from python3_distillation.lineage import differences, stage_fingerprint
-from python3_distillation.precision import Precision, decide_for_run
+from python3_distillation.losses import lm_loss
+from python3_distillation.precision import Precision, decide_for_run, pick_device
+from python3_distillation.resumable import WorkFolder, append_jsonl, jsonl_rows
 
 log = logging.getLogger(__name__)
 
-# loss_fn(model, batch) → (loss to minimise, {name: value} to log). batch = {"input_ids",
-# "attention_mask", "labels"} on the right device, inside autocast, plus "block_index": which
-# training blocks the rows are (a CPU LongTensor), for losses that look rows up by block (a
-# cached teacher, teacher_cache.py).
+# loss_fn(model, batch) → (loss, {name: value} to log); batch: "input_ids", "attention_mask", "labels" on
+# the device, plus "block_index" (CPU LongTensor) for losses that look rows up by block (teacher_cache.py).
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
-STATE_FILE = ckpt_io.STATE_FILE
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -65,9 +55,7 @@ class TrainResult:
     val_loss: float | None = None
     val_ppl: float | None = None
     history: list[dict] = field(default_factory=list)
-    # False in every process but the main one of a multi-process launch: the stages save the
-    # model (and print) only where this is True, so one process writes each file.
-    main: bool = True
+    main: bool = True  # False but in a launch's main process: only it saves the model and prints
     precision: dict = field(default_factory=dict)
     fingerprint: dict = field(default_factory=dict)
 
@@ -78,8 +66,6 @@ class StopTraining(Exception):
 
 def lm_loss_fn(model, batch) -> tuple[torch.Tensor, dict]:
     """Plain causal-LM training (the teacher stage)."""
-    from python3_distillation.losses import lm_loss
-
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = lm_loss(logits, batch["labels"])
     return loss, {"ce": loss.detach()}
@@ -87,6 +73,7 @@ def lm_loss_fn(model, batch) -> tuple[torch.Tensor, dict]:
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Linear warmup to 1, then cosine to ``min_lr_ratio`` at ``max_steps``."""
+    # Not transformers' cosine-with-min-lr schedule: its warmup is step/warmup, 0.02 lower per step in configs/.
 
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -111,9 +98,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def make_batch(blocks: Blocks, idx: torch.Tensor, device, pin: bool = False) -> dict:
-    """The rows ``idx`` of ``blocks`` on ``device``. ``pin`` (CUDA): gathered into pinned host memory,
-    the only kind from which ``non_blocking=True`` is an asynchronous copy (from pageable memory the
-    host waits for it)."""
+    """The rows ``idx`` of ``blocks`` on ``device``; ``pin`` (CUDA): via pinned host memory, the only kind
+    from which ``non_blocking=True`` is an asynchronous copy."""
     ids = blocks.ids[idx]
     if pin:
         ids = ids.pin_memory().to(device, non_blocking=True)
@@ -123,10 +109,8 @@ def make_batch(blocks: Blocks, idx: torch.Tensor, device, pin: bool = False) -> 
 
 
 class BatchPrefetcher:
-    """The loop's micro-batches by number ``k`` (``indices(k)`` picks the rows). With ``prefetch`` (the
-    device plan's choice on CUDA) handing out batch k also gathers batch k+1 into pinned memory and
-    queues its copy, so the host gathers while the GPU still runs the previous step and never waits
-    on a copy. Without it (CPU) each batch is made when asked, as the loop always did."""
+    """Micro-batch ``k`` (rows ``indices(k)``). With ``prefetch`` (CUDA) handing out batch k also gathers
+    batch k+1 into pinned memory and queues its copy, so the host never waits on a copy."""
 
     def __init__(self, blocks: Blocks, indices: Callable[[int], torch.Tensor], device, prefetch: bool, end: int):
         self.blocks, self.indices, self.device, self.prefetch, self.end = blocks, indices, device, prefetch, end
@@ -146,28 +130,23 @@ class BatchPrefetcher:
 
 
 @torch.no_grad()
-def evaluate_loss(model, blocks: Blocks, batch_size: int, max_blocks: int, accelerator=None, device=None) -> float:
+def evaluate_loss(model, blocks: Blocks, batch_size: int, max_blocks: int, accelerator) -> float:
     """Mean next-token cross-entropy (nats/token) over the first ``max_blocks`` validation blocks.
 
     Under several processes each evaluates every ``world``-th batch and the sums are added up, so
     the answer is the one-process answer (up to float rounding) in 1/world of the time.
     """
-    from python3_distillation.losses import lm_loss
-
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    if accelerator is not None:
-        # The bare model: ranks run different numbers of batches, and a wrapper (DDP) must not be
-        # left waiting for a collective that the other ranks never join.
-        model = accelerator.unwrap_model(model)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    # The bare model: ranks run different numbers of batches, and a wrapper (DDP) must not be
+    # left waiting for a collective that the other ranks never join.
+    model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     n = len(blocks) if not max_blocks else min(max_blocks, len(blocks))
-    device = device or (accelerator.device if accelerator else next(model.parameters()).device)
     # The sum stays on the device (fp64: the same arithmetic as Python floats, so CPU results are
     # unchanged) and is read back once, not once per batch.
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    ctx = accelerator.autocast() if accelerator else torch.autocast(device_type=torch.device(device).type, enabled=False)
-    with ctx:
+    with accelerator.autocast():
         for start in range(rank * batch_size, n, batch_size * world):
             batch = make_batch(blocks, torch.arange(start, min(n, start + batch_size)), device)
             logits = model(input_ids=batch["input_ids"]).logits
@@ -176,19 +155,10 @@ def evaluate_loss(model, blocks: Blocks, batch_size: int, max_blocks: int, accel
             count += tokens
     model.train(was_training)
     if world > 1:
-        sums = accelerator.reduce(torch.stack([total.to(accelerator.device),
-                                               torch.tensor(float(count), dtype=torch.float64, device=accelerator.device)]),
+        sums = accelerator.reduce(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]),
                                   reduction="sum")
         total, count = sums.tolist()
     return float(total) / max(1, count)
-
-
-def _mean_over_processes(accelerator, logged: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The logged terms averaged over processes: each process saw an equal share of the global batch,
-    so the mean of their means is the loss of the whole batch, as one process would log it."""
-    names = sorted(logged)
-    values = torch.stack([logged[k].to(accelerator.device, torch.float64) for k in names])
-    return dict(zip(names, accelerator.reduce(values, reduction="mean").tolist()))
 
 
 def _read_back(logged: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -202,30 +172,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpt_io.newest_valid(Path(run_dir))[0]
 
 
-def read_metrics_rows(path: Path, up_to_step: int | None = None) -> list[str]:
-    """The log's lines that parse (a line torn by a kill is dropped), optionally up to a step."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s: dropping a torn line (%d characters)", path, len(line))
-            continue
-        if isinstance(row, dict) and (up_to_step is None or row.get("step", 0) <= up_to_step):
-            rows.append(line)
-    return rows
-
-
 def training_log_text(run_dir: Path) -> str:
     """The run's metrics log as saved beside the finished model."""
-    return "".join(r + "\n" for r in read_metrics_rows(Path(run_dir) / METRICS_FILE))
-
-
-def _append_jsonl(path: Path, row: dict) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    return "".join(json.dumps(r) + "\n" for r in jsonl_rows(Path(run_dir) / METRICS_FILE))
 
 
 def _resume_point(run_dir: Path, fingerprint: dict, world: int, max_steps: int,
@@ -257,7 +206,7 @@ def _resume_point(run_dir: Path, fingerprint: dict, world: int, max_steps: int,
 
 def _clear_run(run_dir: Path, say: Callable[[str], None] = print) -> None:
     """A fresh start: old checkpoints and the old log go, so nothing of another run is resumed later."""
-    old = ckpt_io.list_checkpoints(run_dir) + [p for p in run_dir.glob(".tmp-checkpoint-*")]
+    old = ckpt_io.list_checkpoints(run_dir) + list(run_dir.glob(".checkpoint-*.partial"))
     if old:
         say(f"{run_dir}: starting afresh, removing {len(old)} old checkpoint folder(s)")
     for p in old:
@@ -272,21 +221,19 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
           on_checkpoint_write: Callable[[Path], None] | None = None) -> tuple[torch.nn.Module, TrainResult]:
     """Train ``model`` with ``loss_fn`` for ``cfg.train.max_steps``; returns the unwrapped model.
 
-    ``extra_modules`` (the teacher) are moved to the device but never optimised or saved.
-    ``inputs`` names what the stage is built from (hashes; see lineage.py). ``on_checkpoint_write``
-    is called with the temp folder after the weights are written (tests use it to die mid-write).
+    ``extra_modules`` (the teacher) go to the device, never optimised or saved; ``inputs``: hashes of
+    what the stage is built from (lineage.py); ``on_checkpoint_write(temp folder)`` lets tests die mid-write.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import gather_object, set_seed
 
     tc = cfg.train
     run_dir = cfg.run_dir
     # Without CUDA, accelerate forms a CPU process group (gloo) only when told cpu=True: a multi-process
     # launch would otherwise train N independent copies, every one of them writing the same files.
-    cpu = tc.cpu or not torch.cuda.is_available()
+    cpu = pick_device(cpu=tc.cpu).type == "cpu"
     precision = precision or decide_for_run(tc.mixed_precision, cpu=cpu)
-    from accelerate.state import AcceleratorState
-
     # accelerate keeps one process-wide state and refuses a second Accelerator with another
     # precision; a process that runs two stages (teacher then students) resets it between them.
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision.mode:
@@ -341,7 +288,8 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
             log.warning("%s: no RNG state for process %d; continuing from the seed", ckpt, rank)
         step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
         if main:
-            atomic_write_text(metrics_path, "".join(r + "\n" for r in read_metrics_rows(metrics_path, step)))
+            rows = [r for r in jsonl_rows(metrics_path) if r.get("step", 0) <= step]
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         say(f"resumed from {ckpt} at step {step}")
     # The schedule is a function of the step: rebuilt, not stored (last_epoch = steps already taken − 1).
     for group in optimizer.param_groups:
@@ -365,7 +313,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
         row = {"step": at_step, "val_loss": round(loss, 5), "val_ppl": round(result.val_ppl, 3)}
         result.history.append(row)
         if main:
-            _append_jsonl(metrics_path, row)
+            append_jsonl(metrics_path, [row])
             bar.write(f"step {at_step}: validation loss {loss:.4f}, perplexity {result.val_ppl:.2f}")
 
     def save_checkpoint(at_step: int) -> None:
@@ -375,18 +323,18 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
         intact = (f"the last good checkpoint is {last[-1]} (--resume continues from it)" if last else
                   "no checkpoint of this run was written yet")
         need = sum(p.numel() * p.element_size() for p in accelerator.unwrap_model(model).parameters()) * 3
+        folder = WorkFolder(run_dir / f"checkpoint-{at_step}")
         try:
             with reporting_disk_full(f"checkpoint-{at_step}", run_dir, need, intact):
-                write_checkpoint(at_step)
+                write_checkpoint(folder, at_step)
         except DiskFullError:
-            shutil.rmtree(run_dir / f".tmp-checkpoint-{at_step}", ignore_errors=True)
+            folder.discard()
             raise
 
-    def write_checkpoint(at_step: int) -> None:
-        tmp = run_dir / f".tmp-checkpoint-{at_step}"
+    def write_checkpoint(folder: WorkFolder, at_step: int) -> None:
+        tmp = folder.path
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            folder.start()
         # Every process's RNG states, written by the main one: one writer per checkpoint folder (on
         # several machines a rank's own file would land on its own disk, not in the checkpoint).
         states = gather_object([(rank, *ckpt_io.capture_rng())]) if world > 1 else [(rank, *ckpt_io.capture_rng())]
@@ -400,9 +348,9 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
         accelerator.wait_for_everyone()
         if main:
             val = {"step": at_step, "loss": result.val_loss} if last_eval == at_step else None
-            ckpt_io.write_manifest(tmp, {"step": at_step, "tokens": tokens, "seconds": elapsed, "world_size": world,
-                                         "val": val, "precision": precision.to_dict(), "fingerprint": fingerprint})
-            publish_dir(tmp, run_dir / f"checkpoint-{at_step}")  # a checkpoint is complete or absent
+            state = {"step": at_step, "tokens": tokens, "seconds": elapsed, "world_size": world, "val": val,
+                     "precision": precision.to_dict(), "fingerprint": fingerprint}
+            folder.publish(ckpt_io.write_state(tmp, state))  # a checkpoint is complete or absent
             for old in ckpt_io.list_checkpoints(run_dir)[:-tc.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -444,7 +392,12 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
             if on_step is not None:
                 on_step(step)
             if step % tc.log_every == 0 or step == tc.max_steps:
-                logged = _mean_over_processes(accelerator, logged) if world > 1 else _read_back(logged)
+                if world > 1:  # equal shares of the global batch: the mean of the means is the batch's loss
+                    names = sorted(logged)
+                    values = torch.stack([logged[k].to(accelerator.device, torch.float64) for k in names])
+                    logged = dict(zip(names, accelerator.reduce(values, reduction="mean").tolist()))
+                else:
+                    logged = _read_back(logged)
                 now = time.perf_counter()
                 tps = window_tokens / max(1e-9, now - window_start)
                 window_tokens, window_start = 0, now
@@ -453,7 +406,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
                        "seconds": round(elapsed, 2)}
                 result.history.append(row)
                 if main:
-                    _append_jsonl(metrics_path, row)
+                    append_jsonl(metrics_path, [row])
                 bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{tps:,.0f}")
             bar.update(1)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:

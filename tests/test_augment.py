@@ -110,7 +110,7 @@ def test_augment_command_and_training_reads_the_file(setup, tmp_path, text_corpu
     data = load_config([], overrides + [f"data.train={out}", "data.block_size=8"]).data
     assert len(load_blocks(data, tokenizer)["train"]) > 0
     assert cli_main(command + ["--top-p", "0"] + overrides) == 2
-    assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+    assert "error: --top-p: input should be greater than 0, got 0.0\n" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- mixing them in

@@ -8,7 +8,7 @@ from python3_distillation.config import CONFIGS_DIR, ConfigError, RunConfig, loa
 
 
 def test_defaults_validate():
-    cfg = RunConfig().validate()
+    cfg = RunConfig()
     assert cfg.data.block_size <= cfg.teacher.n_positions
 
 
@@ -40,19 +40,52 @@ def test_yaml_is_a_diff_and_overrides_come_last(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.nope=1", "unknown config key train.nope"),
     ("nosection.lr=1", "unknown config key nosection"),
-    ("train.max_steps=1.5", "train.max_steps: expected an integer"),
-    ("train.max_steps=true", "train.max_steps: expected an integer"),
-    ("train.lr=fast", "train.lr: expected a number"),
-    ("train.mixed_precision=fp8", "not one of"),
-    ("train.lr=-1", "train.lr must be a positive number"),
+    ("train.max_steps=1.5", "^train.max_steps: input should be a valid integer, got 1.5$"),
+    ("train.max_steps=true", "^train.max_steps: input should be a valid integer, got True$"),
+    ("train.lr=fast", "^train.lr: input should be a valid number, got 'fast'$"),
+    ("train.lr=.nan", "^train.lr: input should be a finite number"),
+    ("train.mixed_precision=fp8", "^train.mixed_precision: input should be 'auto', 'no', 'bf16' or 'fp16'"),
+    ("train.lr=-1", "^train.lr: input should be greater than 0, got -1$"),
+    ("train.cpu=1", "^train.cpu: input should be a valid boolean"),
+    ("student.layers=[0, x]", r"^student.layers\[1\]: input should be a valid integer"),
+    ("data.mix=[1, -1]", r"^data.mix\[1\]: input should be greater than 0"),
+    ("distill.on_policy_temperature=101", "^distill.on_policy_temperature: input should be less than or equal to 100"),
+    ("train=5", "^train: input should be a valid dictionary"),
+    ("name=a/b", "name must be a non-empty word"),
     ("teacher.n_embd=250", "divisible"),
     ("student.layers=[0, 1]", "student.layers has 2 entries"),
-    ("distill.temperature=0", "temperature must be > 0"),
+    ("distill.temperature=0", "^distill.temperature: input should be greater than 0"),
     ("train", "must look like section.key=value"),
 ])
 def test_errors_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as err:
         load_config([], [override])
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_1_1_spellings_keep_their_meaning(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: 123\ntrain:\n  lr: 3e-4\n  mixed_precision: no\n  compile: off\n  warmup_steps: 0\n")
+    cfg = load_config([f])
+    assert cfg.name == "123" and cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert (cfg.train.mixed_precision, cfg.train.compile) == ("no", "off")
+    assert cfg.to_dict()["train"]["grad_clip"] == 1.0 and isinstance(load_config([], ["train.grad_clip=1"]).train.grad_clip, float)
+
+
+def test_overrides_may_complete_what_the_files_leave_invalid(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("stage: distill\nstudent:\n  init: pruned\n")
+    with pytest.raises(ConfigError, match="student.from_dir"):
+        load_config([f])
+    cfg = load_config([f], ["student.from_dir=some/folder"])
+    assert cfg.student.from_dir == "some/folder" and cfg.name.startswith("run-")
+
+
+def test_sections_built_directly_report_one_line():
+    from python3_distillation.config import DataConfig
+
+    with pytest.raises(ConfigError, match="^block_size: input should be greater than or equal to 2, got 1$"):
+        DataConfig(block_size=1)
 
 
 def test_bad_files(tmp_path):
@@ -77,9 +110,7 @@ def test_parse_override_types():
 def test_resolved_config_round_trips(tmp_path):
     import yaml
 
-    from python3_distillation.config import config_from_dict
-
     cfg = load_config(["v1"], ["train.max_steps=3", "name=v1"])  # its own name: its own folders
-    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    again = RunConfig.check(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
     assert Path(again.student.output_dir).name == "gpt2_student"

@@ -16,6 +16,7 @@ import torch
 
 from python3_distillation import data
 from python3_distillation.config import DataConfig
+import python3_distillation.data.shards as shard_io
 from python3_distillation.data import (
     DataError,
     TokenBlocks,
@@ -99,7 +100,7 @@ def test_shards_are_the_eos_joined_stream_and_blocks_cut_it_evenly(tmp_path, tok
 def test_pieces_and_parallel_processes_write_the_same_bytes(tmp_path, tokenizer, monkeypatch):
     docs = numbered_docs(300)
     train = write_jsonl(tmp_path / "train.jsonl", docs)
-    monkeypatch.setattr(data, "PIECE_BYTES_PER_PROC", 1500)  # ~20 pieces of ~40 documents
+    monkeypatch.setattr(shard_io, "PIECE_BYTES_PER_PROC", 1500)  # ~20 pieces of ~40 documents
     outs = {}
     for n in (1, 2):
         shards = prepare_tokens(DataConfig(train=str(train), validation=str(train)), tokenizer,
@@ -178,9 +179,9 @@ def test_cache_is_reused_and_keyed(tmp_path, tokenizer, text_corpus):
 def test_an_interrupted_preparation_resumes_where_it_stopped(tmp_path, tokenizer, monkeypatch):
     docs = numbered_docs(200)
     cfg = DataConfig(train=str(write_jsonl(tmp_path / "train.jsonl", docs)), validation_fraction=0.1)
-    monkeypatch.setattr(data, "PIECE_BYTES_PER_PROC", 2000)  # ~8 pieces
+    monkeypatch.setattr(shard_io, "PIECE_BYTES_PER_PROC", 2000)  # ~8 pieces
     commits, tokenized = [], []
-    real_commit, real_map = data._commit, data._map_tokenize
+    real_commit, real_map = shard_io._commit, shard_io.map_tokenize
 
     def commit_then_die(work, state):
         if len(commits) == 3:  # the 4th piece is on disk but not committed: a kill right here
@@ -193,8 +194,8 @@ def test_an_interrupted_preparation_resumes_where_it_stopped(tmp_path, tokenizer
         tokenized.append(sum(len(c) for c in chunks))  # documents tokenized
         return chunks
 
-    monkeypatch.setattr(data, "_commit", commit_then_die)
-    monkeypatch.setattr(data, "_map_tokenize", counting_map)
+    monkeypatch.setattr(shard_io, "_commit", commit_then_die)
+    monkeypatch.setattr(shard_io, "map_tokenize", counting_map)
     with pytest.raises(KeyboardInterrupt):
         prepare_tokens(cfg, tokenizer, data_dir=tmp_path / "d", seed=3)
     partial = [p for p in (tmp_path / "d" / "tokens").iterdir() if p.name.endswith(".partial")]
@@ -204,7 +205,7 @@ def test_an_interrupted_preparation_resumes_where_it_stopped(tmp_path, tokenizer
         (tmp_path / "d" / "tokens" / stale).mkdir()
         (tmp_path / "d" / "tokens" / stale / "train.bin").write_bytes(b"junk")
 
-    monkeypatch.setattr(data, "_commit", real_commit)
+    monkeypatch.setattr(shard_io, "_commit", real_commit)
     before = sum(tokenized)
     resumed = prepare_tokens(cfg, tokenizer, data_dir=tmp_path / "d", seed=3)
     assert resumed.manifest["resumed"] is True
@@ -220,16 +221,16 @@ def test_an_interrupted_preparation_resumes_where_it_stopped(tmp_path, tokenizer
 def test_a_corrupt_progress_record_starts_afresh(tmp_path, tokenizer, monkeypatch):
     docs = numbered_docs(60)
     cfg = DataConfig(train=str(write_jsonl(tmp_path / "train.jsonl", docs)), validation=str(tmp_path / "train.jsonl"))
-    monkeypatch.setattr(data, "PIECE_BYTES_PER_PROC", 1000)
+    monkeypatch.setattr(shard_io, "PIECE_BYTES_PER_PROC", 1000)
     calls = []
 
     def die_on_second(work, state):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        data.atomic_write_text(work / data.PROGRESS, json.dumps(state))
+        work.commit(state)  # the progress record, the token files not synced
 
-    monkeypatch.setattr(data, "_commit", die_on_second)
+    monkeypatch.setattr(shard_io, "_commit", die_on_second)
     with pytest.raises(KeyboardInterrupt):
         prepare_tokens(cfg, tokenizer, data_dir=tmp_path)
     monkeypatch.undo()
@@ -250,7 +251,7 @@ def test_preparations_of_the_same_data_take_turns(tmp_path, tokenizer, caplog):
     root.mkdir()
     results = []
     caplog.set_level("INFO", logger="python3_distillation.data")
-    with data._locked(root):  # another process is preparing here
+    with shard_io.locked(root):  # another process is preparing here
         waiter = threading.Thread(target=lambda: results.append(prepare_tokens(cfg, tokenizer, data_dir=tmp_path)))
         waiter.start()
         deadline = time.monotonic() + 60
@@ -478,10 +479,11 @@ MEMORY_CHILD = textwrap.dedent("""
     from pathlib import Path
     from python3_distillation import data
     from python3_distillation.config import DataConfig
+    from python3_distillation.data import shards
     from python3_distillation.tokenizer import load_tokenizer
 
     warm, corpus, work, cap_mb = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-    data.PIECE_BYTES_PER_PROC = 256 << 10
+    shards.PIECE_BYTES_PER_PROC = 256 << 10
     tok = load_tokenizer("gpt2")
 
     def kb(field):

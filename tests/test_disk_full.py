@@ -48,6 +48,12 @@ def test_a_full_disk_becomes_one_line_and_other_errors_pass(tmp_path):
     with pytest.raises(PermissionError):
         with reporting_disk_full("x", tmp_path):
             raise PermissionError(errno.EACCES, "Permission denied")
+    # Nested (a progress record written inside a cache's writer): the outer report says what is intact.
+    with pytest.raises(DiskFullError) as e:
+        with reporting_disk_full("the teacher cache", tmp_path, None, "2 finished shard(s) are kept"):
+            with reporting_disk_full("a file", tmp_path / "progress.json"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(e.value).startswith("out of disk space writing the teacher cache") and "2 finished shard(s)" in str(e.value)
 
 
 def test_a_model_that_does_not_fit_leaves_the_old_one(small_disk):
@@ -72,5 +78,5 @@ def test_training_on_a_full_disk_names_the_last_good_checkpoint(small_disk, tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: out of disk space writing checkpoint-4 to {run_dir} (needs about "), err
     assert f"the last good checkpoint is {run_dir / 'checkpoint-2'}" in err
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith((".tmp", "checkpoint"))) == ["checkpoint-2"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith((".", "checkpoint"))) == ["checkpoint-2"]
     assert verify(run_dir / "checkpoint-2")["step"] == 2

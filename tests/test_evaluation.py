@@ -1,4 +1,5 @@
-"""The report (perplexity against transformers' own loss, files, errors), the FLOPs formula, the bench harness.
+"""The measurement (against hand computations), the report (perplexity against transformers' own loss, files,
+errors), the FLOPs formula, the bench harness.
 
     HF_HUB_OFFLINE=1 python -m pytest tests/test_evaluation.py -q
 """
@@ -9,12 +10,15 @@ import importlib.util
 import json
 import math
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import ROOT, tiny_gpt2, tiny_run_config
-from python3_distillation.evaluation import report as evaluation
+from python3_distillation.cli import main as cli_main
+from python3_distillation.data import Blocks
+from python3_distillation.evaluation import measure, report as evaluation
 from python3_distillation.evaluation.measure import forward_flops_per_token, non_embedding_params
 from python3_distillation.models import build_student, save_model
 from python3_distillation.paths import MODEL_DIRS
@@ -22,6 +26,35 @@ from python3_distillation.paths import MODEL_DIRS
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def report_cmd(argv: list[str]) -> int:
+    """``gpt2-distill report ARGV``: input errors become one line on stderr and exit status 2."""
+    return cli_main(["report", *argv])
+
+
+def test_quality_is_the_hand_computed_nll_agreement_and_kl():
+    """Perplexity is exp of the mean next-token NLL; top-1 and KL(reference ‖ model) are per position.
+    12 blocks in batches of 8: a full batch, then a short one, weighed by their tokens."""
+    student, teacher = tiny_gpt2(seed=2), tiny_gpt2(seed=1)
+    with torch.no_grad():  # a peaked teacher, a flatter student: KL far from symmetric, argmax ties rare
+        teacher.transformer.ln_f.weight.mul_(40.0)
+        student.transformer.ln_f.weight.mul_(15.0)
+    ids = torch.randint(0, student.config.vocab_size, (12, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        s, t = student(input_ids=ids).logits, teacher(input_ids=ids).logits
+    logp_s, logp_t = s.double().log_softmax(-1), t.double().log_softmax(-1)
+    nll = -logp_s[:, :-1].gather(-1, ids[:, 1:, None]).mean().item()
+    kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean().item()
+    top1 = (s.argmax(-1) == t.argmax(-1)).double().mean().item()
+    got = measure.quality({"s": student, "t": teacher}, Blocks(ids), reference="t", batch_size=8)
+    reverse = (logp_s.exp() * (logp_s - logp_t)).sum(-1).mean().item()
+    assert got["s"]["loss"] == pytest.approx(nll, rel=1e-5)
+    assert got["s"]["ppl"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert got["s"]["top1"] == pytest.approx(top1, abs=1e-9) and got["s"]["kl"] == pytest.approx(kl, rel=1e-4)
+    assert got["s"]["kl"] != pytest.approx(reverse, rel=0.1)  # the direction is KL(reference ‖ model)
+    assert got["t"]["top1"] == 1.0 and got["t"]["kl"] == 0.0
+    # A model's loss does not depend on what else is measured with it.
+    alone = measure.quality({"s": student}, Blocks(ids), batch_size=8)
+    assert alone == {"s": {"loss": got["s"]["loss"], "ppl": got["s"]["ppl"]}}
 
 
 @pytest.fixture
@@ -83,25 +116,30 @@ def _independent_fidelity(student_dir, teacher_dir, ids):
     return (s.argmax(-1) == t.argmax(-1)).double().mean().item(), kl.item()
 
 
-def test_report_perplexity_files_and_cards(tmp_path, saved_models, text_corpus, tokenizer, capsys, one_thread):
+def test_report_perplexity_files_and_cards(tmp_path, saved_models, text_corpus, tokenizer, capsys, one_thread,
+                                           monkeypatch):
     out = tmp_path / "reports"
+    clock = iter(range(10**6))  # every timed job takes 0.5 s on this clock
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: next(clock) * 0.5))
     spec = ",".join(f"{k}={v}" for k, v in saved_models.items()) + f",v1={tmp_path / 'no_v1'}"
-    assert evaluation.main(["--models", spec, "--out", str(out), "--quick", "--max-eval-blocks", "0"]) == 0
+    assert report_cmd(["--models", spec, "--out", str(out), "--quick", "--max-eval-blocks", "0"]) == 0
     assert "v2_ce" in capsys.readouterr().out.split("## KD")[0]  # the table goes to stdout
 
     report = json.loads((out / "report.json").read_text())
     assert set(report["models"]) == {"teacher", "v2", "v2_ce"}
     assert any("v1 skipped" in n for n in report["notes"])
+    new_tokens = report["settings"]["new_tokens"]  # EOS ignored: every row decodes exactly these
     for name, path in saved_models.items():
         want = _independent_ppl(path, text_corpus["validation"], tokenizer, 32)
         m = report["models"][name]
         assert m["val_ppl"] == pytest.approx(want, rel=1e-4), name
         assert m["size_mb"] == pytest.approx((path / "model.safetensors").stat().st_size / 1e6)
-        assert m["tok_s_b1"] > 0 and m["tok_s_b8"] > 0
+        assert (m["tok_s_b1"], m["tok_s_b8"]) == (new_tokens / 0.5, 8 * new_tokens / 0.5), name
         card = (path / "README.md").read_text()
         assert "generation, batch 1 (tokens/s)" in card and "size on disk (MB)" in card
     t, kd, ce = (report["models"][k] for k in ("teacher", "v2", "v2_ce"))
     assert kd["ppl_x_teacher"] == pytest.approx(kd["val_ppl"] / t["val_ppl"])
+    assert kd["speedup_b1"] == kd["tok_s_b1"] / t["tok_s_b1"] == 1.0
     assert t["n_layer"] == 2 and kd["n_layer"] == 1
     kc = report["kd_vs_ce"]
     assert kc["ppl_ratio_kd_over_ce"] == pytest.approx(kd["val_ppl"] / ce["val_ppl"])
@@ -123,12 +161,12 @@ def test_report_perplexity_files_and_cards(tmp_path, saved_models, text_corpus, 
 def test_missing_teacher_or_v2_exits_2(tmp_path, saved_models, monkeypatch, capsys):
     out = str(tmp_path / "r")
     spec = f"teacher={saved_models['teacher']},v2={tmp_path / 'nowhere'}"
-    assert evaluation.main(["--models", spec, "--out", out]) == 2
+    assert report_cmd(["--models", spec, "--out", out]) == 2
     assert "make run" in capsys.readouterr().err
     # By name: the package folders (pointed somewhere empty here).
     monkeypatch.setitem(MODEL_DIRS, "teacher", tmp_path / "no_teacher")
     monkeypatch.setitem(MODEL_DIRS, "v2", saved_models["v2"])
-    assert evaluation.main(["--models", "teacher,v2", "--out", out]) == 2
+    assert report_cmd(["--models", "teacher,v2", "--out", out]) == 2
     err = capsys.readouterr().err
     assert "teacher model not found" in err and "make run" in err
     assert not (tmp_path / "r" / "report.json").exists()
@@ -190,21 +228,21 @@ def test_bench_harness_writes_results_and_survives_a_failing_section(tmp_path):
 
 def test_report_refuses_a_student_of_another_teacher(tmp_path, saved_models, capsys):
     from python3_distillation.lineage import weights_sha256
-    from python3_distillation.models import META_FILE, load_model
+    from python3_distillation.models import META_FILE, open_model
 
     meta_file = saved_models["v2"] / META_FILE
     meta = json.loads(meta_file.read_text())
-    meta["teacher_sha256"] = weights_sha256(load_model(saved_models["teacher"]))
+    meta["teacher_sha256"] = weights_sha256(open_model(saved_models["teacher"]).model)
     meta_file.write_text(json.dumps(meta))
     spec = f"teacher={saved_models['teacher']},v2={saved_models['v2']}"
-    assert evaluation.main(["--models", spec, "--out", str(tmp_path / "ok"), "--quick", "--max-eval-blocks", "2"]) == 0
+    assert report_cmd(["--models", spec, "--out", str(tmp_path / "ok"), "--quick", "--max-eval-blocks", "2"]) == 0
     # The teacher is retrained (its weights change): the old student no longer belongs beside it.
-    teacher = load_model(saved_models["teacher"])
+    teacher = open_model(saved_models["teacher"]).model
     with torch.no_grad():
         teacher.transformer.ln_f.bias.add_(0.01)
     teacher.save_pretrained(saved_models["teacher"])
     capsys.readouterr()
-    assert evaluation.main(["--models", spec, "--out", str(tmp_path / "bad"), "--quick"]) == 2
+    assert report_cmd(["--models", spec, "--out", str(tmp_path / "bad"), "--quick"]) == 2
     err = capsys.readouterr().err
     assert "v2" in err and "distilled from a teacher whose weights hash is" in err and "retrained" in err
     assert not (tmp_path / "bad" / "report.json").exists()
@@ -218,3 +256,11 @@ def test_pareto_front():
     assert pareto_front(pts, higher_x_better=True) == {"a", "b", "d", "e"}
     size = {"small": (10.0, 80.0), "big": (40.0, 50.0), "worse": (20.0, 90.0)}
     assert pareto_front(size, higher_x_better=False) == {"small", "big"}
+
+
+def test_markdown_table_aligns_columns_as_told():
+    from python3_distillation.evaluation.cards import fmt, markdown_table
+
+    assert markdown_table(["model", "ppl"], [["v2", fmt(12.345)], ["v1", fmt(None)]]) == [
+        "| model | ppl |", "|---|---:|", "| v2 | 12.35 |", "| v1 | n/a |"]
+    assert markdown_table(["a", "b", "c"], [], "lrl")[1] == "|---|---:|---|"

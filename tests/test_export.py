@@ -15,7 +15,7 @@ import torch
 
 from conftest import spread, tiny_gpt2
 from python3_distillation.cli import main as cli_main
-from python3_distillation.models import load_model, save_model
+from python3_distillation.models import open_model, save_model
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_saved_config_carries_n_ctx_and_the_same_weights(tmp_path, tokenizer):
     out = save_model(model, tokenizer, tmp_path / "m")
     config = json.loads((out / "config.json").read_text())
     assert config["n_ctx"] == config["n_positions"] == 64  # llama.cpp's converter reads n_ctx
-    loaded = load_model(out)
+    loaded = open_model(out).model
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -104,7 +104,7 @@ def test_gguf_reads_back_with_llama_cpps_reader(folder, tmp_path, tokenizer, kin
     assert _field(reader, "tokenizer.ggml.bos_token_id") == _field(reader, "tokenizer.ggml.eos_token_id") == 50256
     assert _field(reader, "tokenizer.ggml.add_bos_token") is False
 
-    want = _source_tensors(load_model(folder))
+    want = _source_tensors(open_model(folder).model)
     got = _gguf_tensors(reader)
     assert set(got) == set(want)  # no output.weight: the LM head is the tied token embedding
     for name, w in want.items():
@@ -202,7 +202,7 @@ def test_onnx_greedy_equals_transformers_generate(folder, onnx_folder, tokenizer
 
     assert (onnx_folder / "model.onnx").exists() and (onnx_folder / "tokenizer.json").exists()
     assert json.loads((onnx_folder / "config.json").read_text())["n_ctx"] == 64
-    model = load_model(folder)
+    model = open_model(folder).model
     sess = session(onnx_folder, threads=1)
     names = [i.name for i in sess.get_inputs()]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "past_key_values.1.value" in names
@@ -216,7 +216,7 @@ def test_onnx_logits_and_cache_match_transformers_with_left_padding(folder, onnx
     position's logits equal transformers' within fp32 rounding."""
     from python3_distillation.export.to_onnx import session
 
-    model = load_model(folder)
+    model = open_model(folder).model
     sess = session(onnx_folder, threads=1)
     ids = torch.tensor([[50256, 50256, 464, 3797, 3332], [40, 716, 257, 922, 290]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -265,13 +265,14 @@ def test_onnx_int8_is_smaller_and_close(folder, onnx_folder, tmp_path, tokenizer
 def test_int8_folder_loads_in_plain_transformers(folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from python3_distillation.quantize import Int8Linear, run_quantize
+    from python3_distillation.int8 import Int8Linear
+    from python3_distillation.quantize import run_quantize
 
     out = run_quantize(folder, tmp_path / "int8", measure=False)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors" and config["n_ctx"] == 64
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    ours = load_model(out)
+    ours = open_model(out).model
     assert isinstance(ours.transformer.h[0].mlp.c_fc, Int8Linear)  # the project keeps int8 and its kernel
     assert plain.lm_head.weight.data_ptr() == plain.transformer.wte.weight.data_ptr()  # still tied
 
@@ -297,9 +298,9 @@ def test_old_int8_folders_load_and_rewrite_losslessly(folder, tmp_path, tokenize
     and `gpt2-distill quantize OLD` rewrites it in place in the standard format with the same logits."""
     from safetensors.torch import save_file
 
-    from python3_distillation.quantize import BLOCK_PROJECTIONS, quantize_model
+    from python3_distillation.int8 import BLOCK_PROJECTIONS, quantize_model
 
-    q = quantize_model(copy.deepcopy(load_model(folder)))
+    q = quantize_model(copy.deepcopy(open_model(folder).model))
     old = tmp_path / "old_int8"
     old.mkdir()
     state = {k: v.contiguous() for k, v in q.state_dict().items() if not k.startswith("lm_head.")}
@@ -313,10 +314,10 @@ def test_old_int8_folders_load_and_rewrite_losslessly(folder, tmp_path, tokenize
     ids = torch.randint(0, 50257, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = q(ids).logits
-        torch.testing.assert_close(load_model(old)(ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(open_model(old).model(ids).logits, want, rtol=0, atol=0)
         assert cli_main(["quantize", str(old)]) == 0
         assert not (old / "model.int8.safetensors").exists() and (old / "model.safetensors").exists()
-        torch.testing.assert_close(load_model(old)(ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(open_model(old).model(ids).logits, want, rtol=0, atol=0)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(old)  # now readable without the project
@@ -346,7 +347,7 @@ def test_llama_cpp_greedy_equals_transformers(folder, tmp_path, tokenizer):
     assert cli_main(["export", str(folder), "--to", "gguf", "--out", str(out)]) == 0
     llama = _llama_cpp()
     server = llama.find_binaries()["llama-server"]
-    model = load_model(folder)
+    model = open_model(folder).model
     with llama.LlamaServer(server, out, "-c", "64", "-np", "1", "-t", "1", "--no-warmup",
                            log_path=tmp_path / "server.log") as srv:
         for prompt in ("It is a truth universally acknowledged", "Emma Woodhouse, handsome, clever, and rich,"):

@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_run_config
 from python3_distillation import precision
-from python3_distillation.precision import MIN_SPEEDUP, Precision, decide
+from python3_distillation.precision import MIN_SPEEDUP, SLOW_PATH, Precision, decide, pick_device
 
 
 def test_cpu_auto_follows_the_probe():
@@ -26,6 +26,69 @@ def test_cpu_auto_follows_the_probe():
     assert slow.line() == "precision: fp32 — bf16 autocast measured 0.01× fp32 on this CPU (no native bf16)"
     marginal = decide("auto", "cpu", probe=lambda: MIN_SPEEDUP - 0.05)
     assert marginal.mode == "no" and "not worth it" in marginal.reason
+
+
+@pytest.mark.parametrize("ratio, mode, why", [
+    (MIN_SPEEDUP, "bf16", f"bf16 autocast measured {MIN_SPEEDUP:.2f}× fp32 on this CPU"),  # the threshold itself
+    (MIN_SPEEDUP - 1e-9, "no", f"(< {MIN_SPEEDUP}×, not worth it)"),
+    (1.0, "no", f"(< {MIN_SPEEDUP}×, not worth it)"),  # as fast as fp32: not "no native bf16"
+    (0.999, "no", "(no native bf16)"),
+])
+def test_auto_on_cpu_at_both_sides_of_min_speedup(ratio, mode, why):
+    choice = decide("auto", "cpu", probe=lambda: ratio)
+    assert choice.mode == mode and choice.reason.endswith(why) and choice.bf16_speedup == ratio
+
+
+def test_an_explicit_bf16_warns_below_fp32_speed_only():
+    with pytest.warns(RuntimeWarning):
+        decide("bf16", "cpu", probe=lambda: 0.999)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forced = decide("bf16", "cpu", probe=lambda: 1.0)
+    assert forced.reason == "set explicitly (bf16 autocast measured 1.00× fp32 on this CPU)"
+
+
+def test_alternating_best_is_each_calls_fastest_run(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: clock[0])
+    runs = {"a": iter([5.0, 3.0, 4.0]), "b": iter([2.0, 6.0, 1.5])}
+    order = []
+
+    def timed(name):
+        def fn():
+            order.append(name)
+            clock[0] += next(runs[name])
+        return fn
+
+    assert precision._alternating_best(timed("a"), timed("b"), 3) == (3.0, 1.5)
+    assert order == ["a", "b"] * 3  # alternated, so both see the same conditions
+
+
+@pytest.mark.parametrize("timings, ratio, pairs", [
+    ([(1.0, 10.0)], 0.1, [3]),  # the small matmul is on the slow path (0.1 < SLOW_PATH): the probe stops
+    ([(1.0, 5.0), (3.0, 1.5)], 2.0, [3, 16]),  # exactly SLOW_PATH is not slow: the training shape decides
+    ([(1.0, 2.0), (1.0, 1.25)], 0.8, [3, 16]),
+])
+def test_the_probe_ratio_on_fake_timings(monkeypatch, timings, ratio, pairs):
+    calls = []
+
+    def fake_best(a, b, n):
+        calls.append(n)
+        return timings[len(calls) - 1]
+
+    monkeypatch.setattr(precision, "_alternating_best", fake_best)
+    threads = torch.get_num_threads()
+    assert (timings[0][0] / timings[0][1] < SLOW_PATH) == (pairs == [3])
+    assert precision.probe_cpu_bf16() == ratio  # fp32 time ÷ bf16 time of the last shape measured
+    assert calls == pairs and torch.get_num_threads() == threads
+
+
+def test_pick_device_is_the_one_rule(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device() == torch.device("cuda") and pick_device("") == torch.device("cuda")
+    assert pick_device(cpu=True) == torch.device("cpu") and pick_device("cuda:1", cpu=True) == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device() == torch.device("cpu") and pick_device("meta") == torch.device("meta")
 
 
 def test_explicit_choices_are_kept_and_a_slow_bf16_warns():
@@ -105,16 +168,20 @@ def test_the_probe_runs_once_per_process(monkeypatch):
     assert calls == [1] and first.mode == second.mode == "bf16" and second.bf16_speedup == 1.6
 
 
-def test_the_choice_is_logged_and_recorded(tmp_path, text_corpus, capsys):
+def test_the_choice_is_logged_and_recorded(tmp_path, text_corpus, capsys, monkeypatch):
     from python3_distillation.teacher import run_teacher
 
+    monkeypatch.setattr(precision, "_CPU_PROBE", 0.5)  # this process's probe: bf16 at half fp32's speed
     cfg = tiny_run_config(tmp_path, text_corpus, train={"mixed_precision": "auto", "max_steps": 2})
     out = run_teacher(cfg)
     err = capsys.readouterr().err
     meta = json.loads((out / "distill_meta.json").read_text())
     line = f"precision: {meta['precision']['label']} — {meta['precision']['reason']}"
     assert line in err
-    assert meta["precision"]["requested"] == "auto" and meta["precision"]["mode"] in ("bf16", "no")
+    reason = "bf16 autocast measured 0.50× fp32 on this CPU (no native bf16)"
+    assert meta["precision"] == {"mode": "no", "label": "fp32", "requested": "auto", "reason": reason,
+                                 "bf16_speedup": 0.5}
+    assert f"precision: fp32 — {reason}" in err
     saved = (out / "distill_config.yaml").read_text()
-    assert saved.startswith(f"# precision used: {meta['precision']['label']} — ") and "mixed_precision: auto" in saved
+    assert saved.startswith(f"# precision used: fp32 — {reason}\n") and "mixed_precision: auto" in saved
     assert torch.get_default_dtype() == torch.float32

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 
 from conftest import tiny_gpt2
 from python3_distillation.cli import main as cli_main
-from python3_distillation.models import load_model, save_model
-from python3_distillation.quantize import (WEIGHTS_FILE, Int8Linear, is_int8_dir, quantize_model, quantize_rows,
-                                           run_quantize)
+from python3_distillation.int8 import WEIGHTS_FILE, Int8Linear, is_int8_dir, quantize_model, quantize_rows
+from python3_distillation.models import open_model, save_model
+from python3_distillation.quantize import run_quantize
 
 
 def _spread(model, std: float = 0.15):
@@ -77,7 +78,7 @@ def test_folder_round_trip_and_size(tmp_path, tokenizer):
     meta = json.loads((out / "distill_meta.json").read_text())
     assert meta["quantization"]["scheme"] == "int8" and meta["source"].endswith("student") and meta["n_params"] == 123
     assert meta["size_mb"] == pytest.approx((out / WEIGHTS_FILE).stat().st_size / 1e6)
-    loaded = load_model(out)
+    loaded = open_model(out).model
     ids = torch.randint(0, 50257, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, quantize_model(copy.deepcopy(fp32))(ids).logits, rtol=0, atol=0)
@@ -108,3 +109,60 @@ def test_quantize_command_errors(tmp_path, capsys, tokenizer):
     assert cli_main(["quantize", str(src), "--no-measure"]) == 0
     assert cli_main(["quantize", str(tmp_path / "m_int8")]) == 2
     assert "already an int8 model" in capsys.readouterr().err
+
+
+def test_quantize_measures_the_int8_copy_against_its_source(tmp_path, tokenizer, text_corpus):
+    """The folder's numbers: both perplexities and the int8 copy's top-1 agreement and KL(source ‖ int8)
+    on the source's first validation blocks, against a direct computation over the same batches."""
+    import torch.nn.functional as F
+
+    from conftest import tiny_run_config
+    from python3_distillation.data import load_blocks
+
+    fp32 = _spread(tiny_gpt2(n_embd=64, n_head=2))
+    cfg = tiny_run_config(tmp_path, text_corpus, "teacher")
+    src = save_model(fp32, tokenizer, tmp_path / "student", cfg, {"stage": "distill"})
+    meta = json.loads((run_quantize(src) / "distill_meta.json").read_text())
+    ids = load_blocks(cfg.data, tokenizer, seed=cfg.train.seed)["validation"].ids[:32]
+    q = open_model(tmp_path / "student_int8").model
+    with torch.no_grad():  # in batches of 8, as measured: the int8 kernel's bf16 activations see the same rows
+        s = torch.cat([q(input_ids=b).logits for b in ids.split(8)]).double()
+        t = torch.cat([fp32(input_ids=b).logits for b in ids.split(8)]).double()
+    nll = {k: F.cross_entropy(z[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item() for k, z in (("s", s), ("t", t))}
+    logp_s, logp_t = s.log_softmax(-1), t.log_softmax(-1)
+    assert meta["eval_blocks"] == len(ids) >= 2
+    assert meta["val_ppl"] == pytest.approx(math.exp(nll["s"]), rel=1e-4)
+    assert meta["source_val_ppl"] == pytest.approx(math.exp(nll["t"]), rel=1e-4)
+    assert meta["top1_vs_source"] == pytest.approx((s.argmax(-1) == t.argmax(-1)).double().mean().item(), abs=1e-9)
+    # A KL this small (3e-4 nats) summed in fp32 keeps about two digits; test_evaluation checks the formula.
+    assert meta["kl_vs_source"] == pytest.approx((logp_t.exp() * (logp_t - logp_s)).sum(-1).mean().item(), rel=2e-2)
+
+
+def test_open_model_opens_fp32_and_int8_folders_alike(tmp_path, tokenizer):
+    src = save_model(_spread(tiny_gpt2()), tokenizer, tmp_path / "m", meta={"stage": "distill"})
+    out = run_quantize(src, measure=False)
+    fp32 = open_model(src)
+    assert type(fp32.model.transformer.h[0].attn.c_attn).__name__ == "Conv1D" and not fp32.model.training
+    assert fp32.meta == {"stage": "distill"} and fp32.tokenizer.get_vocab() == tokenizer.get_vocab()
+    int8 = open_model(out)
+    layer = int8.model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, Int8Linear) and int8.meta["stage"] == "quantize" and not int8.model.training
+    # A dtype for an int8 folder: dequantized once into a plain GPT-2, each weight exactly scale · q.
+    dense = open_model(out, dtype=torch.float32).model.transformer.h[0].attn.c_attn
+    assert type(dense).__name__ == "Conv1D"
+    assert torch.equal(dense.weight, (layer.scale[:, None] * layer.qweight.float()).t())
+    assert open_model(out, dtype=torch.bfloat16).model.dtype == torch.bfloat16
+
+
+def test_open_model_says_why_a_folder_cannot_be_opened(tmp_path, tokenizer):
+    from python3_distillation.errors import ModelError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a model folder"):
+        open_model(tmp_path / "empty")
+    with pytest.raises(ModelError, match="no such folder, and the hub is not reachable"):
+        open_model(tmp_path / "missing")  # HF_HUB_OFFLINE=1
+    out = run_quantize(save_model(tiny_gpt2(), tokenizer, tmp_path / "m"), measure=False)
+    (out / WEIGHTS_FILE).unlink()
+    with pytest.raises(ModelError, match=f"an int8 folder without {WEIGHTS_FILE}"):
+        open_model(out)

@@ -9,11 +9,13 @@ import json
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import ROOT
+from python3_distillation.evaluation.measure import forward_flops_per_token
 
 SCRIPT = ROOT / "scripts" / "realshape_cuda.py"
 
@@ -30,13 +32,16 @@ def test_cpu_smoke_runs_the_real_shapes():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "teacher 124.4M parameters, student 81.9M (blocks [0, 2, 4, 7, 9, 11]), batch 1×1024 tokens" in out
-    steps = re.findall(r"step (\d)/2: [\d.]+ s, loss ([\d.]+) \(kd ([\d.]+), ce ([\d.]+), cos ([\d.]+)\)", out)
+    steps = re.findall(r"step (\d)/2: ([\d.]+) s, loss ([\d.]+) \(kd ([\d.]+), ce ([\d.]+), cos ([\d.]+)\)", out)
     assert [s[0] for s in steps] == ["1", "2"], out
     # A random 50,257-way model starts near ln(50257) = 10.8 nats of cross-entropy.
-    assert all(10.0 < float(s[3]) < 11.5 for s in steps), steps
+    assert all(10.0 < float(s[4]) < 11.5 for s in steps), steps
     tps = float(re.search(r"distillation: ([\d,.]+) tokens/s", out).group(1).replace(",", ""))
     mfu = float(re.search(r"MFU ([\d.]+)%", out).group(1))
-    assert tps > 0 and 0 < mfu <= 100, out
+    # The rate is the batch's 1,024 tokens over the median step after the first: step 2's time here.
+    step_s = float(re.search(r"median step ([\d.]+) s of 2, the first excluded", out).group(1))
+    assert step_s == pytest.approx(float(steps[1][1]), abs=0.006), out
+    assert tps == pytest.approx(1024 / step_s, rel=1e-3, abs=0.5) and 0 < mfu <= 100, out
     assert re.search(r"peak memory: [\d,]+ MiB RSS", out) and re.search(r"generation, batch 1: [\d,.]+ new tokens/s", out)
 
 
@@ -88,15 +93,42 @@ def test_gpu_check_dry_run_writes_the_same_keys(tmp_path):
     assert set(d) == {"teacher_params", "student_params", "steps", "batch", "seq", "tokens_per_s", "wall_s",
                       "model_tflops_per_s", "peak_bf16_tflops", "mfu", "precision", "peak_memory_gib", "loss_first",
                       "loss_last"}
-    assert d["steps"] == 4 and d["tokens_per_s"] > 0 and d["student_params"] < d["teacher_params"]
+    assert d["steps"] == 4 and d["student_params"] < d["teacher_params"]
+    # The timed windows' rate beats the whole run's average (which holds the setup), and the model
+    # FLOP/s are that rate times the step's FLOPs per token: 3 student forwards (fwd + bwd) + the teacher's.
+    assert d["tokens_per_s"] * d["wall_s"] > d["steps"] * d["batch"] * d["seq"], d
+    ctx = (d["seq"] + 1) / 2
+    step_flops = 3 * forward_flops_per_token(1, 64, 50257, ctx) + forward_flops_per_token(2, 64, 50257, ctx)
+    assert d["model_tflops_per_s"] == pytest.approx(d["tokens_per_s"] * step_flops / 1e12, rel=1e-3, abs=1e-4), d
     assert d["mfu"] is None and d["peak_bf16_tflops"] is None  # a CPU has no entry in the peak table
     assert 8 < d["loss_first"] < 40  # 5·KL·T² + 2·CE + cos of a random 50,257-way model: CE ≈ ln 50257 = 10.8
     dec = report["decode"]
     assert dec["batch_1"]["rows"] == 1 and dec["batch_large"]["rows"] == 4
-    assert all(dec[k][who] > 0 for k in ("batch_1", "batch_large") for who in ("project", "transformers"))
-    assert dec["hbm"]["bound_tokens_per_s_batch_1"] is None and dec["hbm"]["weight_bytes"] > 0
+    assert all(set(dec[k]) == {"rows", "project", "transformers"} for k in ("batch_1", "batch_large"))
+    bytes_per_weight = {"float32": 4, "bfloat16": 2, "float16": 2}[dec["dtype"]]
+    assert dec["hbm"]["bound_tokens_per_s_batch_1"] is None
+    assert dec["hbm"]["weight_bytes"] == d["student_params"] * bytes_per_weight
     log = (tmp_path / "gpu_check.log").read_text()
     assert log.startswith("precision: ") and "gpu check passed" in log
+
+
+def test_gpu_check_decode_rate_is_tokens_over_the_median_seconds(monkeypatch, tokenizer):
+    """On a clock where every timed generation takes 0.25 s, each rate is rows × new tokens / 0.25:
+    both decoders produce exactly the tokens asked for, and those are what is counted."""
+    from conftest import tiny_gpt2
+    from python3_distillation.evaluation import measure
+
+    sys.path.insert(0, str(GPU_CHECK.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(GPU_CHECK.parent))
+    clock = iter(range(10**6))
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: next(clock) * 0.25))
+    shape = {"decode_batches": (1, 3), "new_tokens": 4}
+    out = gpu_check.decode(tiny_gpt2(), tokenizer, shape, torch.device("cpu"), log=lambda *a: None)
+    assert out["batch_1"] == {"rows": 1, "project": 4 / 0.25, "transformers": 4 / 0.25}
+    assert out["batch_large"] == {"rows": 3, "project": 12 / 0.25, "transformers": 12 / 0.25}
 
 
 def test_gpu_check_peak_tables_name_the_gpus():

@@ -194,7 +194,7 @@ import os, signal, sys
 from python3_distillation import checkpoint
 real = checkpoint.save_optimizer
 def save_optimizer(optimizer, folder):
-    if folder.name == ".tmp-checkpoint-8":  # the weights of checkpoint-8 are written, the rest is not
+    if folder.name == ".checkpoint-8.partial":  # the weights of checkpoint-8 are written, the rest is not
         os.kill(os.getpid(), signal.SIGKILL)
     real(optimizer, folder)
 checkpoint.save_optimizer = save_optimizer
@@ -213,7 +213,7 @@ def test_sigkill_while_writing_a_checkpoint_then_resume(tmp_path, text_corpus):
                             text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run_dir = tmp_path / "cut" / "runs" / "teacher"
-    assert (run_dir / ".tmp-checkpoint-8").is_dir() and not (run_dir / "checkpoint-8").exists()
+    assert (run_dir / ".checkpoint-8.partial").is_dir() and not (run_dir / "checkpoint-8").exists()
     resumed = _cli(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr and "checkpoint-4" in resumed.stderr

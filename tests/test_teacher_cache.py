@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from conftest import TEXT, tiny_gpt2, tiny_overrides
 from python3_distillation.cli import main as cli_main
+from python3_distillation.errors import DataError
 from python3_distillation.losses import cached_kd_loss, kd_loss
 from python3_distillation.teacher_cache import (MANIFEST, TeacherCache, bytes_per_position, cache_teacher,
                                                 teacher_buckets)
@@ -246,7 +247,7 @@ def test_cache_resumes_and_equals_an_uninterrupted_one(cached, tokenizer):
 
 def test_cached_rows_are_the_teachers_top_k_of_those_blocks(cached, tokenizer):
     from python3_distillation.data import load_blocks
-    from python3_distillation.models import load_model
+    from python3_distillation.models import open_model
 
     cfg, cache = cached["cfg"], cached["cache"]
     blocks = load_blocks(cfg.data, tokenizer, seed=cfg.train.seed)["train"]
@@ -254,11 +255,19 @@ def test_cached_rows_are_the_teachers_top_k_of_those_blocks(cached, tokenizer):
     ids, logp, tail = cache.rows(idx)
     assert ids.shape == (3, 32, K) and logp.shape == (3, 32, K) and tail.shape == (3, 32)
     with torch.no_grad():
-        logits = load_model(cfg.teacher.path)(blocks.ids[idx]).logits
-    e_logp, e_ids, e_tail = teacher_buckets(logits, K, 2.0)
-    assert torch.equal(ids, e_ids.long())
-    torch.testing.assert_close(logp, e_logp, rtol=1e-3, atol=2e-3)
-    torch.testing.assert_close(tail, e_tail, rtol=1e-5, atol=1e-5)
+        logits = open_model(cfg.teacher.path).model(blocks.ids[idx]).logits
+    assert torch.equal(ids, teacher_buckets(logits, K, 2.0)[1].long())  # the blocks asked for, in their order
+    # By hand, in fp64: p = softmax(logits / T); the cached ids are the K most likely tokens in
+    # descending order, their log-probabilities log p, and the rest bucket log(1 − Σ p of the K).
+    p = torch.softmax(logits.double() / 2.0, -1)
+    p_cached = p.gather(-1, ids)
+    assert (p_cached[..., :-1] >= p_cached[..., 1:] - 1e-9).all()
+    kth = p.topk(K, dim=-1).values[..., -1]
+    torch.testing.assert_close(p_cached[..., -1], kth, rtol=0, atol=1e-9)  # the top K (up to exact ties)
+    torch.testing.assert_close(logp.double(), p_cached.log(), rtol=1e-3, atol=2e-3)  # fp16 storage
+    rest = 1 - p_cached.sum(-1)
+    assert (rest > 1e-6).all()  # far from cancelling to 0: log(1 − Σ) is the reference here
+    torch.testing.assert_close(tail.double(), rest.log(), rtol=1e-5, atol=1e-5)
     with pytest.raises(IndexError):
         cache.rows(torch.tensor([len(blocks)]))
 
@@ -269,7 +278,11 @@ def test_cache_teacher_cli_is_up_to_date_the_second_time(cached, capsys):
     capsys.readouterr()
     assert cli_main(["cache-teacher", *_overrides(tmp, corpus)]) == 0
     out, err = capsys.readouterr()
-    assert "up to date" in err and "distill.teacher_cache=" in out and "MiB per million tokens" in out
+    assert "up to date" in err and f"distill.teacher_cache={tmp / 'cache'}" in out
+    # The printed size is the cache's: 6k + 4 = 52 bytes per position, per million positions in MiB.
+    n_blocks = cached["cache"].n_blocks
+    assert f"{n_blocks:,} blocks × 32 tokens ({n_blocks * 32:,} positions), top {K} at T=2" in out
+    assert f"{n_blocks * 32 * 52 / 2**20:,.1f} MiB ({52e6 / 2**20:,.1f} MiB per million tokens)" in out
     assert (tmp / "cache" / MANIFEST).read_text() == before
 
 
@@ -281,12 +294,12 @@ def test_distill_from_the_cache_keeps_no_teacher_and_fingerprints_the_cache(cach
 
     tmp, corpus, cache = cached["tmp"], cached["corpus"], cached["cache"]
     loaded: list[weakref.ref] = []
-    real_load = distill_module.load_model
+    real_open = distill_module.open_model
 
-    def load_model(*a, **k):
-        model = real_load(*a, **k)
-        loaded.append(weakref.ref(model))
-        return model
+    def open_model(*a, **k):
+        opened = real_open(*a, **k)
+        loaded.append(weakref.ref(opened.model))
+        return opened
 
     alive: list[bool] = []
 
@@ -294,7 +307,7 @@ def test_distill_from_the_cache_keeps_no_teacher_and_fingerprints_the_cache(cach
         gc.collect()
         alive.append(any(r() is not None for r in loaded))
 
-    monkeypatch.setattr(distill_module, "load_model", load_model)
+    monkeypatch.setattr(distill_module, "open_model", open_model)
     cfg = load_config([], _overrides(tmp, corpus))
     out = run_distill(cfg, on_step=on_step)
     assert loaded and alive == [False] * 4  # the teacher was loaded (the student starts from it), then let go
@@ -306,7 +319,7 @@ def test_distill_from_the_cache_keeps_no_teacher_and_fingerprints_the_cache(cach
     assert state["fingerprint"]["inputs"]["teacher_cache"] == cache.key
 
     # Another cache (top 4) is another input: --resume starts the stage afresh and says why.
-    monkeypatch.setattr(distill_module, "load_model", real_load)
+    monkeypatch.setattr(distill_module, "open_model", real_open)
     other = _overrides(tmp, corpus, cache_top_k=4, teacher_cache=tmp / "cache4")
     assert cli_main(["cache-teacher", *other]) == 0
     capsys.readouterr()
@@ -389,6 +402,21 @@ def test_cache_of_another_teacher_is_refused(cached, tokenizer, tmp_path, capsys
     assert "reads a distillation config" in capsys.readouterr().err
 
 
-def test_teacher_cache_summary_opens_what_it_wrote(cached):
+def test_teacher_cache_reopens_what_it_wrote_and_refuses_a_truncated_shard(cached, tmp_path):
+    import shutil
+
+    written = cached["cache"]
     cache = TeacherCache.open(cached["tmp"] / "cache")
-    assert cache.key == cached["cache"].key and "MiB per million tokens" in cache.summary()
+    assert cache.manifest == written.manifest and cache.summary() == written.summary()
+    on_disk = sum(p.stat().st_size for p in cache.folder.iterdir() if p.name != MANIFEST)
+    assert cache.n_bytes == on_disk == cache.n_blocks * 32 * bytes_per_position(K)
+    every = cache.rows(torch.arange(cache.n_blocks))
+    idx = torch.tensor([cache.n_blocks - 1, 3, 4, 5, 9])  # across shards of 8, consecutive and not
+    for got, whole in zip(cache.rows(idx), every):
+        assert torch.equal(got, whole[idx])
+    copy = tmp_path / "copy"
+    shutil.copytree(cache.folder, copy)
+    with (copy / "shard-00001.logprobs").open("r+b") as f:
+        f.truncate(100)
+    with pytest.raises(DataError, match="shard-00001 is missing or not the size"):
+        TeacherCache.open(copy)

@@ -88,3 +88,27 @@ def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
 def test_local_folder_without_tokenizer(tmp_path):
     with pytest.raises(tk.AssetError, match="not a tokenizer folder"):
         tk.load_tokenizer(tmp_path)
+
+
+def test_one_tokenizer_rule_for_model_folders_and_stages(tmp_path, tokenizer, monkeypatch):
+    from types import SimpleNamespace
+
+    from python3_distillation import models
+
+    own, bare = tmp_path / "own", tmp_path / "bare"
+    tokenizer.save_pretrained(own)
+    bare.mkdir()
+    assert models.tokenizer_source(own) == str(own)
+    assert models.tokenizer_source(bare) == "gpt2" and models.tokenizer_source(bare, "custom") == "custom"
+    monkeypatch.setattr(models, "load_tokenizer", lambda spec: spec)  # which spec each stage loads
+
+    def cfg(stage, tokenizer="gpt2", init_from="", path=""):
+        return SimpleNamespace(stage=stage, tokenizer=tokenizer, teacher=SimpleNamespace(init_from=init_from, path=path))
+
+    assert models.stage_tokenizer(cfg("teacher", init_from=str(own))) == str(own)  # a fine-tuned folder's own
+    assert models.stage_tokenizer(cfg("teacher", "custom", init_from="gpt2")) == "custom"  # a hub checkpoint
+    assert models.stage_tokenizer(cfg("teacher", "custom")) == "custom"  # from scratch
+    assert models.stage_tokenizer(cfg("distill", path=str(own))) == str(own)  # the teacher folder's
+    assert models.stage_tokenizer(cfg("distill", path=str(bare))) == "gpt2"
+    assert models.stage_tokenizer(cfg("distill", "custom", path=str(own))) == "custom"  # named: it wins
+    assert models.stage_tokenizer(cfg("teacher", path=str(own)), "distill") == str(own)

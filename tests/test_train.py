@@ -74,7 +74,7 @@ def test_teacher_stage_end_to_end(tmp_path, text_corpus, capsys):
 @pytest.mark.parametrize("override, message", [
     ("data.block_size=128", "larger than the teacher's context"),
     ("data.train=/nonexistent/file.txt", "no such file"),
-    ("train.max_steps=0", "train.max_steps must be"),
+    ("train.max_steps=0", "train.max_steps: input should be greater than or equal to 1, got 0"),
 ])
 def test_teacher_bad_input_exits_2_and_writes_nothing(tmp_path, text_corpus, capsys, override, message):
     cfg = tiny_run_config(tmp_path, text_corpus)

@@ -1,4 +1,4 @@
-"""Model cards: the README.md inside every saved model folder, from its measured numbers.
+"""Model cards (the README.md inside every saved model folder) and the markdown the reports are written in.
 
     python -m python3_distillation report      # rewrites the cards with speed, size and fidelity too
 """
@@ -10,23 +10,22 @@ from pathlib import Path
 from python3_distillation.config import RunConfig
 
 
-def _fmt(value, spec: str = ".2f") -> str:
+def fmt(value, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    """The lines of a markdown table; ``align``: ``l`` or ``r`` per column (default: first left, rest right)."""
+    rule = "|".join("---" if a == "l" else "---:" for a in align or "l" + "r" * (len(header) - 1))
+    return [f"| {' | '.join(header)} |", f"|{rule}|", *(f"| {' | '.join(r)} |" for r in rows)]
 
 
 def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: dict | None = None,
                folder: str | None = None) -> str:
     """Markdown card: lineage, shape, training, validation perplexity, and (when measured) speed."""
     folder = folder or (Path(cfg.output_dir).name if cfg is not None else "path/to/this/folder")
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "tags: [gpt2, distillation]",
-        "---",
-        f"# {name}",
-        "",
-    ]
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [gpt2, distillation]", "---",
+             f"# {name}", ""]
     if meta.get("stage") == "teacher":
         lines.append(f"GPT-2 teacher, {meta.get('init', '')}.")
     elif meta.get("stage") == "prune":
@@ -49,22 +48,18 @@ def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: di
         if not meta.get("alpha_kd"):
             kd = "labels only (CE baseline, alpha_kd=0)"
         lines.append(f"Student distilled from `{meta.get('teacher')}` with {kd}; {how}.")
-    lines += [
-        "",
-        "| | |",
-        "|---|---|",
-        f"| parameters | {meta.get('n_params', 0) / 1e6:.2f}M ({meta.get('n_layer')} layers × {meta.get('n_embd')}) |",
-    ]
+    lines += ["", "| | |", "|---|---|", f"| parameters | {meta.get('n_params', 0) / 1e6:.2f}M "
+              f"({meta.get('n_layer')} layers × {meta.get('n_embd')}) |"]
     if meta.get("stage") != "prune":
         lines.append(f"| training | {meta.get('train_steps')} steps, {meta.get('train_tokens', 0):,} tokens, "
-                     f"{_fmt(meta.get('train_seconds'), '.0f')} s on `{meta.get('data')}` |")
-    lines.append(f"| validation perplexity | {_fmt(meta.get('val_ppl'))} |")
+                     f"{fmt(meta.get('train_seconds'), '.0f')} s on `{meta.get('data')}` |")
+    lines.append(f"| validation perplexity | {fmt(meta.get('val_ppl'))} |")
     if meta.get("precision"):
         lines.append(f"| trained in | {meta['precision'].get('label')} ({meta['precision'].get('reason')}) |")
     if meta.get("seed") is not None:
         lines.append(f"| seed | {meta['seed']} |")
     if meta.get("teacher_val_ppl") is not None:
-        lines.append(f"| teacher validation perplexity | {_fmt(meta.get('teacher_val_ppl'))} |")
+        lines.append(f"| teacher validation perplexity | {fmt(meta.get('teacher_val_ppl'))} |")
     for key, label in (("size_mb", "size on disk (MB)"), ("top1_teacher", "top-1 agreement with the teacher"),
                        ("kl_teacher", "mean KL(teacher ‖ model) per position"),
                        ("decode_tok_s_b1", "generation, batch 1 (tokens/s)"),
@@ -72,27 +67,17 @@ def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: di
         if measured and measured.get(key) is not None:
             value = measured[key]
             spec = ".3f" if key in ("top1_teacher", "kl_teacher") else ".1f"
-            lines.append(f"| {label} | {value if isinstance(value, str) else _fmt(value, spec)} |")
-    lines += [
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'tok = AutoTokenizer.from_pretrained("{folder}"); model = AutoModelForCausalLM.from_pretrained("{folder}")',
-        "```",
-        "",
-    ]
+            lines.append(f"| {label} | {value if isinstance(value, str) else fmt(value, spec)} |")
+    lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              f'tok = AutoTokenizer.from_pretrained("{folder}"); '
+              f'model = AutoModelForCausalLM.from_pretrained("{folder}")', "```", ""]
     if meta.get("quantization"):
         lines += [
             "int8 weights (one scale per output channel) in the compressed-tensors format: the snippet above "
             "needs the `compressed-tensors` package and gives fp32 weights equal to scale × int8 (fp32 speed). "
-            "To keep them int8 and decode with the int8 kernel, load it with this project:",
-            "",
-            "```python",
-            "from python3_distillation.models import load_model",
-            f'model = load_model("{folder}")',
-            "```",
-            "",
-        ]
+            "To keep them int8 and decode with the int8 kernel, load it with this project:", "",
+            "```python", "from python3_distillation.models import open_model",
+            f'model, tokenizer, meta = open_model("{folder}")', "```", ""]
     if cfg is not None:
         lines.append("The resolved training config is in `distill_config.yaml` beside this card.")
     return "\n".join(lines) + "\n"

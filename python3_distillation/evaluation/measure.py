@@ -2,10 +2,10 @@
 
     python -c "from python3_distillation.evaluation.measure import forward_flops_per_token as f; print(f(12, 768, 50257, 64))"
 
-Pure measurements, shared by the report (report.py) and the benchmarks. Compared things are timed
-interleaved in one process (``interleaved``) so drift on a shared machine hits them all alike.
-Softmaxes and KLs run on the model's device in fp32; only the reduced sums come back to the host,
-once per call (on CPU the same operations in the same order: the same numbers as before).
+The one place quality and speed are measured: the report, the experiments, ``quantize`` and the
+benchmarks all call it. Compared things are timed interleaved in one process (``interleaved``) so
+drift on a shared machine hits them all alike. Softmaxes and KLs run on the model's device in fp32;
+only the reduced sums come back to the host, once per call.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from python3_distillation.data import Blocks
+from python3_distillation.generation import SamplingParams
+from python3_distillation.losses import lm_loss
 
 EVAL_BATCH = 8
 PROMPT_TOKENS = 16  # length of each prompt cut from the validation text
@@ -67,68 +71,30 @@ def device_label(device: torch.device | str) -> str:
 
 def model_device(model) -> torch.device:
     p = next(iter(model.parameters()), None)
-    if p is None:
-        p = next(iter(model.buffers()))
-    return p.device
-
-
-def perplexity(model, blocks: Blocks, batch_size: int = EVAL_BATCH, device=None) -> tuple[float, float]:
-    """(mean next-token loss in nats, its exp) over every block, fp32, no autocast."""
-    from python3_distillation.train import evaluate_loss
-
-    loss = evaluate_loss(model, blocks, batch_size, 0, device=device or model_device(model))
-    return loss, math.exp(min(loss, 50.0))
-
-
-@torch.no_grad()
-def fidelity(model, reference, blocks: Blocks, batch_size: int = EVAL_BATCH) -> dict[str, float]:
-    """How closely ``model`` imitates ``reference`` on ``blocks`` (every position, fp32):
-
-    ``top1``: share of positions where both pick the same most likely next token;
-    ``kl``: mean KL(reference ‖ model) in nats per position (T = 1).
-    """
-    import torch.nn.functional as F
-
-    was = model.training, reference.training
-    model.eval()
-    reference.eval()
-    dev, ref_dev = model_device(model), model_device(reference)
-    # Sums on the model's device (fp64, the arithmetic of the Python floats they replace), read once.
-    agree, kl, count = torch.zeros((), dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.float64, device=dev), 0
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks.ids[torch.arange(start, min(len(blocks), start + batch_size))]
-        s = model(input_ids=ids.to(dev)).logits.float()
-        t = reference(input_ids=ids.to(ref_dev)).logits.float().to(dev)
-        agree += (s.argmax(-1) == t.argmax(-1)).sum()
-        logp_t, logp_s = F.log_softmax(t, -1), F.log_softmax(s, -1)
-        kl += (logp_t.exp() * (logp_t - logp_s)).sum().double()
-        count += ids.numel()
-    model.train(was[0])
-    reference.train(was[1])
-    return {"top1": int(agree) / max(1, count), "kl": float(kl) / max(1, count)}
+    return p.device if p is not None else next(iter(model.buffers())).device
 
 
 @torch.no_grad()
 def quality(models: dict, blocks: Blocks, reference: str | None = None, batch_size: int = EVAL_BATCH,
-            device=None) -> dict[str, dict[str, float]]:
-    """Perplexity of every model and, with ``reference`` (a key of ``models``), each one's fidelity
-    to it, in ONE pass over ``blocks``: each batch runs every model once and the reference's
-    log-probabilities are shared, where separate ``perplexity`` and ``fidelity`` calls would run the
-    reference once more per model. Same numbers as those two (fp32, no autocast)."""
-    import torch.nn.functional as F
+            progress: str | None = None) -> dict[str, dict[str, float]]:
+    """Every model's mean next-token loss (nats/token) and perplexity on ``blocks`` and, with
+    ``reference`` (a key of ``models``), its fidelity to that model: ``top1``, the share of positions
+    where both pick the same most likely next token, and ``kl``, the mean KL(reference ‖ model) in
+    nats per position (T = 1). fp32, no autocast.
 
-    from python3_distillation.losses import lm_loss
-
+    One pass: each batch runs every model once and the reference's log-probabilities are shared.
+    ``progress`` labels a progress bar over the batches.
+    """
     states = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
-    # Each model's sums live on its device (fp64, the arithmetic of the Python floats they replace)
-    # and are read back once at the end; the reference's log-probabilities move only when a model
-    # sits on another device.
-    devices = {k: torch.device(device) if device is not None else model_device(m) for k, m in models.items()}
+    # Each model's sums live on its device (fp64, the arithmetic of Python floats) and are read back
+    # once at the end; the reference's log-probabilities move only when a model sits on another device.
+    devices = {k: model_device(m) for k, m in models.items()}
     acc = {k: torch.zeros(3, dtype=torch.float64, device=devices[k]) for k in models}  # loss, top1, kl sums
     targets = positions = 0
-    for start in range(0, len(blocks), batch_size):
+    starts = range(0, len(blocks), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", dynamic_ncols=True, disable=progress is None):
         ids = blocks.ids[torch.arange(start, min(len(blocks), start + batch_size))]
         ref = None
         if reference is not None:
@@ -147,14 +113,14 @@ def quality(models: dict, blocks: Blocks, reference: str | None = None, batch_si
         positions += ids.numel()
     for k, m in models.items():
         m.train(states[k])
-    sums = {k: dict(zip(("loss", "top1", "kl"), a.tolist())) for k, a in acc.items()}
     out = {}
-    for k, s in sums.items():
-        loss = s["loss"] / max(1, targets)
+    for k, a in acc.items():
+        loss_sum, top1, kl = a.tolist()
+        loss = loss_sum / max(1, targets)
         out[k] = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
         if reference is not None:
-            out[k].update(top1=1.0 if k == reference else s["top1"] / max(1, positions),
-                          kl=0.0 if k == reference else s["kl"] / max(1, positions))
+            out[k].update(top1=1.0 if k == reference else top1 / max(1, positions),
+                          kl=0.0 if k == reference else kl / max(1, positions))
     return out
 
 
@@ -203,8 +169,6 @@ def decode_speed(generators: dict, prompts: dict[int, list[str]] | list[str], ne
     by ``(name, batch size)`` for a dict. EOS is ignored so every row of every model decodes exactly
     ``new_tokens`` tokens: the models do the same work.
     """
-    from python3_distillation.generation import SamplingParams
-
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     batches = prompts if isinstance(prompts, dict) else {None: prompts}
     counts: dict = {}

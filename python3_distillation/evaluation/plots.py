@@ -1,4 +1,5 @@
-"""The report's charts: training curves, and quality against speed and size with the Pareto front.
+"""Charts of the report and the experiments: training curves, quality against speed and size with the
+Pareto front, and bar panels.
 
     python -m python3_distillation report      # writes reports/*.png through these functions
 """
@@ -6,6 +7,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+
+from python3_distillation.fsio import atomic_file
 
 
 def _pyplot():
@@ -17,22 +20,20 @@ def _pyplot():
     return plt
 
 
+def _save(fig, out: Path) -> None:
+    with atomic_file(out, "a chart") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    _pyplot().close(fig)
+
+
 def pareto_front(points: dict[str, tuple[float, float]], higher_x_better: bool = True) -> set[str]:
     """Labels of the points no other point beats on both axes (lower y is better; x as told)."""
-    front = set()
-    for a, (xa, ya) in points.items():
-        dominated = False
-        for b, (xb, yb) in points.items():
-            if b == a:
-                continue
-            x_ok = xb >= xa if higher_x_better else xb <= xa
-            x_strict = xb > xa if higher_x_better else xb < xa
-            if x_ok and yb <= ya and (x_strict or yb < ya):
-                dominated = True
-                break
-        if not dominated:
-            front.add(a)
-    return front
+    sign = 1 if higher_x_better else -1
+
+    def beats(b: tuple[float, float], a: tuple[float, float]) -> bool:  # as good on both axes, better on one
+        return sign * b[0] >= sign * a[0] and b[1] <= a[1] and (sign * b[0] > sign * a[0] or b[1] < a[1])
+
+    return {a for a, pa in points.items() if not any(beats(pb, pa) for b, pb in points.items() if b != a)}
 
 
 def plot_training_curves(curves: dict[str, list[dict]], out: Path) -> None:
@@ -60,8 +61,7 @@ def plot_training_curves(curves: dict[str, list[dict]], out: Path) -> None:
     if not drawn:
         fig.text(0.5, 0.5, "no training logs found", ha="center", va="center")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def plot_tradeoffs(models: dict[str, dict], out: Path) -> dict[str, list[str]]:
@@ -89,6 +89,26 @@ def plot_tradeoffs(models: dict[str, dict], out: Path) -> dict[str, list[str]]:
         ax.grid(alpha=0.3)
         ax.margins(0.2)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
     return fronts
+
+
+def bar_panels(panels: list[tuple[str, str, dict[str, float]]], title: str, out: Path, log: bool = False) -> None:
+    """One chart, one panel per ``(panel title, y label, {bar label: value})``, each on its own axis."""
+    plt = _pyplot()
+    width = max(len(values) for _, _, values in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + len(panels) * (1.0 + 0.9 * width), 4.6), squeeze=False)
+    for ax, (name, ylabel, values) in zip(axes[0], panels):
+        labels, ys = list(values), list(values.values())
+        bars = ax.bar(range(len(labels)), ys, color=[f"C{i % 10}" for i in range(len(labels))])
+        ax.bar_label(bars, labels=[f"{y:.3g}" if y < 10 else f"{y:,.1f}" for y in ys], fontsize=8, padding=2)
+        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+        if log:
+            ax.set_yscale("log")
+        ax.margins(y=0.15)
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, out)

@@ -24,21 +24,23 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from python3_distillation.config import ConfigError, DataConfig, RunConfig, saved_config
 from python3_distillation.data import Blocks
-from python3_distillation.errors import EXIT_BAD_INPUT, BadInput
 from python3_distillation.evaluation import measure
-from python3_distillation.evaluation.cards import model_card
+from python3_distillation.evaluation.cards import fmt, markdown_table, model_card
 from python3_distillation.evaluation.plots import plot_tradeoffs, plot_training_curves
+from python3_distillation.fsio import atomic_write_text
+from python3_distillation.generation import Generator
 from python3_distillation.lineage import process_seconds, weights_sha256
-from python3_distillation.models import (TRAINING_LOG, ModelError, count_parameters, is_model_dir, load_model,
-                                         read_meta, update_model_files)
+from python3_distillation.models import (TRAINING_LOG, ModelError, count_parameters, is_model_dir, open_model,
+                                         update_model_files)
 from python3_distillation.paths import MODEL_DIRS, display_path, model_dir
+from python3_distillation.precision import pick_device
 
 DEFAULT_MODELS = "teacher,v1,v2,v2_ce,v2_narrow,v1_int8,v2_int8,v2_narrow_int8"
 REQUIRED = ("teacher", "v2")  # without these the report has nothing to compare
@@ -49,7 +51,7 @@ HOW_TO_BUILD = {"v1": "train it with `make distill-v1`",
 
 @dataclass
 class Entry:
-    """One model of the report: where it is, what it is, and (once measured) its numbers."""
+    """One model of the report: its label, folder, model, tokenizer, lineage and training config."""
 
     label: str
     path: Path
@@ -57,7 +59,6 @@ class Entry:
     tokenizer: object
     meta: dict
     cfg: RunConfig | None
-    results: dict = field(default_factory=dict)
 
 
 def resolve_models(spec: str) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -100,13 +101,9 @@ def resolve_models(spec: str) -> tuple[list[tuple[str, Path]], list[str]]:
     return found, notes
 
 
-
 def load_entry(label: str, path: Path) -> Entry:
-    from python3_distillation.tokenizer import is_local_tokenizer_dir, load_tokenizer
-
-    model = load_model(path).eval()
-    tok = load_tokenizer(path if is_local_tokenizer_dir(path) else "gpt2")
-    return Entry(label, Path(path), model, tok, read_meta(path), saved_config(path))
+    model, tok, meta = open_model(path)
+    return Entry(label, Path(path), model, tok, meta, saved_config(path))
 
 
 def check_lineage(entries: list[Entry]) -> list[str]:
@@ -171,24 +168,20 @@ def measure_perplexities(pairs: list[tuple[str, Path]], max_blocks: int | None =
     entries = [load_entry(label, path) for label, path in pairs]
     data_cfg, seed = eval_data_config(entries)
     blocks = validation_blocks(entries, data_cfg, data_cfg.max_eval_blocks if max_blocks is None else max_blocks, seed)
-    return {e.label: measure.perplexity(e.model, blocks)[1] for e in entries}
+    return {k: q["ppl"] for k, q in measure.quality({e.label: e.model for e in entries}, blocks).items()}
 
 
 def training_log(entry: Entry) -> list[dict]:
     """The training curve saved in the model folder (else the run folder its config names, if here)."""
-    candidates = [entry.path / TRAINING_LOG]
-    if entry.cfg is not None:
-        candidates.append(entry.cfg.run_dir / "metrics.jsonl")
-    for f in candidates:
-        if f.exists():
-            rows = []
-            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-            return rows
-    return []
+    candidates = [entry.path / TRAINING_LOG] + ([entry.cfg.run_dir / "metrics.jsonl"] if entry.cfg is not None else [])
+    found = next((f for f in candidates if f.exists()), None)
+    rows = []
+    for line in found.read_text(encoding="utf-8", errors="replace").splitlines() if found else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -202,18 +195,11 @@ def kd_vs_ce(models: dict[str, dict]) -> dict | None:
     equal = kd.get("train_steps") == ce.get("train_steps")
     steps = (f"at equal steps ({kd.get('train_steps')})" if equal else
              f"at UNEQUAL steps (KD {kd.get('train_steps')}, CE {ce.get('train_steps')}), so this is not a fair test")
-    if ratio < 1:
-        verdict = (f"KD v2 beat CE-only v2 {steps}: validation perplexity {kd['val_ppl']:.2f} vs {ce['val_ppl']:.2f}, "
-                   f"ratio {ratio:.3f} ({(1 - ratio) * 100:.1f}% lower).")
-    else:
-        verdict = (f"KD v2 did NOT beat CE-only v2 {steps}: validation perplexity {kd['val_ppl']:.2f} vs "
-                   f"{ce['val_ppl']:.2f}, ratio {ratio:.3f} ({(ratio - 1) * 100:.1f}% higher).")
+    verdict = (f"KD v2 {'beat' if ratio < 1 else 'did NOT beat'} CE-only v2 {steps}: validation perplexity "
+               f"{kd['val_ppl']:.2f} vs {ce['val_ppl']:.2f}, ratio {ratio:.3f} ({abs(1 - ratio) * 100:.1f}% "
+               f"{'lower' if ratio < 1 else 'higher'}).")
     return {"kd_beats_ce": ratio < 1, "ppl_ratio_kd_over_ce": ratio, "equal_steps": equal,
             "kd_steps": kd.get("train_steps"), "ce_steps": ce.get("train_steps"), "statement": verdict}
-
-
-def _num(x, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
 
 
 def _init_text(m: dict) -> str:
@@ -253,18 +239,18 @@ def render_markdown(report: dict) -> str:
         f"{measure.PROMPT_TOKENS}-token prompts from the validation text, EOS ignored, median of {s['rounds']} "
         "interleaved rounds." + (" **Quick run** (fewer blocks, tokens and rounds)." if s.get("quick") else ""),
         "",
-        "| model | precision | layers × width | params | size MB | val ppl | ppl × teacher | top-1 = teacher | "
-        "KL(teacher‖·) | tok/s b1 | tok/s b8 | speed-up b1 / b8 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     front = set(report.get("pareto", {}).get("speed", [])) | set(report.get("pareto", {}).get("size", []))
-    for label, m in models.items():
-        speed = (f"{m['speedup_b1']:.2f}× / {m['speedup_b8']:.2f}×" if m.get("speedup_b1") is not None else "n/a")
-        name = f"**{label}**" if label in front else label
-        lines.append(f"| {name} | {m.get('precision_label', 'fp32')} | {m['n_layer']} × {m['n_embd']} | "
-                     f"{m['n_params'] / 1e6:.2f}M | {m['size_mb']:.1f} | {m['val_ppl']:.2f} | "
-                     f"{_num(m.get('ppl_x_teacher'), '.3f')} | {_num(m.get('top1_teacher'), '.3f')} | "
-                     f"{_num(m.get('kl_teacher'), '.3f')} | {m['tok_s_b1']:.1f} | {m['tok_s_b8']:.1f} | {speed} |")
+    lines += markdown_table(
+        ["model", "precision", "layers × width", "params", "size MB", "val ppl", "ppl × teacher", "top-1 = teacher",
+         "KL(teacher‖·)", "tok/s b1", "tok/s b8", "speed-up b1 / b8"],
+        [[f"**{label}**" if label in front else label, m.get("precision_label", "fp32"),
+          f"{m['n_layer']} × {m['n_embd']}", f"{m['n_params'] / 1e6:.2f}M", f"{m['size_mb']:.1f}",
+          f"{m['val_ppl']:.2f}",
+          fmt(m.get("ppl_x_teacher"), ".3f"), fmt(m.get("top1_teacher"), ".3f"), fmt(m.get("kl_teacher"), ".3f"),
+          f"{m['tok_s_b1']:.1f}", f"{m['tok_s_b8']:.1f}",
+          f"{m['speedup_b1']:.2f}× / {m['speedup_b8']:.2f}×" if m.get("speedup_b1") is not None else "n/a"]
+         for label, m in models.items()], "ll" + "r" * 10)
     if front:
         lines += ["", "**Bold**: on the Pareto front (no other model is both faster and lower in perplexity: "
                   f"{', '.join(report['pareto'].get('speed', []))}; or both smaller and lower: "
@@ -278,13 +264,12 @@ def render_markdown(report: dict) -> str:
     kc = report.get("kd_vs_ce")
     lines.append(kc["statement"] if kc else "Not compared: v2 and v2_ce are both needed.")
     lines += ["", "## Training", "", "Seconds: the training loop's, and the whole stage's (the command that made "
-              "the model, start to finish: imports, data, evaluation and saving included).", "",
-              "| model | init | steps | tokens | loop s | stage s | precision | loss |",
-              "|---|---|---:|---:|---:|---:|---|---|"]
-    for label, m in models.items():
-        lines.append(f"| {label} | {_init_text(m)} | {_num(m.get('train_steps'), ',')} | "
-                     f"{_num(m.get('train_tokens'), ',')} | {_num(m.get('train_seconds'), '.0f')} | "
-                     f"{_num(m.get('stage_seconds'), '.0f')} | {m.get('train_precision') or 'n/a'} | {_loss_text(m)} |")
+              "the model, start to finish: imports, data, evaluation and saving included).", ""]
+    lines += markdown_table(
+        ["model", "init", "steps", "tokens", "loop s", "stage s", "precision", "loss"],
+        [[label, _init_text(m), fmt(m.get("train_steps"), ","), fmt(m.get("train_tokens"), ","),
+          fmt(m.get("train_seconds"), ".0f"), fmt(m.get("stage_seconds"), ".0f"), m.get("train_precision") or "n/a",
+          _loss_text(m)] for label, m in models.items()], "llrrrrll")
     if report.get("report_seconds") is not None:
         lines.append(f"\nThis report took {report['report_seconds']:.0f} s.")
     lines += ["", "![training curves](training_curves.png)", "", "![perplexity vs speed and size](tradeoffs.png)", ""]
@@ -296,10 +281,8 @@ def render_markdown(report: dict) -> str:
 def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: int | None = None,
                  quick: bool = False, notes: list[str] | None = None, update_cards: bool = True) -> dict:
     """Measure every model side by side and write report.md / report.json / the two plots."""
-    from python3_distillation.generation import Generator, default_device
-
     notes = list(notes or [])
-    device = default_device()
+    device = pick_device()
     print("precision: fp32 — the report measures every model in fp32 (int8 models in their own kernels)",
           file=sys.stderr)
     entries = [load_entry(label, path) for label, path in pairs]
@@ -316,12 +299,8 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     for e in entries:
         e.model.to(device)
     scores = measure.quality({e.label: e.model for e in entries}, blocks, teacher.label if teacher else None)
-    for e in entries:
-        q = scores[e.label]
-        e.results.update(val_loss=q["loss"], val_ppl=q["ppl"])
-        if teacher is not None and e is not teacher:
-            e.results.update(top1=q["top1"], kl=q["kl"])
-        print(f"{e.label}: validation perplexity {q['ppl']:.2f}", file=sys.stderr)
+    for label, q in scores.items():
+        print(f"{label}: validation perplexity {q['ppl']:.2f}", file=sys.stderr)
     gens = {e.label: Generator(e.model, e.tokenizer, device=device, name=e.label) for e in entries}
     prompts = measure.validation_prompts(entries[0].tokenizer, blocks, 8)
     # One timing round holds every model at both batch sizes, so drift hits them all alike.
@@ -331,7 +310,7 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     mean_ctx = prompt_len + new_tokens / 2
     models: dict[str, dict] = {}
     for e in entries:
-        m, meta = e.model, e.meta
+        m, meta, q = e.model, e.meta, scores[e.label]
         quant = meta.get("quantization") or {}
         models[e.label] = {
             "path": str(e.path), "stage": meta.get("stage") or (e.cfg.stage if e.cfg else None),
@@ -339,9 +318,7 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
             "n_layer": m.config.n_layer, "n_embd": m.config.n_embd,
             "n_params": meta.get("n_params") or count_parameters(m),
             "size_mb": measure.weights_bytes(e.path) / 1e6,
-            "val_loss": e.results["val_loss"], "val_ppl": e.results["val_ppl"],
-            "top1_teacher": e.results.get("top1", 1.0 if e is teacher else None),
-            "kl_teacher": e.results.get("kl", 0.0 if e is teacher else None),
+            "val_loss": q["loss"], "val_ppl": q["ppl"], "top1_teacher": q.get("top1"), "kl_teacher": q.get("kl"),
             "tok_s_b1": speed[e.label, 1], "tok_s_b8": speed[e.label, 8],
             "flops_per_token": measure.model_flops_per_token(m.config, mean_ctx),
             "init": meta.get("student_init"), "teacher_init": meta.get("init"),
@@ -361,7 +338,6 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     else:
         notes.append("no teacher in --models: the × teacher and fidelity columns are n/a")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": measure.device_label(device),
@@ -376,8 +352,8 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     curves = {e.label: training_log(e) for e in entries}
     plot_training_curves({k: v for k, v in curves.items() if v}, out_dir / "training_curves.png")
     report["report_seconds"] = process_seconds()
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
 
     if update_cards:
         for e in entries:
@@ -404,16 +380,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="validation blocks for perplexity (default: the teacher's data.max_eval_blocks; 0 = all)")
     p.add_argument("--quick", action="store_true", help="at most 32 blocks, 16 new tokens, 2 timing rounds")
     args = p.parse_args(argv)
-    try:
-        if args.max_eval_blocks is not None and args.max_eval_blocks < 0:
-            raise ConfigError("--max-eval-blocks must be ≥ 0 (0 = all)")
-        pairs, notes = resolve_models(args.models)
-        for n in notes:
-            print(f"note: {n}", file=sys.stderr)
-        report = build_report(pairs, Path(args.out), args.max_eval_blocks, args.quick, notes)
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if args.max_eval_blocks is not None and args.max_eval_blocks < 0:
+        raise ConfigError("--max-eval-blocks must be ≥ 0 (0 = all)")
+    pairs, notes = resolve_models(args.models)  # input errors: one line and exit 2 by cli.run_guarded
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    report = build_report(pairs, Path(args.out), args.max_eval_blocks, args.quick, notes)
     text = render_markdown(report)
     print(text.split("\n## KD vs CE-only")[0].rstrip())
     print(f"\nwritten: {os.path.join(args.out, 'report.md')}, report.json, training_curves.png, tradeoffs.png")

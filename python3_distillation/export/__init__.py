@@ -7,53 +7,43 @@ The source is any fp32 folder the project writes (teacher, v1, v2, narrow, prune
 GPT-2 ``save_pretrained`` folders). An int8 folder is refused: its weights are already rounded, so a
 GGUF or ONNX made from it would be rounded twice; export the fp32 folder it came from and choose the
 8-bit type of the target (``--type q8_0``, ``--int8``). The int8 folder itself opens in transformers
-(compressed-tensors: see quantize.py). Outputs appear complete or not at all (a temp file or folder
+(compressed-tensors: see int8.py). Outputs appear complete or not at all (a temp file or folder
 beside them, then one rename). Formats: ``to_gguf.py`` and ``to_onnx.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-from collections.abc import Iterator
+import os
 from pathlib import Path
 
+import torch
+
 from python3_distillation.errors import BadInput, ModelError
+from python3_distillation.export.to_gguf import TYPES, write_gguf
+from python3_distillation.export.to_onnx import ONNX_FILE, export_onnx_file, quantize_onnx
+from python3_distillation.fsio import atomic_dir
+from python3_distillation.int8 import quantization_config
+from python3_distillation.models import check_vocab, is_model_dir, open_model, write_config
 
 TARGETS = ("gguf", "onnx")
 
 
-def default_out(src: Path, to: str, kind: str) -> Path:
-    if to == "gguf":
-        return src.with_name(f"{src.name}-{kind}.gguf")
-    return src.with_name(f"{src.name}_onnx" + ("_int8" if kind == "int8" else ""))
-
-
 def _load_source(src: Path):
     """The fp32 model and tokenizer of ``src``, or a one-line ModelError saying why not."""
-    from python3_distillation.models import check_vocab, is_model_dir, load_model
-    from python3_distillation.quantize import quantization_config
-    from python3_distillation.tokenizer import is_local_tokenizer_dir, load_tokenizer
-
     if not is_model_dir(src):
         raise ModelError(f"{src}: not a model folder (no config.json); train one first (`make run`)")
     q = quantization_config(src)
     if q:
         raise ModelError(f"{src}: a quantized folder ({q.get('quant_method')}); export the fp32 folder it was made "
                          "from, and pick the 8-bit type there (--type q8_0 for GGUF, --int8 for ONNX)")
-    import torch
-
-    model = load_model(src, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(src if is_local_tokenizer_dir(src) else "gpt2")
+    model, tokenizer, _ = open_model(src, dtype=torch.float32)
     check_vocab(tokenizer, model)
     return model, tokenizer
 
 
 def _check_writable(out: Path) -> None:
     """Fail before the minutes of work when the output's folder cannot be made or written."""
-    import os
-
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -63,19 +53,8 @@ def _check_writable(out: Path) -> None:
         raise BadInput(f"{out}: cannot write there ({parent} is not writable)")
 
 
-@contextlib.contextmanager
-def _written(what: str, out: Path) -> Iterator[None]:
-    """OS errors while writing the output (unwritable folder, a file in the way) as one-line input errors."""
-    try:
-        yield
-    except OSError as e:
-        raise BadInput(f"{out}: cannot write the {what} ({e.strerror or e})") from None
-
-
 def run_export(src: str | Path, to: str, kind: str | None = None, out: str | Path | None = None) -> Path:
     """Export the model folder ``src`` to ``to`` (gguf: kind f32/f16/q8_0; onnx: kind fp32/int8) → the output path."""
-    from python3_distillation.export.to_gguf import TYPES
-
     src = Path(src)
     if to not in TARGETS:
         raise BadInput(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
@@ -83,34 +62,31 @@ def run_export(src: str | Path, to: str, kind: str | None = None, out: str | Pat
     allowed = TYPES if to == "gguf" else ("fp32", "int8")
     if kind not in allowed:
         raise BadInput(f"--type {kind!r} for {to}: expected one of {', '.join(allowed)}")
-    out = Path(out) if out else default_out(src, to, kind)
+    default = f"{src.name}-{kind}.gguf" if to == "gguf" else f"{src.name}_onnx" + ("_int8" if kind == "int8" else "")
+    out = Path(out) if out else src.with_name(default)
     if out.resolve() == src.resolve():
         raise BadInput("--out must differ from the source folder")
     _check_writable(out)
     model, tokenizer = _load_source(src)
-    if to == "gguf":
-        from python3_distillation.export.to_gguf import write_gguf
-
-        with _written("GGUF file", out):
+    try:  # OS errors while writing (a full disk, a file in the way) as one-line input errors
+        if to == "gguf":
             write_gguf(model, tokenizer, out, kind, name=src.name)
-        print(f"GGUF ({kind}) written to {out}: {out.stat().st_size / 1e6:.1f} MB")
-        return out
-    from python3_distillation.export.to_onnx import ONNX_FILE, export_onnx_file, quantize_onnx
-    from python3_distillation.fsio import atomic_dir
-    from python3_distillation.models import with_converter_fields
-
-    with _written("ONNX folder", out), atomic_dir(out) as tmp:
-        if kind == "int8":
-            export_onnx_file(model, tmp / "model_fp32.onnx")
-            quantize_onnx(tmp / "model_fp32.onnx", tmp / ONNX_FILE)
-            for f in tmp.glob("model_fp32.onnx*"):
-                f.unlink()
-        else:
-            export_onnx_file(model, tmp / ONNX_FILE)
-        (tmp / "config.json").write_text(json.dumps(with_converter_fields(model.config.to_dict()), indent=2,
-                                                    sort_keys=True) + "\n", encoding="utf-8")
-        model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+            print(f"GGUF ({kind}) written to {out}: {out.stat().st_size / 1e6:.1f} MB")
+            return out
+        with atomic_dir(out) as tmp:
+            if kind == "int8":
+                export_onnx_file(model, tmp / "model_fp32.onnx")
+                quantize_onnx(tmp / "model_fp32.onnx", tmp / ONNX_FILE)
+                for f in tmp.glob("model_fp32.onnx*"):
+                    f.unlink()
+            else:
+                export_onnx_file(model, tmp / ONNX_FILE)
+            write_config(tmp, model.config.to_dict())
+            model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError as e:
+        what = "GGUF file" if to == "gguf" else "ONNX folder"
+        raise BadInput(f"{out}: cannot write the {what} ({e.strerror or e})") from None
     size = sum(f.stat().st_size for f in out.glob("model.onnx*"))
     print(f"ONNX decoder ({kind}, KV cache) written to {out}: {size / 1e6:.1f} MB")
     return out

@@ -3,24 +3,18 @@
     gpt2-distill export python3_distillation/gpt2_student_v2 --to gguf --type q8_0   # → ..._v2-q8_0.gguf
     llama-cli -m python3_distillation/gpt2_student_v2-q8_0.gguf -p "It is a truth" -n 64 --temp 0
 
-What llama.cpp's ``gpt2`` architecture reads, and how a transformers GPT-2 folder maps onto it (the
-same mapping as llama.cpp's ``convert_hf_to_gguf.py``):
-- metadata ``gpt2.context_length`` (``n_positions``), ``embedding_length``, ``block_count``,
-  ``feed_forward_length`` (the real MLP width: ``n_inner``, or 4·``n_embd`` when unset — a pruned or
-  narrow student has its own), ``attention.head_count``, ``attention.layer_norm_epsilon``,
-  ``general.file_type``;
-- the tokenizer: model ``gpt2`` (byte-level BPE), pre-tokenizer ``gpt-2``, every token by id, its type
-  (special tokens such as ``<|endoftext|>`` are CONTROL), the merges in rank order, bos/eos ids, and
-  ``add_bos_token = false`` (GPT-2 prompts start without one, as in transformers);
-- tensors by ``gguf``'s own name map (``transformer.h.3.attn.c_attn`` → ``blk.3.attn_qkv``). GPT-2's
-  ``Conv1D`` stores weights [in, out]; GGUF wants [out, in] rows, so those four are transposed. The
-  LM head is the token embedding (tied) and is not written: llama.cpp uses ``token_embd`` for the
-  output when ``output.weight`` is absent.
+The mapping of llama.cpp's ``convert_hf_to_gguf.py`` for its ``gpt2`` architecture: metadata
+``gpt2.context_length`` (``n_positions``), ``embedding_length``, ``block_count``,
+``feed_forward_length`` (the real MLP width, ``n_inner`` or 4·``n_embd``: a pruned or narrow student
+has its own), ``attention.head_count``, ``attention.layer_norm_epsilon``, ``general.file_type``; the
+tokenizer as byte-level BPE (pre-tokenizer ``gpt-2``, every token by id with its type, special tokens
+CONTROL, merges in rank order, bos/eos, ``add_bos_token = false`` as in transformers); tensors by
+``gguf``'s name map, the four ``Conv1D`` weights transposed from [in, out] to GGUF's [out, in] rows.
+The tied LM head is not written: llama.cpp uses ``token_embd`` when ``output.weight`` is absent.
 
-Types: ``f32`` exact; ``f16`` rounds every 2-D weight to half precision; ``q8_0`` stores every 2-D
-weight in blocks of 32 values with one f16 scale (8.5 bits a value; a row whose length is not a
-multiple of 32 falls back to f16, as llama.cpp's converter does). Position embeddings, norms and
-biases stay f32 in every type (llama.cpp's converter keeps them so too).
+Types: ``f32`` exact; ``f16`` rounds every 2-D weight to half; ``q8_0`` stores every 2-D weight in
+blocks of 32 values with one f16 scale (8.5 bits a value; a row whose length is not a multiple of 32
+falls back to f16, as llama.cpp's converter does). Position embeddings, norms and biases stay f32.
 """
 
 from __future__ import annotations
@@ -32,6 +26,7 @@ import numpy as np
 import torch
 
 from python3_distillation.errors import ModelError
+from python3_distillation.fsio import atomic_file
 
 TYPES = ("f32", "f16", "q8_0")
 # Activations llama.cpp's gpt2 graph computes: GELU with the tanh approximation.
@@ -116,8 +111,6 @@ def _encode(name: str, t: torch.Tensor, kind: str):
 def write_gguf(model, tokenizer, out: str | Path, kind: str = "f32", name: str = "") -> Path:
     """Write ``model`` (an fp32 GPT2LMHeadModel) and its tokenizer as a GGUF file at ``out``, atomically."""
     import gguf
-
-    from python3_distillation.fsio import atomic_file
 
     if kind not in TYPES:
         raise ModelError(f"--type {kind!r}: expected one of {', '.join(TYPES)}")

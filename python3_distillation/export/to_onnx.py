@@ -3,36 +3,25 @@
     gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx            # → ..._v2_onnx/model.onnx
     gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx --int8     # → ..._v2_onnx_int8/ (ORT int8)
 
-One graph serves the prompt and every next token. Inputs: ``input_ids`` [batch, seq] int64,
-``attention_mask`` [batch, past + seq] int64 (1 = a real token; left padding works), ``position_ids``
-[batch, seq] int64, and for each block i ``past_key_values.i.key`` / ``.value`` [batch, heads, past,
-head_dim] fp32. Outputs: ``logits`` [batch, seq, vocab] and ``present.i.key`` / ``.value`` [batch,
-heads, past + seq, head_dim], which are the next call's past. The first call passes a past of
-length 0. These are the names optimum's GPT-2 exports use, so code written for those runs this.
-
-Made by ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript) from transformers' own
-GPT-2 forward: the cache tensors go in and out explicitly, wrapped in a ``DynamicCache`` inside the
-traced forward. The legacy TorchScript exporter fails on transformers 5's GPT-2 (``aten::diff`` at
-opset 17). ``--int8``: ONNX Runtime's own ``quantize_dynamic`` (int8 weights of every MatMul, int8
-activations quantized per call). The folder also holds ``config.json`` and the tokenizer, as
-optimum's exports do.
+One graph serves the prompt and every next token, with optimum's GPT-2 names: inputs ``input_ids``
+[batch, seq], ``attention_mask`` [batch, past + seq] (left padding works), ``position_ids`` [batch,
+seq] (int64), and per block ``past_key_values.i.key`` / ``.value`` [batch, heads, past, head_dim]
+fp32 (length 0 on the first call); outputs ``logits`` and ``present.i.key`` / ``.value``, the next
+call's past. Made by ``torch.onnx.export(..., dynamo=True)`` from transformers' own GPT-2 forward, the
+cache wrapped in a ``DynamicCache`` inside the traced forward (the TorchScript exporter fails on
+transformers 5's GPT-2: ``aten::diff`` at opset 17). ``--int8``: ONNX Runtime's ``quantize_dynamic``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 ONNX_FILE = "model.onnx"
-
-
-def io_names(n_layer: int) -> tuple[list[str], list[str]]:
-    """(input names, output names) of the exported decoder."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
 class CachedDecoder(nn.Module):
@@ -44,8 +33,6 @@ class CachedDecoder(nn.Module):
         self.n_layer = model.config.n_layer
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)])
         # transformers 5.25 renamed past_key_values → cache (the old name warns, and goes in 5.40).
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -68,7 +55,9 @@ def export_onnx_file(model, path: str | Path) -> Path:
     past = tuple(torch.zeros(batch, heads, past_len, head_dim) for _ in range(2 * cfg.n_layer))
     b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
     shapes = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
-    inputs, outputs = io_names(cfg.n_layer)
+    names = [f"{i}.{kv}" for i in range(cfg.n_layer) for kv in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in names)]
+    outputs = ["logits", *(f"present.{n}" for n in names)]
     decoder = CachedDecoder(model.float().eval()).eval()
     with torch.no_grad():
         program = torch.onnx.export(decoder, (ids, mask, positions, *past), dynamo=True, dynamic_shapes=shapes,
@@ -99,8 +88,6 @@ def session(folder_or_file: str | Path, threads: int = 0):
 
 def greedy(sess, prompt: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
     """Greedy new tokens for one prompt through the exported decoder: the prompt once, then one token a call."""
-    import numpy as np
-
     past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
     heads, head_dim = past_inputs[0].shape[1], past_inputs[0].shape[3]
     past = {i.name: np.zeros((1, heads, 0, head_dim), np.float32) for i in past_inputs}

@@ -16,7 +16,6 @@ from python3_distillation.generation.generator import (  # noqa: F401
     Generator,
     RowInput,
     StreamEvent,
-    default_device,
-    resolve_dtype,
+    complete_rows,
 )
 from python3_distillation.generation.sampling import GenerationError, SamplingParams  # noqa: F401

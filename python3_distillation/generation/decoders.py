@@ -2,18 +2,12 @@
 
     HF_HUB_OFFLINE=1 python -m pytest tests/generation/test_decoders.py -q
 
-A decoder holds the KV cache of the rows decoding together. Its interface, used by
-``generation/generator.py``:
-
-* ``add(ids, mask)``: prefill new rows (LEFT padded, ``mask`` marks real tokens) and append them to
-  the batch; returns their next-token logits [k, V]. Rows already decoding are not recomputed;
-* ``step(tokens)``: one new token per row → next-token logits [n, V];
-* ``remove(rows)``: drop batch positions; returns the new order as old positions (None: cannot);
-* ``reserve(steps)``: make room for that many more steps.
-
-``GPT2Decoder`` is GPT-2's forward written out over the HF model's own modules with a preallocated,
-growable cache; ``HFDecoder`` is any causal LM through its own forward and cache. Both are checked
-token for token against ``model.generate`` in the tests.
+Interface (used by generator.py): ``add(ids, mask, room)`` prefills new, LEFT padded rows into the
+batch and returns their next-token logits [k, V]; ``step(tokens)`` takes one token per row and
+returns [n, V]; ``remove(rows)`` drops batch positions and returns the new order as old positions
+(None: cannot). ``GPT2Decoder`` is GPT-2's forward written out over the HF model's own modules with
+a preallocated, growable cache; ``HFDecoder`` is any causal LM through its own forward and cache.
+Both are checked token for token against ``generate``.
 """
 
 from __future__ import annotations
@@ -24,52 +18,69 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
+from transformers.activations import NewGELUActivation
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.pytorch_utils import Conv1D
+
+from python3_distillation.int8 import Int8Embedding, Int8Linear, Int8LMHead
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------- module factories
-# Each projection, embedding and the head is one callable chosen once: the plain float modules of
-# transformers' GPT-2 get the fast tensor calls; any other module (nn.Linear after a Conv1D
-# conversion, an int8 or other quantized module) is simply called.
 
 
-def _plain_float(weight: Any) -> bool:
-    """A plain (not a tensor subclass, e.g. a quantized one) floating-point weight."""
-    return type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype.is_floating_point
+def module_spec(module) -> tuple[str, tuple] | None:
+    """What a module computes, as (kind, its tensors) for the kinds written out here, else None.
+
+    ``GPT2Decoder`` calls the float kinds directly and any other module itself; ``StepGraph``
+    (compiled.py) runs every kind inside its graph, the int8 ones through the same kernel."""
+    def plain(t) -> bool:  # None, or a float tensor that is not a subclass (e.g. a quantized one)
+        return t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype.is_floating_point)
+
+    kind = type(module)
+    if kind is Conv1D and plain(module.weight) and module.bias is not None and plain(module.bias):
+        return "addmm", (module.weight.detach(), module.bias.detach())  # x @ W + b, W [in, out]
+    if kind is torch.nn.Linear and plain(module.weight) and plain(module.bias):
+        return "linear", (module.weight.detach(), module.bias.detach() if module.bias is not None else None)
+    if kind is Int8Linear:
+        # The same bf16 scales Int8Linear makes on its first call: the same numbers as its forward.
+        return "int8", (module.qweight, module.scale.to(torch.bfloat16), module.bias)
+    if kind is Int8LMHead:
+        return "int8", (module.table.qweight, module.table.scale.to(torch.bfloat16), None)
+    if kind is torch.nn.Embedding and plain(module.weight):
+        return "embed", (module.weight.detach(),)
+    if kind is Int8Embedding:
+        return "int8_embed", (module.table.qweight, module.table.scale)
+    if kind is torch.nn.LayerNorm and module.elementwise_affine and module.bias is not None:
+        return "ln", (module.weight.detach(), module.bias.detach())
+    return ("gelu", ()) if kind is NewGELUActivation else None
 
 
-def projection(module: torch.nn.Module) -> Fn:
-    """``x [N, in] → [N, out]``: ``addmm`` on a float ``Conv1D``'s weight, else the module itself."""
-    from transformers.pytorch_utils import Conv1D
-
-    if type(module) is Conv1D and _plain_float(module.weight) and _plain_float(module.bias):
-        w, b = module.weight, module.bias
+def fast(module: torch.nn.Module) -> Fn:
+    """The module as one callable chosen once: a float ``Conv1D`` as ``addmm``, a float ``nn.Embedding``
+    as ``F.embedding``, a ``LayerNorm`` as ``F.layer_norm``, GPT-2's ``gelu_new`` as PyTorch's fused
+    tanh GELU (the same function in one kernel instead of eight; rounding differs by ~1e-7, checked token
+    for token against ``generate`` in the tests); any other module (e.g. an int8 one) is simply called."""
+    kind, t = module_spec(module) or ("", ())
+    if kind == "addmm":
+        w, b = t
         return lambda x: torch.addmm(b, x, w)
-    return module
-
-
-def embedding(module: torch.nn.Module) -> Fn:
-    """``ids → vectors``: ``F.embedding`` on a float ``nn.Embedding``'s table, else the module itself."""
-    if type(module) is torch.nn.Embedding and _plain_float(module.weight):
-        w = module.weight
-        return lambda ids: F.embedding(ids, w)
-    return module
-
-
-def layer_norm(module: torch.nn.Module) -> Fn:
-    if type(module) is torch.nn.LayerNorm and module.elementwise_affine:
-        args = (module.normalized_shape, module.weight, module.bias, module.eps)
+    if kind == "embed":
+        (table,) = t
+        return lambda ids: F.embedding(ids, table)
+    if kind == "ln":
+        args = (module.normalized_shape, *t, module.eps)
         return lambda x: F.layer_norm(x, *args)
+    if kind == "gelu":
+        return lambda x: F.gelu(x, approximate="tanh")
     return module
 
 
-def plain_head(model) -> torch.Tensor | None:
-    """The weight of a standard float, bias-free ``lm_head`` Linear, else None."""
-    head = model.lm_head
-    if type(head) is torch.nn.Linear and head.bias is None and _plain_float(head.weight):
-        return head.weight
-    return None
+def plain_head(model) -> torch.Tensor | None:  # the weight of a float, bias-free lm_head Linear
+    kind, t = module_spec(model.lm_head) or ("", ())
+    return t[0] if kind == "linear" and t[1] is None else None
 
 
 def cpu_head_t(model) -> torch.Tensor | None:
@@ -91,24 +102,20 @@ def head(model, head_t: torch.Tensor | None) -> Fn:
         return lambda h: module(h).float()
     if head_t is None:
         return lambda h: F.linear(h, w).float()
-
-    def fast(h: torch.Tensor) -> torch.Tensor:
-        if h.shape[0] == 1:
-            return torch.mm(h, head_t).float()
-        # Several rows: a real gemm, fastest with the weight as stored (measured) — then rows contiguous.
-        return torch.mm(w, h.t()).t().contiguous().float()
-
-    return fast
+    return lambda h: float_logits(h, w, head_t)
 
 
-def gelu(act: torch.nn.Module) -> Fn:
-    """GPT-2's ``gelu_new`` as PyTorch's fused tanh GELU: the same function in one kernel instead of
-    eight (rounding differs by ~1e-7, checked token for token against ``generate`` in the tests)."""
-    from transformers.activations import NewGELUActivation
+def float_logits(h: torch.Tensor, w: torch.Tensor, head_t: torch.Tensor | None) -> torch.Tensor:
+    """``h [n, d] @ wᵀ`` as float32: one row through ``head_t`` (``cpu_head_t``); several rows a real
+    gemm, fastest with the weight as stored (measured), then rows made contiguous."""
+    if head_t is not None and h.shape[0] == 1:
+        return torch.mm(h, head_t).float()
+    return torch.mm(w, h.t()).t().contiguous().float()
 
-    if type(act) is NewGELUActivation:
-        return lambda x: F.gelu(x, approximate="tanh")
-    return act
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as 0 / -inf, made once per forward: SDPA would redo it in every layer."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 # ----------------------------------------------------------------------------------- GPT-2 decoder
@@ -135,14 +142,11 @@ class GPT2Decoder:
         self.n_head, self.d = cfg.n_head, cfg.n_embd
         self.dh = self.d // self.n_head
         self.max_pos = cfg.n_positions - 1
-        self.wte, self.wpe = embedding(tr.wte), embedding(tr.wpe)
-        self.ln_f = layer_norm(tr.ln_f)
+        self.wte, self.wpe, self.ln_f = fast(tr.wte), fast(tr.wpe), fast(tr.ln_f)
         self.dtype, self.device = tr.ln_f.weight.dtype, tr.ln_f.weight.device
         self.head = head(model, head_t)
-        self.layers = [(
-            layer_norm(b.ln_1), projection(b.attn.c_attn), projection(b.attn.c_proj), b.attn.scaling,
-            layer_norm(b.ln_2), projection(b.mlp.c_fc), projection(b.mlp.c_proj), gelu(b.mlp.act),
-        ) for b in tr.h]
+        self.layers = [(fast(b.ln_1), fast(b.attn.c_attn), fast(b.attn.c_proj), b.attn.scaling,
+                        fast(b.ln_2), fast(b.mlp.c_fc), fast(b.mlp.c_proj), fast(b.mlp.act)) for b in tr.h]
         self.cache: list[torch.Tensor] = []  # per layer [R, 2, n_head, C, dh]
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [R, C]
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [R] next position of each row
@@ -151,16 +155,8 @@ class GPT2Decoder:
         self.t = 0  # next column
 
     @staticmethod
-    def cpu_head_t(model) -> torch.Tensor | None:
-        return cpu_head_t(model)
-
-    @staticmethod
     def supports(model) -> bool:
         """A transformers GPT2LMHeadModel of the standard shape; its modules may be of any type."""
-        try:
-            from transformers import GPT2LMHeadModel
-        except ImportError:  # pragma: no cover
-            return False
         cfg = model.config
         if type(model) is not GPT2LMHeadModel or cfg.n_embd % cfg.n_head:
             return False
@@ -196,20 +192,17 @@ class GPT2Decoder:
 
     def _fit(self, rows: int, left: int, right: int) -> None:
         """Make room for ``rows`` rows, ``left`` columns before ``t`` and ``right`` from ``t`` on."""
-        cap_rows, cap_cols = self.capacity
-        lo = min(self.first, default=self.t)
         # Columns that must be kept: [lo, t) of the rows in use, and [t - left, t) for new ones.
-        keep_from = min(lo, self.t - left)
-        need_cols = self.t - keep_from + right
-        if rows <= cap_rows and keep_from >= 0 and self.t + right <= cap_cols:
+        keep_from = min(min(self.first, default=self.t), self.t - left)
+        if rows <= self.capacity[0] and keep_from >= 0 and self.t + right <= self.capacity[1]:
             return
-        # Grow by half again, so a stream of joins or steps reallocates rarely.
-        new_rows = rows if rows <= cap_rows else max(rows, cap_rows + cap_rows // 2)
-        new_cols = need_cols if need_cols <= cap_cols else max(need_cols, cap_cols + cap_cols // 2)
-        self._realloc(new_rows, new_cols, -keep_from)
+        self._realloc(*self._grown(rows, self.t - keep_from + right), -keep_from)
 
-    def reserve(self, steps: int) -> None:
-        self._fit(self.n, 0, steps)
+    def _grown(self, rows: int, cols: int) -> tuple[int, int]:
+        """Storage for ``rows`` × ``cols``, grown by half again so a stream of joins or steps reallocates rarely."""
+        cap_rows, cap_cols = self.capacity
+        return (rows if rows <= cap_rows else max(rows, cap_rows + cap_rows // 2),
+                cols if cols <= cap_cols else max(cols, cap_cols + cap_cols // 2))
 
     # ------------------------------------------------------------------------------- forward
 
@@ -229,13 +222,6 @@ class GPT2Decoder:
             h = h + proj(act(fc(ln2(h).view(-1, d)))).view(b, q, d)
         return h
 
-    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        # Made once per forward: SDPA would otherwise turn a boolean mask into this in every layer.
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.ln_f(h))
-
     @torch.inference_mode()
     def add(self, ids: torch.Tensor, mask: torch.Tensor, room: int = 1) -> torch.Tensor:
         """Prefill rows ``ids`` [k, width] into the batch, leaving ``room`` columns for the steps to come."""
@@ -253,37 +239,31 @@ class GPT2Decoder:
         # Pad queries attend to themselves only, so no softmax row is empty (which would be NaN).
         allowed = (causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)[None]
         h = self.wte(ids) + self.wpe(pos)
-        h = self._blocks(h, slice(r0, r1), c0, c1, c0, self._additive(allowed[:, None]))
+        h = self._blocks(h, slice(r0, r1), c0, c1, c0, additive(allowed[:, None], self.dtype))
         pads = (~mask).long().sum(1).tolist()  # left padding: real tokens start after the pads
         self.first += [c0 + p for p in pads]
         self.n = r1
-        return self._logits(h[:, -1])
-
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, capacity: int) -> torch.Tensor:
-        """A fresh batch of ``ids`` with room for ``capacity`` columns in all."""
-        self.n, self.first = 0, []
-        return self.add(ids, mask, capacity - ids.shape[1])
+        return self.head(self.ln_f(h[:, -1]))
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self._fit(self.n, 0, 1)
-        t, n = self.t, self.n
-        a0 = min(self.first)
+        t, n, a0 = self.t, self.n, min(self.first)
         self.valid[:n, t] = True
         # Finished rows still in the batch (not yet dropped) may run past the context; their output is unused.
-        pos = self.pos[:n].clamp(max=self.max_pos)
-        h = (self.wte(tokens) + self.wpe(pos))[:, None]
-        h = self._blocks(h, slice(0, n), t, t + 1, a0, self._additive(self.valid[:n, None, None, a0:t + 1]))
+        h = (self.wte(tokens) + self.wpe(self.pos[:n].clamp(max=self.max_pos)))[:, None]
+        mask = additive(self.valid[:n, None, None, a0:t + 1], self.dtype)
+        h = self._blocks(h, slice(0, n), t, t + 1, a0, mask)
         self.pos[:n] += 1
         self.t = t + 1
-        return self._logits(h[:, 0])
+        return self.head(self.ln_f(h[:, 0]))
 
     @torch.inference_mode()
     def remove(self, rows: list[int]) -> list[int]:
         """Drop batch positions ``rows``: the last live rows move into the holes (copying only those)."""
         gone = set(rows)
         n_keep = self.n - len(gone)
-        order = [i for i in range(self.n)]
+        order = list(range(self.n))
         holes = [i for i in sorted(gone) if i < n_keep]
         movers = [i for i in range(n_keep, self.n) if i not in gone]
         lo = min((self.first[i] for i in range(self.n) if i not in gone), default=self.t)
@@ -323,25 +303,19 @@ class HFDecoder:
         self.pos: torch.Tensor | None = None  # [n, 1]
         self.n = 0
 
-    def _out_cache(self, out) -> Any:
-        c = getattr(out, "cache", None)
-        return c if c is not None else getattr(out, "past_key_values", None)
+    @staticmethod
+    def _out_cache(out) -> Any:
+        return out.cache if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", None)
 
     @staticmethod
     def _layers(cache) -> list | None:
         """The (keys, values) holders of a DynamicCache of plain layers, else None."""
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-
-        if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
-            return None
-        return cache.layers
+        plain = type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+        return cache.layers if plain else None
 
     @property
     def can_add(self) -> bool:
         return self.n == 0 or self._layers(self.cache) is not None
-
-    def reserve(self, steps: int) -> None:
-        pass  # the HF cache grows by itself
 
     @torch.inference_mode()
     def add(self, ids: torch.Tensor, mask: torch.Tensor, room: int = 1) -> torch.Tensor:
@@ -363,23 +337,14 @@ class HFDecoder:
             raise RuntimeError("this model's cache type cannot take rows into a running batch")
         width = max(self.mask.shape[1], mask.shape[1])
 
-        def left_pad(x: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = width - x.shape[dim]
-            if not missing:
-                return x
-            shape = list(x.shape)
-            shape[dim] = missing
-            return torch.cat([x.new_zeros(shape), x], dim)
+        def left_pad(x: torch.Tensor, dim: int = 2) -> torch.Tensor:  # zeros before the columns (dim)
+            return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (width - x.shape[dim], 0))
 
         for a, b in zip(ours, theirs):
-            a.keys = torch.cat([left_pad(a.keys, 2), left_pad(b.keys, 2)], 0)
-            a.values = torch.cat([left_pad(a.values, 2), left_pad(b.values, 2)], 0)
+            a.keys = torch.cat([left_pad(a.keys), left_pad(b.keys)], 0)
+            a.values = torch.cat([left_pad(a.values), left_pad(b.values)], 0)
         self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], 0)
         self.pos = torch.cat([self.pos, pos], 0)
-
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, capacity: int) -> torch.Tensor:
-        self.n = 0
-        return self.add(ids, mask)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -20,14 +20,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from python3_distillation.device_plan import resolve_dtype
+from python3_distillation.generation.compiled import ENV, CompiledGPT2Decoder, CompiledStep, env_wants_compile
 from python3_distillation.generation.decoders import GPT2Decoder, HFDecoder, cpu_head_t
 from python3_distillation.generation.sampling import GenerationError, Knobs, SamplingParams, choose, new_rng
 from python3_distillation.generation.text import RowText, token_byte_table
+from python3_distillation.int8 import is_int8_dir
+from python3_distillation.models import open_model
+from python3_distillation.precision import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +80,7 @@ class RowInput:
 
 
 @dataclass(eq=False)
-class _Row:
-    key: Any
-    prompt: str
-    ids: list[int]
-    params: SamplingParams
+class _Row(RowInput):
     text: RowText
     rng: torch.Generator | None
     started: float
@@ -90,68 +92,7 @@ class _Row:
         return self.params.max_new_tokens - len(self.token_ids)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"``, ``"bfloat16"``, ``torch.float16``… → a torch dtype (None / ``"auto"`` → None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in names:
-        raise GenerationError(f"unknown dtype {dtype!r}; expected one of {', '.join(names)}")
-    return names[key]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def dequantize_int8(model, dtype: torch.dtype = torch.float32):
-    """A plain ``GPT2LMHeadModel`` from an int8 one (quantize.py's ``Int8Linear`` layers and int8
-    embedding table), every weight ``scale · q`` computed once, in ``dtype``.
-
-    Where PyTorch's int8 weight-only kernel is missing (CUDA), the int8 layers dequantize each whole
-    weight on every call; serving there dequantizes once at load instead: the same weights, dense
-    kernels, 2× (bf16) or 4× (fp32) the memory of int8.
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    def dense(module) -> torch.Tensor | None:  # [out, in] = scale[:, None] · q, or None for a float module
-        table = getattr(module, "table", module)
-        q, scale = getattr(table, "qweight", None), getattr(table, "scale", None)
-        if q is None or scale is None:
-            return None
-        return scale.float()[:, None] * q.float()
-
-    fields = {k: v for k, v in model.config.to_dict().items() if k not in ("quantization_config", "quantization_scheme")}
-    config = GPT2Config.from_dict(fields)
-    with torch.device("meta"):  # shapes only: every tensor is set below
-        plain = GPT2LMHeadModel(config)
-    source = model.state_dict()
-    state = {}
-    for key, like in plain.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied to the token embedding below, as in GPT-2
-        owner = key.rsplit(".", 1)[0]
-        if key.endswith(".weight") and (w := dense(model.get_submodule(owner))) is not None:
-            # transformers' Conv1D stores [in, out]; the embedding table is [vocab, d] like q.
-            state[key] = (w.t() if type(plain.get_submodule(owner)).__name__ == "Conv1D" else w).contiguous()
-        elif key in source:
-            state[key] = source[key].float()
-        else:
-            raise GenerationError(f"cannot dequantize: the int8 model has no {key}")
-        if tuple(state[key].shape) != tuple(like.shape):
-            raise GenerationError(f"cannot dequantize {key}: shape {tuple(state[key].shape)}, expected {tuple(like.shape)}")
-    plain.load_state_dict(state, strict=False, assign=True)
-    plain.lm_head.weight = plain.transformer.wte.weight
-    leftover = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
-    if leftover:
-        raise GenerationError(f"cannot dequantize: nothing to fill {leftover[:3]} with")
-    plain.generation_config = model.generation_config
-    return plain.to(dtype).eval()
 
 
 class Generator:
@@ -187,15 +128,11 @@ class Generator:
         # What the weights are stored in: the quantization scheme of the folder's lineage, else the dtype.
         scheme = (self.meta.get("quantization") or {}).get("scheme")
         self.precision = str(scheme) if scheme else DTYPE_NAMES.get(params[0].dtype, str(params[0].dtype))
-        self._bytes: list[bytes] | None = None
-        self._head_t: torch.Tensor | None = None
         self._step = self._compiled_step(compile)
         self.compile = self._step is not None
 
     def _compiled_step(self, wanted: bool | None):
         """The opt-in compiled decode step (generation/compiled.py): ``compile``, else ``DISTILL_COMPILE``."""
-        from python3_distillation.generation.compiled import ENV, CompiledStep, env_wants_compile
-
         if not (env_wants_compile() if wanted is None else wanted):
             return None
         if self.backend != "gpt2" or not CompiledStep.supports(self.model):
@@ -204,46 +141,32 @@ class Generator:
                                       f"on the 'gpt2' backend; this is {type(self.model).__name__} on '{self.backend}'")
             log.warning("%s ignored: the compiled step cannot run this model; decoding eagerly", ENV)
             return None
-        self._head_t = cpu_head_t(self.model)
-        return CompiledStep(self.model, self._head_t)
+        return CompiledStep(self.model, self.head_t)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None) -> Generator:
-        """Load a saved model folder (and its tokenizer, else GPT-2's); CUDA when available, else CPU.
+        """A saved model folder (``models.open_model``) on ``device``, else ``precision.pick_device``'s.
 
         ``dtype`` None/``auto`` keeps the folder's weights as saved (an int8 folder runs its int8
         layers); a dtype given for an int8 folder dequantizes it once, at load, into a plain GPT-2 in
         that dtype (what the server does on CUDA: device_plan.serving_dtype).
         """
-        from python3_distillation.models import load_model, read_meta
-        from python3_distillation.quantize import is_int8_dir
-        from python3_distillation.tokenizer import is_local_tokenizer_dir, load_tokenizer
-
         path = Path(model_dir).expanduser()
         if not path.is_dir():
             raise GenerationError(f"model folder {path} does not exist")
         if not (path / "config.json").is_file():
             raise GenerationError(f"{path} is not a saved model folder (no config.json)")
         torch_dtype = resolve_dtype(dtype)
-        int8 = is_int8_dir(path)
         try:
-            model = load_model(path, dtype=torch_dtype)
-            meta = read_meta(path)
-            if int8 and torch_dtype is not None:
-                model = dequantize_int8(model, torch_dtype)
+            model, tokenizer, meta = open_model(path, dtype=torch_dtype)
         except Exception as e:  # corrupt weights, unknown architecture…: one line for the user
             raise GenerationError(f"cannot load the model in {path}: {str(e).strip().splitlines()[0]}") from e
         try:
-            tokenizer = load_tokenizer(path if is_local_tokenizer_dir(path) else "gpt2")
-        except Exception as e:
-            raise GenerationError(f"cannot load a tokenizer for {path}: {str(e).strip().splitlines()[0]}") from e
-        try:
-            gen = cls(model, tokenizer, device=torch.device(device) if device else default_device(), name=path.name,
-                      meta=meta)
+            gen = cls(model, tokenizer, device=pick_device(device), name=path.name, meta=meta)
         except (RuntimeError, AssertionError) as e:  # "cuda" without CUDA, a malformed device string
             raise GenerationError(f"cannot use device {device!r}: {str(e).strip().splitlines()[0]}") from e
-        if int8 and torch_dtype is not None:
+        if is_int8_dir(path) and torch_dtype is not None:
             gen.precision = f"{DTYPE_NAMES.get(torch_dtype, str(torch_dtype))} (int8 dequantized at load)"
         return gen
 
@@ -259,7 +182,6 @@ class Generator:
 
     def check_prompt(self, prompt: str, params: SamplingParams, truncate: bool = False) -> list[int]:
         """Token ids of ``prompt``; errors for bad settings, empty or too-long prompts (``truncate``: keep the end)."""
-        params.validate()
         if not isinstance(prompt, str):
             raise GenerationError(f"prompt must be a string, got {type(prompt).__name__}")
         if not prompt.strip():
@@ -290,11 +212,8 @@ class Generator:
     def generate(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams],
                  truncate: bool = False) -> list[Completion]:
         """Complete every prompt in one batched decode; results in prompt order."""
-        out: list[Completion | None] = [None] * len(prompts)
-        for ev in self.stream_batch(prompts, params, truncate=truncate):
-            if ev.finished:
-                out[ev.row] = ev.completion
-        return out  # type: ignore[return-value]
+        done = _finished(self.stream_batch(prompts, params, truncate=truncate))
+        return [done[i] for i in range(len(done))]
 
     def stream(self, prompt: str, params: SamplingParams, truncate: bool = False) -> Iterator[str]:
         """Text pieces of one completion as they are produced (they concatenate to its ``text``)."""
@@ -311,15 +230,12 @@ class Generator:
         if isinstance(prompts, str):
             raise GenerationError("prompts must be a list of strings, not one string")
         prompts = list(prompts)
-        if isinstance(params, SamplingParams):
-            plist = [params] * len(prompts)
-        else:
-            plist = list(params)
-            if len(plist) != len(prompts):
-                raise GenerationError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
-            for p in plist:
-                if not isinstance(p, SamplingParams):
-                    raise GenerationError(f"expected SamplingParams, got {type(p).__name__}")
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise GenerationError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
+        for p in plist:
+            if not isinstance(p, SamplingParams):
+                raise GenerationError(f"expected SamplingParams, got {type(p).__name__}")
         rows = [RowInput(i, p, self.check_prompt(p, q, truncate), q) for i, (p, q) in enumerate(zip(prompts, plist))]
         return self._run(rows, cancelled)
 
@@ -337,21 +253,32 @@ class Generator:
         """An empty batched decode of this model (the server keeps one running)."""
         return DecodeBatch(self)
 
-    def token_bytes(self) -> list[bytes]:
-        if self._bytes is None:  # built on first use: ~0.2 s for GPT-2's 50257 tokens
-            self._bytes = token_byte_table(self.tokenizer, self.vocab_size)
-        return self._bytes
+    @cached_property
+    def token_bytes(self) -> list[bytes]:  # built on first use: ~0.2 s for GPT-2's 50257 tokens
+        return token_byte_table(self.tokenizer, self.vocab_size)
+
+    @cached_property
+    def head_t(self) -> torch.Tensor | None:
+        return cpu_head_t(self.model)
 
     def new_decoder(self):
         if self.backend != "gpt2":
             return HFDecoder(self.model)
-        if self._head_t is None:
-            self._head_t = cpu_head_t(self.model)
         if self._step is not None:
-            from python3_distillation.generation.compiled import CompiledGPT2Decoder
+            return CompiledGPT2Decoder(self.model, self.head_t, self._step)
+        return GPT2Decoder(self.model, self.head_t)
 
-            return CompiledGPT2Decoder(self.model, self._head_t, self._step)
-        return GPT2Decoder(self.model, self._head_t)
+
+def complete_rows(generator: Generator, rows: Sequence[RowInput]) -> dict[Any, Completion]:
+    """Decode ``rows`` (token-id prompts) in one batch: {row key: Completion}; a failing row raises.
+
+    Token ids go in as they are, so a prompt cut from the token stream is not re-tokenized.
+    """
+    return _finished(generator._run(list(rows), None))
+
+
+def _finished(events: Iterator[StreamEvent]) -> dict[Any, Completion]:
+    return {ev.row: ev.completion for ev in events if ev.finished}
 
 
 class DecodeBatch:
@@ -427,26 +354,37 @@ class DecodeBatch:
         """Prefill ``inputs`` into the batch; a group that fails is retried row by row, failing only culprits."""
         rows = [self._row(inp) for inp in inputs]
         room = max([r.remaining for r in rows] + [r.remaining for r in self.rows if not r.done])
-        try:
-            return self._prefill(rows, room), []
-        except Exception as e:
-            if len(rows) == 1:
-                log.warning("row %r failed to join: %r", rows[0].key, e)
-                return None, [StreamEvent(rows[0].key, "", True, error=e)]
-        logits, events = [], []
-        for r in rows:
+        events: list[StreamEvent] = []
+        if len(rows) > 1:
             try:
-                logits.append(self._prefill([r], room))
-            except Exception as e:
-                log.warning("row %r failed to join: %r", r.key, e)
-                events.append(StreamEvent(r.key, "", True, error=e))
+                return self._prefill(rows, room), events
+            except Exception:
+                pass  # retried row by row below
+        logits = [x for x in self._alone(rows, lambda j, r: self._prefill([r], room), events, "join") if x is not None]
         return (torch.cat(logits) if logits else None), events
+
+    def _alone(self, rows: list[_Row], fn: Callable[[int, _Row], Any], events: list[StreamEvent], what: str) -> list:
+        """``fn(row)`` of each row alone, after the batch's call failed, so that only the rows at fault fail
+        (their result None, an error event each)."""
+        out = []
+        for j, r in enumerate(rows):
+            try:
+                out.append(None if r.done else fn(j, r))
+            except Exception as e:
+                self._fail(r, e, events, what)
+                out.append(None)
+        return out
+
+    def _fail(self, row: _Row, e: Exception, events: list[StreamEvent], what: str) -> None:
+        log.warning("row %r failed to %s: %r", row.key, what, e)
+        row.done = True
+        events.append(StreamEvent(row.key, "", True, error=e))
 
     def _prefill(self, rows: list[_Row], room: int) -> torch.Tensor:
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.gen.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for j, r in enumerate(rows):
+        for j, r in enumerate(rows):  # LEFT padded
             ids[j, width - len(r.ids):] = torch.tensor(r.ids, dtype=torch.long)
             mask[j, width - len(r.ids):] = True
         logits = self.dec.add(ids.to(self.gen.device), mask.to(self.gen.device), room)
@@ -476,9 +414,10 @@ class DecodeBatch:
         events: list[StreamEvent] = []
         try:
             tokens = choose(logits, self.knobs, self.seen, [r.rng for r in self.rows])
-        except Exception:
-            tokens = self._choose_one_by_one(logits, events)
-        table, eos = self.gen.token_bytes(), self.gen.eos_token_id
+        except Exception:  # sample each row alone: only the row at fault fails
+            alone = self._alone(self.rows, lambda j, r: self._choose_alone(logits, j, r), events, "sample")
+            tokens = [-1 if t is None else t for t in alone]
+        table, eos = self.gen.token_bytes, self.gen.eos_token_id
         for r, tok in zip(self.rows, tokens):
             if r.done:
                 continue
@@ -495,35 +434,18 @@ class DecodeBatch:
                 elif delta:
                     events.append(StreamEvent(r.key, delta, False))
             except Exception as e:  # this row's text handling: it fails alone
-                log.warning("row %r failed: %r", r.key, e)
-                r.done = True
-                events.append(StreamEvent(r.key, "", True, error=e))
-        if self.seen is not None:
-            live = [j for j, r in enumerate(self.rows) if not r.done]
-            if live:
-                idx = torch.tensor(live, device=self.seen.device)
-                t = torch.tensor([tokens[j] for j in live], device=self.seen.device).clamp(0, self.gen.vocab_size - 1)
-                self.seen[idx, t] = True
+                self._fail(r, e, events, "decode")
+        live = [j for j, r in enumerate(self.rows) if not r.done]
+        if self.seen is not None and live:
+            idx = torch.tensor(live, device=self.seen.device)
+            t = torch.tensor([tokens[j] for j in live], device=self.seen.device).clamp(0, self.gen.vocab_size - 1)
+            self.seen[idx, t] = True
         self.tokens = [t if t >= 0 else self.gen.pad_token_id for t in tokens]
         return events
 
-    def _choose_one_by_one(self, logits: torch.Tensor, events: list[StreamEvent]) -> list[int]:
-        """The batch's sampling failed: sample each row alone so that only the row at fault fails."""
-        tokens = []
-        for j, r in enumerate(self.rows):
-            if r.done:
-                tokens.append(-1)
-                continue
-            try:
-                seen = self.seen[j:j + 1] if self.seen is not None else None
-                knobs = Knobs.build([r.params], self.gen.device)
-                tokens += choose(logits[j:j + 1], knobs, seen, [r.rng])
-            except Exception as e:
-                log.warning("sampling row %r failed: %r", r.key, e)
-                r.done = True
-                events.append(StreamEvent(r.key, "", True, error=e))
-                tokens.append(-1)
-        return tokens
+    def _choose_alone(self, logits: torch.Tensor, j: int, r: _Row) -> int:
+        seen = self.seen[j:j + 1] if self.seen is not None else None
+        return choose(logits[j:j + 1], Knobs.build([r.params], self.gen.device), seen, [r.rng])[0]
 
     def _finish(self, row: _Row, reason: str, delta: str = "") -> StreamEvent:
         row.done = True
@@ -557,6 +479,7 @@ class DecodeBatch:
 
     def _reset(self) -> None:
         self.rows, self.tokens, self.knobs, self.seen, self.can_prune = [], [], None, None, True
-        self.dec = self.gen.new_decoder() if not isinstance(self.dec, GPT2Decoder) else self.dec
         if isinstance(self.dec, GPT2Decoder):
             self.dec.n, self.dec.first = 0, []  # the cache storage is kept for the next rows
+        else:
+            self.dec = self.gen.new_decoder()

@@ -1,6 +1,6 @@
 """Token ids → text that is safe to hand out: whole UTF-8 characters, stop strings cut and never leaked.
 
-    python -c "from python3_distillation.generation.text import RowText; t = RowText(['bcd']); print(t.add(b'ab'), t.finish())"
+    python -c "import python3_distillation.generation.text as t; r = t.RowText(['bc']); print(r.add(b'ab'), r.finish())"
 
 Text is produced from token bytes through an incremental UTF-8 decoder, so a streamed piece never
 holds half a character, and text that could be the start of a stop string is held back until it
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import codecs
 
+from python3_distillation.tokenizer import bytes_to_unicode
+
 
 def token_byte_table(tokenizer, size: int) -> list[bytes]:
     """UTF-8 bytes of every token id, so text can be assembled token by token without half characters.
@@ -18,8 +20,6 @@ def token_byte_table(tokenizer, size: int) -> list[bytes]:
     Exact for byte-level BPE (GPT-2: each token's characters map back to bytes); for other tokenizers
     an approximation from decoding each id alone.
     """
-    from python3_distillation.tokenizer import bytes_to_unicode
-
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     n = min(size, len(tokenizer))
     pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
@@ -56,19 +56,13 @@ class RowText:
     def finish(self) -> str:
         """The row ended: flush a dangling partial character (as U+FFFD, like ``decode``) and release held text."""
         delta = "" if self.stopped else self._settle(self.decoder.decode(b"", final=True))
-        if self.stopped:
-            return delta
-        rest = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return delta + rest
+        return delta if self.stopped else delta + self._emit(len(self.text))
 
     def _settle(self, new: str) -> str:
         if self.stopped:
             return ""
         old = len(self.text)
         self.text += new
-        if not self.stop:
-            return self._emit(len(self.text))
         # A stop string first completed by this piece starts no earlier than this.
         start = max(0, old - self.longest_stop + 1)
         hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]

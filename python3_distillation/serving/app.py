@@ -19,13 +19,13 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 
 from python3_distillation.generation import GenerationError, Generator
 from python3_distillation.paths import PACKAGE_DIR
 from python3_distillation.serving import errors, guards, native_api, openai_api, page, probes, proxy
 from python3_distillation.serving.errors import HTTP_ERROR_TYPES
-from python3_distillation.serving.metrics import OTHER, method_label
+from python3_distillation.serving.metrics import METHODS, OTHER
 from python3_distillation.serving.settings import ServeConfig
 from python3_distillation.serving.state import ServingState
 
@@ -38,9 +38,7 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
 def create_app(config: ServeConfig | Mapping | None = None,
                generators: Mapping[str, Generator] | None = None) -> Flask:
     """Build the app; with ``generators`` given they are served as-is (tests, notebooks)."""
-    if config is None:
-        config = ServeConfig()
-    cfg = ServeConfig.from_dict(config) if isinstance(config, Mapping) else config.validate()
+    cfg = ServeConfig(**(config or {})) if config is None or isinstance(config, Mapping) else config
     app = Flask(__name__, template_folder=str(PACKAGE_DIR / "templates"), static_folder=str(PACKAGE_DIR / "static"))
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     app.json.sort_keys = False  # keep "error" bodies and completions in a readable order
@@ -88,12 +86,11 @@ def _before(allow: guards.HostAllowList) -> None:
 
 
 def _after(response: Response) -> Response:
-    from flask import current_app
-
     st = current_app.extensions["distill"]
     route = request.url_rule.rule if request.url_rule else OTHER  # the app's own rules: a closed set
     status = response.status_code
-    st.metrics.requests.labels(route=route, method=method_label(request.method), status=str(status)).inc()
+    method = request.method if request.method in METHODS else OTHER  # a closed set too
+    st.metrics.requests.labels(route=route, method=method, status=str(status)).inc()
     if status >= 400:
         kind = g.get("error_type", HTTP_ERROR_TYPES.get(status, "http_error"))
         st.metrics.errors.labels(route=route, type=kind).inc()

@@ -73,10 +73,6 @@ class Job:
         if not self.rows:
             raise ValueError("a job needs at least one row")
 
-    @property
-    def prompts(self) -> list[str]:
-        return [r.prompt for r in self.rows]
-
     def cancel(self) -> None:
         """Stop this job's rows at the next decode step (the client went away or gave up)."""
         self._cancelled.set()
@@ -85,12 +81,14 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    @property
-    def timed_out(self) -> bool:
-        return time.monotonic() >= self.deadline
-
     def should_stop(self) -> bool:
-        return self.cancelled or self.failed or self.timed_out
+        return self.cancelled or self.failed or time.monotonic() >= self.deadline
+
+    def finish_reason(self, completion) -> str:
+        """The completion's reason, where "cancelled" by the deadline (not by the client) is "time_limit"."""
+        if completion.finish_reason == "cancelled" and not self.cancelled:
+            return "time_limit"  # the generator only knows it was told to stop
+        return completion.finish_reason
 
     def put(self, kind: str, payload: Any = None) -> None:
         self._events.put((kind, payload))
@@ -133,7 +131,7 @@ class Batcher:
         self.generator, self.name = generator, name
         self.max_rows, self.max_queue, self.continuous = max_rows, max_queue, continuous
         self.window_s, self.max_wait_s = window_s, max(max_wait_s, window_s)
-        self.metrics = metrics
+        self.metrics = metrics or ServerMetrics()  # a registry of its own when the app shares none
         self._line: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -141,8 +139,6 @@ class Batcher:
         self.running_rows = 0
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
-
-    # ------------------------------------------------------------------------- request threads
 
     def submit(self, job: Job) -> None:
         """Put ``job`` in the waiting line; ``LineFull`` when it holds ``max_queue`` jobs already."""
@@ -183,11 +179,8 @@ class Batcher:
         with self._cond:
             return len(self._line)
 
-    # ------------------------------------------------------------------------------- the worker
-
     def _set_depth(self) -> None:
-        if self.metrics:
-            self.metrics.queue_depth.labels(model=self.name).set(len(self._line))
+        self.metrics.queue_depth.labels(model=self.name).set(len(self._line))
 
     def _take(self, running: int, accepts: bool) -> list[Job] | None:
         """Jobs that join at this step (None: closed). Blocks only while nothing is decoding."""
@@ -239,7 +232,7 @@ class Batcher:
             self.running_rows = 0
 
     def _loop(self, live: dict[Job, None]) -> None:
-        batch = self.generator.new_batch()
+        batch, m = self.generator.new_batch(), self.metrics
         while True:
             jobs = self._take(len(batch), batch.accepts_rows)
             if jobs is None:
@@ -250,7 +243,7 @@ class Batcher:
             for job in jobs:
                 if job.cancelled:
                     job.put(FAILED, JobTimeout("cancelled before it started"))
-                elif job.timed_out:
+                elif now >= job.deadline:
                     job.put(FAILED, JobTimeout("the time limit passed while waiting for the model"))
                 else:
                     joining.append(job)
@@ -260,16 +253,21 @@ class Batcher:
                 job.started, job.remaining, job.batch_rows = now, len(job.rows), decoding
                 live[job] = None
                 job.put(STARTED)
-                if self.metrics:
-                    self.metrics.queue_wait.labels(model=self.name).observe(now - job.submitted)
+                m.queue_wait.labels(model=self.name).observe(now - job.submitted)
             events = batch.step(new, stop=lambda key: key[0].should_stop())
             self.running_rows = len(batch)
             for event in events:
                 self._deliver(event, live)
-            self._count_step(batch, bool(new))
+            m.running_rows.labels(model=self.name).set(self.running_rows)
+            if batch.rows_in_use:
+                m.steps.labels(model=self.name).inc()
+                m.batch_rows.labels(model=self.name).observe(batch.rows_in_use)
+            if new:
+                m.joins.labels(model=self.name).inc()
 
     def _deliver(self, event: StreamEvent, live: dict[Job, None]) -> None:
         job, local = event.row
+        m = self.metrics
         if job.failed:
             return
         if event.error is not None:  # this job's row failed: the whole request fails, its other rows stop
@@ -279,33 +277,14 @@ class Batcher:
             return
         if event.text and job.first_text is None:
             job.first_text = time.monotonic()
-            if self.metrics:
-                self.metrics.ttft.labels(model=self.name).observe(job.first_text - job.submitted)
+            m.ttft.labels(model=self.name).observe(job.first_text - job.submitted)
         job.put(EVENT, (local, StreamEvent(local, event.text, event.finished, event.completion)))
         if event.finished:
             if event.completion is not None:
-                self._count(event.completion, job)
+                m.prompt_tokens.labels(model=self.name).inc(event.completion.prompt_tokens)
+                m.generated_tokens.labels(model=self.name).inc(event.completion.completion_tokens)
+                m.finished.labels(model=self.name, reason=job.finish_reason(event.completion)).inc()
             job.remaining -= 1
             if job.remaining == 0:
                 job.put(DONE)
                 live.pop(job, None)
-
-    def _count_step(self, batch, joined: bool) -> None:
-        if not self.metrics:
-            return
-        m = self.metrics
-        m.running_rows.labels(model=self.name).set(self.running_rows)
-        if batch.rows_in_use:
-            m.steps.labels(model=self.name).inc()
-            m.batch_rows.labels(model=self.name).observe(batch.rows_in_use)
-        if joined:
-            m.joins.labels(model=self.name).inc()
-
-    def _count(self, completion, job: Job) -> None:
-        if self.metrics:
-            reason = completion.finish_reason
-            if reason == "cancelled" and not job.cancelled:
-                reason = "time_limit"  # the generator only knows it was told to stop
-            self.metrics.prompt_tokens.labels(model=self.name).inc(completion.prompt_tokens)
-            self.metrics.generated_tokens.labels(model=self.name).inc(completion.completion_tokens)
-            self.metrics.finished.labels(model=self.name, reason=reason).inc()

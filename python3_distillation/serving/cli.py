@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 
-from python3_distillation.errors import EXIT_BAD_INPUT
+from python3_distillation.device_plan import SERVING_DTYPES
+from python3_distillation.errors import BadInput, ModelError
 from python3_distillation.paths import model_arg, model_dir
 from python3_distillation.serving.settings import ServeConfig
 
@@ -39,7 +40,7 @@ def build_parser(default_model: str) -> argparse.ArgumentParser:
     parser.add_argument("--host", default=d.host, help="bind address (default %(default)s; 0.0.0.0 to expose)")
     parser.add_argument("--port", type=int, default=d.port, help="default %(default)s")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best available)")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default=os.environ.get("DISTILL_DTYPE", d.dtype),
+    parser.add_argument("--dtype", choices=list(SERVING_DTYPES), default=os.environ.get("DISTILL_DTYPE", d.dtype),
                         help="weights' dtype: auto = bf16 on GPUs with native bf16, fp16 on older ones, fp32 on CPU; "
                              "int8 folders stay int8 on CPU and are dequantized once on CUDA (default %(default)s, "
                              "$DISTILL_DTYPE)")
@@ -62,7 +63,7 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(model_dirs=[] if args.backend else dirs, host=args.host,
                        port=args.port, device=args.device, dtype=args.dtype, max_batch_rows=args.max_batch_rows,
                        max_queue=args.max_queue, max_prompts=args.max_prompts, time_limit_s=args.time_limit,
-                       batching=args.batching, allowed_hosts=args.allowed_host, backend_url=args.backend).validate()
+                       batching=args.batching, allowed_hosts=args.allowed_host, backend_url=args.backend)
 
 
 def main(argv: list[str] | None = None, default_model: str = "v2") -> int:
@@ -73,10 +74,10 @@ def main(argv: list[str] | None = None, default_model: str = "v2") -> int:
         config = config_from(args)
         missing = [d for d in config.model_dirs if not os.path.isdir(d)]
         if missing:
-            raise ValueError(f"model folder(s) not found: {', '.join(missing)} (train them first: `make run`)")
-    except ValueError as e:
+            raise ModelError(f"model folder(s) not found: {', '.join(missing)} (train them first: `make run`)")
+    except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return e.exit_status
     return serve(config)
 
 

@@ -11,6 +11,8 @@ from typing import Any
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from python3_distillation.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 # The closed set of error types (also the metrics' "type" label).
@@ -22,8 +24,6 @@ ERROR_TYPES = frozenset(HTTP_ERROR_TYPES.values()) | {"invalid_request_error", "
 
 
 class ApiError(Exception):
-    """An error answered as OpenAI-style JSON with an HTTP status."""
-
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
         super().__init__(message)
@@ -63,6 +63,11 @@ def _http_error(e: HTTPException) -> Response:
     return error_response(err)
 
 
+def _bad_input(e: BadInput) -> Response:  # a body breaking its schema, sampling values, a prompt too long...
+    return error_response(ApiError(e.status, e.message, "invalid_json" if e.status == 400 else "invalid_request_error",
+                                   e.param))
+
+
 def _unexpected_error(e: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.path)
     return error_response(ApiError(500, f"internal error: {type(e).__name__}", "server_error"))
@@ -70,5 +75,6 @@ def _unexpected_error(e: Exception) -> Response:
 
 def install(app: Flask) -> None:
     app.register_error_handler(ApiError, error_response)
+    app.register_error_handler(BadInput, _bad_input)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)

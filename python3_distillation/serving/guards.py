@@ -37,13 +37,6 @@ def host_name(header: str) -> str:
     return h.rstrip(".")
 
 
-def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(name)
-    except ValueError:
-        return None
-
-
 class HostAllowList:
     def __init__(self, config: ServeConfig):
         binds = [host_name(b) for b in config.host.split(",")]
@@ -60,10 +53,10 @@ class HostAllowList:
         name = host_name(header)
         if name in self.names:
             return True
-        ip = _ip(name)
-        if ip is not None:
-            return ip.is_loopback or self.any_ip
-        return self.any_ip and "." not in name and bool(name)
+        try:
+            return ipaddress.ip_address(name).is_loopback or self.any_ip
+        except ValueError:  # a name: with a wildcard bind, single-label ones (a compose service) pass
+            return self.any_ip and "." not in name and bool(name)
 
 
 def check_request(allow: HostAllowList) -> None:

@@ -17,17 +17,10 @@ import os
 from python3_distillation.serving.settings import ServeConfig
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw.isdigit() else default
-
-
-_defaults = ServeConfig()
 bind = ["127.0.0.1:6006"]
 worker_class = "gthread"
 workers = 1
-threads = ServeConfig(max_batch_rows=_int_env("DISTILL_MAX_BATCH_ROWS", _defaults.max_batch_rows),
-                      max_queue=_int_env("DISTILL_MAX_QUEUE", _defaults.max_queue)).server_threads
+threads = ServeConfig.from_env().server_threads
 # A streamed generation holds its connection far longer than gunicorn's default 30 s.
 timeout = 120
 graceful_timeout = 30

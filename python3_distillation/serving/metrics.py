@@ -24,10 +24,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def method_label(method: str) -> str:
-    return method if method in METHODS else OTHER
-
-
 class ServerMetrics:
     """The server's metrics, named once here so routes and the batcher agree on them."""
 

@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
 from python3_distillation.serving import admission
 from python3_distillation.serving.errors import invalid
-from python3_distillation.serving.openai_api import read
 from python3_distillation.serving.schemas import GenerateRequest
-from python3_distillation.serving.state import ServingState
 
 bp = Blueprint("native_api", __name__)
-
-
-def state() -> ServingState:
-    return current_app.extensions["distill"]
 
 
 @bp.post("/api/generate")
 def generate() -> Response:
     """``{"prompt" | "prompts", "model"?, sampling fields}`` → completions + timings."""
-    st = state()
-    req: GenerateRequest = read(GenerateRequest)
+    st = admission.state()
+    req: GenerateRequest = admission.read(GenerateRequest)
     name, gen, batcher = st.model(req.model)
     prompts = req.prompt_list()
     key = "prompt" if req.prompt is not None else "prompts"
@@ -41,7 +35,7 @@ def generate() -> Response:
     job = admitted.job
     total = time.monotonic() - t0
     out = [{"index": i, "prompt": c.prompt, "text": c.text, "prompt_tokens": c.prompt_tokens,
-            "completion_tokens": c.completion_tokens, "finish_reason": admission.finish_reason(c, job),
+            "completion_tokens": c.completion_tokens, "finish_reason": job.finish_reason(c),
             "seconds": round(c.seconds, 4),
             "tokens_per_second": round(c.completion_tokens / c.seconds, 2) if c.seconds > 0 else None}
            for i, c in enumerate(done)]
@@ -52,19 +46,10 @@ def generate() -> Response:
 
 @bp.get("/api/info")
 def info() -> Response:
-    st = state()
+    st = admission.state()
     c = st.config
     status, ready = st.readiness()
     return jsonify({"ready": status == 200, "error": ready.get("reason") if ready["status"] == "failed" else None,
                     "default": st.default, "backend": None, "models": list(st.info.values()),
-                    "limits": limits(c)})
+                    "limits": admission.limits(c)})
 
-
-def limits(c) -> dict:
-    from python3_distillation.generation import sampling
-    from python3_distillation.serving import schemas
-
-    return {"max_prompts": c.max_prompts, "max_batch_rows": c.max_batch_rows, "max_queue": c.max_queue,
-            "time_limit_s": c.time_limit_s, "max_body_bytes": c.max_body_bytes, "batching": c.batching,
-            "max_prompt_chars": schemas.MAX_PROMPT_CHARS, "max_stop_strings": sampling.MAX_STOP_STRINGS,
-            "max_stop_chars": sampling.MAX_STOP_CHARS, "max_temperature": sampling.MAX_TEMPERATURE}

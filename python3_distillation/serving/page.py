@@ -28,20 +28,12 @@ def strings() -> dict[str, dict[str, str]]:
     return json.loads(I18N_FILE.read_text(encoding="utf-8"))
 
 
-def language() -> str:
-    return request.accept_languages.best_match(LANGUAGES, default="en")
-
-
 @bp.get("/")
 def index() -> str:
     st = current_app.extensions["distill"]
-    lang = language()
+    lang = request.accept_languages.best_match(LANGUAGES, default="en")
     table = strings()
-
-    def t(key: str) -> str:
-        return table[key][lang]
-
     # "<" escaped: the table sits inside a <script> block.
     i18n = json.dumps(table, ensure_ascii=False).replace("<", "\\u003c")
-    return render_template("index.html", models=list(st.info.values()), default=st.default, lang=lang, t=t,
-                           i18n=i18n, backend=bool(st.config.backend_url))
+    return render_template("index.html", models=list(st.info.values()), default=st.default, lang=lang,
+                           t=lambda key: table[key][lang], i18n=i18n, backend=bool(st.config.backend_url))

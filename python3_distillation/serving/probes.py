@@ -7,19 +7,17 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
 
+from python3_distillation.serving.errors import ApiError, error_response
 from python3_distillation.serving.metrics import CONTENT_TYPE
 
 bp = Blueprint("probes", __name__)
 
 
 def _answer(status: int, body: dict) -> Response:
-    if status != 200:  # every error answer carries the error object too
-        body = {**body, "error": {"message": body["reason"], "type": "not_ready", "param": None, "code": status}}
-    response = jsonify(body)
-    response.status_code = status
-    if status != 200:
-        response.headers["Retry-After"] = "5"
-    return response
+    if status == 200:
+        return jsonify(body)
+    # Every error answer carries the error object too, beside the probe's own fields.
+    return error_response(ApiError(status, body["reason"], "not_ready", headers={"Retry-After": "5"}, extra=body))
 
 
 @bp.get("/health")

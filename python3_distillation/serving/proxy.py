@@ -23,11 +23,9 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from python3_distillation.serving.errors import ApiError, invalid
+from python3_distillation.serving.admission import SSE_HEADERS, limits, read_completions, sse
+from python3_distillation.serving.errors import ApiError
 from python3_distillation.serving.metrics import ServerMetrics
-from python3_distillation.serving.native_api import limits
-from python3_distillation.serving.openai_api import read
-from python3_distillation.serving.schemas import CompletionRequest
 from python3_distillation.serving.settings import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -93,14 +91,10 @@ class ProxyState:
         status, body = self.backend.get_json("/v1/models", PROBE_TIMEOUT_S)
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
             raise ApiError(502, f"the backend answered /v1/models with HTTP {status}", "backend_error")
-        out = []
-        for m in body["data"]:
-            if isinstance(m, dict) and isinstance(m.get("id"), str):
-                out.append({"id": m["id"], "n_params": m.get("n_params"),
-                            "context_length": m.get("context_length") or m.get("max_model_len"),
-                            "precision": m.get("precision"), "device": "backend", "n_layer": m.get("n_layer"),
-                            "size": None})
-        return out
+        return [{"id": m["id"], "n_params": m.get("n_params"),
+                 "context_length": m.get("context_length") or m.get("max_model_len"),
+                 "precision": m.get("precision"), "device": "backend", "n_layer": m.get("n_layer"), "size": None}
+                for m in body["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     def health(self) -> tuple[int, dict[str, Any]]:
         return 200, {"status": "ok", "models": "backend"}
@@ -142,11 +136,7 @@ def info() -> Response:
 def completions() -> Response:
     st = state()
     raw = request.get_data(cache=True)
-    req: CompletionRequest = read(CompletionRequest)  # the same bounds as the built-in generator
-    rows = len(req.prompt) * (req.n or 1)
-    if rows > st.config.max_prompts:
-        raise invalid(f"{len(req.prompt)} prompts × n={req.n or 1} = {rows} completions; the limit is "
-                      f"{st.config.max_prompts}", "n" if (req.n or 1) > 1 else "prompt")
+    read_completions(st.config.max_prompts)  # the same bounds as the built-in generator, then sent as is
     conn, resp = st.backend.open("POST", "/v1/completions", raw, st.config.time_limit_s)
     kind = resp.getheader("Content-Type", "application/json")
     if not kind.startswith("text/event-stream"):
@@ -167,11 +157,10 @@ def completions() -> Response:
         except OSError as e:  # the backend went away mid-stream: end with an error event the page shows
             log.warning("backend stream broke after %.1f s: %r", time.monotonic() - started, e)
             err = ApiError(502, f"the backend stream broke ({type(e).__name__})", "backend_error")
-            yield ("data: " + json.dumps(err.body()) + "\n\ndata: [DONE]\n\n").encode()
+            yield (sse(err.body()) + "data: [DONE]\n\n").encode()
         finally:  # also on client disconnect: closing the connection stops the backend's generation
             conn.close()
 
-    response = Response(relay(), status=resp.status, mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = Response(relay(), status=resp.status, mimetype="text/event-stream", headers=SSE_HEADERS)
     response.call_on_close(conn.close)
     return response

@@ -1,4 +1,4 @@
-"""One typed schema per input: ``POST /api/generate``, ``POST /v1/completions`` and the CLI's JSONL lines.
+"""One typed schema per request body: ``POST /api/generate`` and ``POST /v1/completions``.
 
     python -c "from python3_distillation.serving.schemas import parse, CompletionRequest; \
 print(parse(CompletionRequest, b'{\"prompt\": \"Hi\", \"max_tokens\": 4}'))"
@@ -14,72 +14,29 @@ request) are checked where the model is known. Errors become :class:`SchemaError
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, model_validator
+
+from python3_distillation.errors import SchemaError
+from python3_distillation.generation.sampling import SamplingParams
+from python3_distillation.validation import (
+    NewTokens,
+    Penalty,
+    Seed,
+    Stop,
+    Temperature,
+    Text,
+    TopK,
+    TopP,
+    first_error,
+    valid_unicode,
 )
 
-from python3_distillation.generation.sampling import (
-    MAX_NEW_TOKENS,
-    MAX_REPETITION_PENALTY,
-    MAX_STOP_CHARS,
-    MAX_STOP_STRINGS,
-    MAX_TEMPERATURE,
-    MAX_TOP_K,
-    MIN_REPETITION_PENALTY,
-    SEED_LIMIT,
-    SamplingParams,
-)
-
-MAX_PROMPT_CHARS = 65_536  # far past any 1024-token context; tokenizing this takes milliseconds
 MAX_PROMPTS = 256  # per request before the server's own (smaller, configurable) limit applies
 MAX_NAME_CHARS = 256  # model names, user ids
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
-
-
-class SchemaError(ValueError):
-    """Input that breaks a schema; ``status`` 400 (not JSON) or 422, ``param`` the field at fault."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 422):
-        super().__init__(message)
-        self.message, self.param, self.status = message, param, status
-
-
-def _unicode(s: str) -> str:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text holds a lone surrogate (not valid Unicode)") from None
-    return s
-
-
-def _stop_list(v: Any) -> Any:
-    """OpenAI accepts one stop string or a list of them; null means none."""
-    if v is None:
-        return []
-    return [v] if isinstance(v, str) else v
-
-
-Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_unicode)]
-Name = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_unicode)]
-StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
-Stop = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS), BeforeValidator(_stop_list)]
-Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
-TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
-Penalty = Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)]
-TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K)]
-NewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
-Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
-
-STRICT = ConfigDict(extra="forbid", strict=True)
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(valid_unicode)]
 
 
 def _prompts(v: Any) -> Any:
@@ -96,28 +53,10 @@ def _prompts(v: Any) -> Any:
 Prompts = Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS), BeforeValidator(_prompts)]
 
 
-class SamplingFields(BaseModel):
-    """The sampling fields of the native API and of the CLI's JSONL lines (SamplingParams' names)."""
-
-    model_config = STRICT
-
-    max_new_tokens: NewTokens = 64
-    temperature: Temperature = 1.0
-    top_k: TopK = 0
-    top_p: TopP = 1.0
-    repetition_penalty: Penalty = 1.0
-    stop: Stop = []
-    seed: Seed | None = None
-    ignore_eos: bool = False
-
-    def params(self) -> SamplingParams:
-        fields = self.model_dump(include=set(SamplingFields.model_fields))
-        return SamplingParams(**fields).validate()
-
-
-class GenerateRequest(SamplingFields):
+class GenerateRequest(SamplingParams):
     """``POST /api/generate``: ``prompt`` (a string) or ``prompts`` (a list), ``model``, sampling fields."""
 
+    stop: Stop = []
     prompt: Text | None = None
     prompts: Prompts | None = None
     model: Name | None = None
@@ -132,14 +71,8 @@ class GenerateRequest(SamplingFields):
         return [self.prompt] if self.prompt is not None else list(self.prompts or [])
 
 
-class PromptLine(SamplingFields):
-    """One line of the CLI's ``--prompts-file`` JSONL: a prompt and any sampling field."""
-
-    prompt: Text
-
-
 class StreamOptions(BaseModel):
-    model_config = STRICT
+    model_config = SamplingParams.model_config
     include_usage: bool | None = None
 
 
@@ -148,20 +81,16 @@ def _neutral(*allowed: Any):
 
     def check(v: Any) -> Any:
         if v not in allowed or isinstance(v, bool) != isinstance(allowed[-1], bool):
-            raise ValueError(f"not supported by this server; omit it or send {_json(allowed[-1])}")
+            raise ValueError(f"not supported by this server; omit it or send {json.dumps(allowed[-1])}")
         return v
 
     return Annotated[Any, BeforeValidator(check)]
 
 
-def _json(v: Any) -> str:
-    return json.dumps(v)
-
-
 class CompletionRequest(BaseModel):
     """``POST /v1/completions``, OpenAI's fields (plus top_k, repetition_penalty and ignore_eos, as vLLM)."""
 
-    model_config = STRICT
+    model_config = SamplingParams.model_config
 
     prompt: Prompts
     model: Name | None = None
@@ -186,53 +115,33 @@ class CompletionRequest(BaseModel):
     logit_bias: _neutral(None, {}) = None
 
     def params(self) -> SamplingParams:
-        return SamplingParams(
+        """OpenAI's names and defaults mapped onto SamplingParams (each field checked already)."""
+        return SamplingParams.model_construct(
             max_new_tokens=OPENAI_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            stop=list(self.stop), seed=self.seed, ignore_eos=bool(self.ignore_eos)).validate()
-
-
-# pydantic names union branches in an error's location ("int", "function-after[...]"): not fields.
-_BRANCH = re.compile(r"^(int|float|str|bool|none|list|dict)$|[\[\-]")
+            stop=list(self.stop), seed=self.seed, ignore_eos=bool(self.ignore_eos))
 
 
 def _error(e: ValidationError) -> SchemaError:
-    first = e.errors(include_url=False, include_input=False)[0]
-    loc = [str(x) for x in first.get("loc", ())]
-    kind = first.get("type", "")
-    msg = first.get("msg", "invalid value")
-    msg = msg.removeprefix("Value error, ")
-    msg = msg[:1].lower() + msg[1:]
+    path, kind, msg, _ = first_error(e, dotted=True)
+    field = str(e.errors()[0]["loc"][0]) if path else ""
     if kind == "json_invalid":
-        return SchemaError(f"malformed JSON: {msg.removeprefix('invalid JSON: ')}", None, 400)
-    if not loc:
-        if kind == "model_type":
-            return SchemaError("the JSON body must be an object")
-        return SchemaError(msg)
-    field = loc[0]
-    path = ".".join(x for x in loc if not _BRANCH.search(x))
+        return SchemaError(f"malformed JSON: {msg.removeprefix('invalid JSON: ')}", status=400)
+    if not path:
+        return SchemaError("the JSON body must be an object" if kind == "model_type" else msg)
     if kind == "extra_forbidden":
-        return SchemaError(f"unrecognized request argument: {field[:100]}", field[:100])
+        return SchemaError(f"unrecognized request argument: {field[:100]}", param=field[:100])
     if kind == "missing":
-        return SchemaError(f"'{field}' is required", field)
-    return SchemaError(f"'{path}': {msg}", field)
+        return SchemaError(f"'{field}' is required", param=field)
+    return SchemaError(f"'{path}': {msg}", param=field)
 
 
 def parse(schema: type[BaseModel], raw: bytes | str) -> Any:
-    """Validate a JSON body against ``schema`` (raises :class:`SchemaError`)."""
     if not raw.strip():
-        raise SchemaError("the request body is empty; send a JSON object", None, 400)
+        raise SchemaError("the request body is empty; send a JSON object", status=400)
     try:
         return schema.model_validate_json(raw)
-    except ValidationError as e:
-        raise _error(e) from None
-
-
-def validate(schema: type[BaseModel], obj: Any) -> Any:
-    """Validate already-parsed JSON (e.g. a JSONL line read with ``json.loads``)."""
-    try:
-        return schema.model_validate(obj)
     except ValidationError as e:
         raise _error(e) from None

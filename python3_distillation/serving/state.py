@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
+from python3_distillation.device_plan import serving_dtype
 from python3_distillation.generation import Generator
+from python3_distillation.int8 import is_int8_dir
+from python3_distillation.precision import pick_device
 from python3_distillation.serving.batching import Batcher
 from python3_distillation.serving.errors import ApiError, invalid
 from python3_distillation.serving.metrics import ServerMetrics
@@ -47,17 +50,13 @@ class ServingState:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.metrics = ServerMetrics()
-        self.generators: dict[str, Generator] = {}
         self.batchers: dict[str, Batcher] = {}
         self.info: dict[str, dict[str, Any]] = {}
         self.default: str | None = None
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.loading_since = time.monotonic()
-        self.closed = False
         _LIVE.add(self)
-
-    # Loading ---------------------------------------------------------------
 
     def load(self) -> None:
         """Load every configured model once (the slow part: runs in a thread when backgrounded)."""
@@ -76,31 +75,26 @@ class ServingState:
             raise
 
     def weights_dtype(self, folder: Path) -> tuple[torch.dtype | None, str]:
-        """The dtype to load ``folder`` in on this server's device, and why (device_plan.serving_dtype):
-        int8 is a CPU format here; on CUDA an int8 folder is served dequantized once at load."""
-        from python3_distillation.device_plan import serving_dtype
-        from python3_distillation.generation import default_device
-        from python3_distillation.quantize import is_int8_dir
-
+        """The dtype to load ``folder`` in on this server's device, and why (device_plan.serving_dtype)."""
         try:
-            device = torch.device(self.config.device) if self.config.device else default_device()
+            device = pick_device(self.config.device)
         except RuntimeError:  # a malformed device string: Generator.from_pretrained says so in one line
             return None, "device unknown"
         return serving_dtype(self.config.dtype, device, int8=is_int8_dir(folder))
 
     def install(self, generators: Mapping[str, Generator | tuple[Generator, Path | None]]) -> None:
-        gens, info, batchers = {}, {}, {}
+        info, batchers = {}, {}
         c = self.config
         for name, value in generators.items():
             gen, folder = value if isinstance(value, tuple) else (value, None)
-            gens[name], info[name] = gen, describe(name, gen, folder)
+            info[name] = describe(name, gen, folder)
             batchers[name] = Batcher(gen, name, max_rows=c.max_batch_rows, max_queue=c.max_queue,
                                      window_s=c.batch_window_ms / 1000, max_wait_s=c.batch_max_wait_ms / 1000,
                                      continuous=c.batching == "continuous", metrics=self.metrics)
             self.metrics.add_model(name)
         # Published whole, then flagged ready: request threads never see a half-filled dict.
-        self.generators, self.info, self.batchers = gens, info, batchers
-        self.default = next(iter(gens))
+        self.info, self.batchers = info, batchers
+        self.default = next(iter(batchers))
         self.ready.set()
         self.metrics.ready.set(1)
         log.info("serving %s", ", ".join(f"{n} ({i['n_params']:,} params)" for n, i in self.info.items()))
@@ -114,38 +108,33 @@ class ServingState:
 
     def close(self) -> None:
         """Stop every batcher thread (unfinished requests fail with 503). Safe to call twice."""
-        self.closed = True
         for b in self.batchers.values():
             b.close()
         self.metrics.ready.set(0)
 
-    # Health ----------------------------------------------------------------
-
-    def _dead_batcher(self) -> str | None:
+    def _failure(self) -> str | None:
+        """Why this process cannot serve: loading failed, or a batcher thread died."""
         for name, b in self.batchers.items():
             if not b.alive:
-                return f"the batcher thread of model {name!r} is not running" + (f": {b.error}" if b.error else "")
-        return None
+                return public(f"the batcher thread of model {name!r} is not running"
+                              + (f": {b.error}" if b.error else ""))
+        return self.load_error
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """Liveness: (HTTP status, body)."""
-        if self.load_error:
-            return 503, {"status": "failed", "reason": self.load_error}
-        dead = self._dead_batcher()
-        if dead:
-            return 503, {"status": "failed", "reason": public(dead)}
+        failure = self._failure()
+        if failure:
+            return 503, {"status": "failed", "reason": failure}
         return 200, {"status": "ok", "models": "ready" if self.ready.is_set() else "loading"}
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
         """Readiness: (HTTP status, body with the reason when not ready)."""
-        if self.load_error:
-            return 503, {"status": "failed", "reason": self.load_error}
+        failure = self._failure()  # batchers exist only once loaded, so a dead one means a loaded model
+        if failure:
+            return 503, {"status": "failed", "reason": failure}
         if not self.ready.is_set():
             waited = time.monotonic() - self.loading_since
             return 503, {"status": "loading", "reason": f"models are still loading ({waited:.0f} s so far)"}
-        dead = self._dead_batcher()
-        if dead:
-            return 503, {"status": "failed", "reason": public(dead)}
         return 200, {"status": "ready", "models": list(self.info)}
 
     def require_ready(self) -> None:
@@ -162,7 +151,7 @@ class ServingState:
         if name not in self.batchers:
             raise ApiError(404, f"model {name[:100]!r} is not loaded; available: {sorted(self.batchers)}",
                            "model_not_found", "model")
-        return name, self.generators[name], self.batchers[name]
+        return name, self.batchers[name].generator, self.batchers[name]
 
 
 def describe(name: str, gen: Generator, folder: Path | None) -> dict[str, Any]:
@@ -178,9 +167,9 @@ def describe(name: str, gen: Generator, folder: Path | None) -> dict[str, Any]:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
 

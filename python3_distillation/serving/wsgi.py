@@ -3,13 +3,8 @@
     gunicorn --config python:python3_distillation.serving.gunicorn_conf --bind 127.0.0.1:6006 \\
         python3_distillation.serving.wsgi:app
 
-Configured by environment variables: ``DISTILL_MODEL_DIR`` (default: the trained v2 student),
-``DISTILL_COMPARE_DIRS`` (comma-separated extra models, e.g. the teacher), ``DISTILL_DEVICE``,
-``DISTILL_BACKEND_URL`` (answer from an OpenAI-compatible server instead), ``DISTILL_ALLOWED_HOSTS``,
-and the limits ``DISTILL_MAX_PROMPTS``, ``DISTILL_MAX_BATCH_ROWS``, ``DISTILL_MAX_QUEUE``,
-``DISTILL_TIME_LIMIT_S``, ``DISTILL_BATCH_WINDOW_MS``, ``DISTILL_BATCH_MAX_WAIT_MS``,
-``DISTILL_BATCHING``, ``DISTILL_MAX_BODY_BYTES`` (see settings.py). ``DISTILL_HOST`` is the bind
-address; the gunicorn config sets it from ``--bind``.
+Configured by ``DISTILL_*`` environment variables, one per ``ServeConfig`` field (settings.py).
+``DISTILL_HOST`` is the bind address; the gunicorn config sets it from ``--bind``.
 
 One worker with threads: the models live once in memory, the batcher sees every request, and
 /metrics counts all of them. Models load in a background thread after the worker starts (/ready

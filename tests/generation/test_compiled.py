@@ -15,7 +15,7 @@ from conftest import PROMPTS, run_schedule, spread, tiny_gpt2
 from python3_distillation.generation import Generator, GenerationError, RowInput, SamplingParams
 from python3_distillation.generation.compiled import (CompiledGPT2Decoder, CompiledStep, bucket,
                                                       env_wants_compile)
-from python3_distillation.quantize import quantize_model
+from python3_distillation.int8 import quantize_model
 
 EOS = 50256
 

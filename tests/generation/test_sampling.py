@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from python3_distillation.generation import GenerationError, Generator, RowInput, SamplingParams
-from python3_distillation.generation.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from python3_distillation.validation import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from python3_distillation.generation.text import RowText
 
 EOS = 50256
@@ -35,7 +35,7 @@ def gen(tokenizer) -> Generator:
 ])
 def test_values_past_the_bounds_are_refused(field, value):
     with pytest.raises(GenerationError, match=field.split("_")[0]):
-        SamplingParams(**{field: value}).validate()
+        SamplingParams(**{field: value})
 
 
 def test_top_k_past_the_vocabulary_is_refused_for_that_model(gen):
@@ -114,3 +114,45 @@ def test_a_row_whose_text_fails_fails_alone(gen, monkeypatch):
     assert [e.row for e in failed] == ["Hello there"]
     finished = {e.row: e.completion for e in events if e.finished and e.error is None}
     assert {k: c.text for k, c in finished.items()} == {p: alone[p] for p in prompts if p != "Hello there"}
+
+
+def test_a_row_whose_sampling_fails_fails_alone(gen, monkeypatch):
+    """The batch's sampler raises: every row is sampled alone, with its own seed, and only the culprit fails."""
+    from python3_distillation.generation import generator
+
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    prompts = ["It is a truth", "Hello there", "The cat"]
+    alone = {p: gen.generate([p], [q])[0].token_ids for p, q in zip(prompts, params)}
+    choose, bad = generator.choose, set()
+
+    def choose_or_fail(logits, knobs, seen, generators):
+        if any(id(g) in bad for g in generators):
+            raise RuntimeError("this row's sampling broke")
+        return choose(logits, knobs, seen, generators)
+
+    monkeypatch.setattr(generator, "choose", choose_or_fail)
+    batch = gen.new_batch()
+    events = batch.step([RowInput(p, p, gen.check_prompt(p, q), q) for p, q in zip(prompts, params)])
+    bad.add(id(batch.rows[1].rng))  # "Hello there" breaks from its second token on
+    while len(batch):
+        events += batch.step()
+    failed = [e for e in events if e.error is not None]
+    assert [(e.row, str(e.error)) for e in failed] == [("Hello there", "this row's sampling broke")]
+    finished = {e.row: e.completion.token_ids for e in events if e.finished and e.error is None}
+    assert finished == {p: alone[p] for p in prompts if p != "Hello there"}
+
+
+def test_a_row_whose_prefill_fails_fails_alone(gen):
+    """Rows joining together: one whose ids the model cannot embed fails; the others join one by one."""
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    prompts = ["It is a truth", "The cat"]
+    alone = {p: gen.generate([p], params)[0].token_ids for p in prompts}
+    rows = [RowInput(p, p, gen.check_prompt(p, params), params) for p in prompts]
+    rows.insert(1, RowInput("bad", "", [10 ** 9], params))  # past the vocabulary
+    batch = gen.new_batch()
+    events = batch.step(rows)
+    while len(batch):
+        events += batch.step()
+    failed = [e for e in events if e.error is not None]
+    assert [e.row for e in failed] == ["bad"] and isinstance(failed[0].error, IndexError)
+    assert {e.row: e.completion.token_ids for e in events if e.finished and e.error is None} == alone

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from python3_distillation.errors import ConfigError
 from python3_distillation.serving.cli import main
 from python3_distillation.serving.settings import ServeConfig
 
@@ -91,13 +92,25 @@ def test_api_generate_single_and_batch(client):
     assert body["model"] == "tiny" and c["prompt"] == "Hello there"
     assert c["finish_reason"] in {"length", "stop"} and 1 <= c["completion_tokens"] <= 5
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
-    assert body["timings"]["total_seconds"] > 0 and body["timings"]["batch_rows"] == 1
-    assert body["completions"][0]["tokens_per_second"] > 0
+    assert body["timings"]["batch_rows"] == 1
 
     many = client.post("/api/generate", json={"prompts": ["a", "b c", "<script>x</script>"], "max_new_tokens": 3,
                                               "temperature": 0}).get_json()
     assert [c["prompt"] for c in many["completions"]] == ["a", "b c", "<script>x</script>"]
     assert many["usage"]["completion_tokens"] == sum(c["completion_tokens"] for c in many["completions"])
+
+
+def test_api_generate_timings_add_up(make_app, slow):
+    """Each decode step takes at least 20 ms: a row's seconds cover its steps after the first, its
+    tokens/s is its tokens over those seconds, and the request's total covers the row."""
+    gen, _ = slow
+    c = make_app(FAST, {"tiny": gen}).test_client()
+    body = c.post("/api/generate", json={"prompt": "Hello there", "max_new_tokens": 5, "ignore_eos": True}).get_json()
+    (row,), timings = body["completions"], body["timings"]
+    assert row["completion_tokens"] == 5 and row["seconds"] >= 4 * 0.02
+    assert row["tokens_per_second"] == pytest.approx(5 / row["seconds"], rel=2e-3)
+    assert row["seconds"] <= timings["total_seconds"] + 1e-4  # both rounded to 0.1 ms
+    assert 0 <= timings["queue_seconds"] <= timings["total_seconds"]
 
 
 def test_api_generate_seed_and_greedy_are_reproducible(client):
@@ -389,7 +402,7 @@ def test_metric_labels_are_a_closed_set(client):
     assert len(lines) - before < 20  # a handful of new series, not one per request
 
 
-def test_serve_config_from_env_and_validation(tmp_path):
+def test_serve_config_from_env_and_validation(tmp_path, monkeypatch):
     cfg = ServeConfig.from_env({"DISTILL_MODEL_DIR": "/m/a", "DISTILL_COMPARE_DIRS": "/m/b, /m/c,",
                                 "DISTILL_DEVICE": "cpu", "DISTILL_TIME_LIMIT_S": "12.5", "DISTILL_MAX_QUEUE": "3",
                                 "DISTILL_ALLOWED_HOSTS": "box.local, 10.0.0.5", "DISTILL_BATCHING": "static"})
@@ -400,15 +413,23 @@ def test_serve_config_from_env_and_validation(tmp_path):
     assert ServeConfig.from_env({}).model_dirs[0].endswith("gpt2_student_v2")
     proxied = ServeConfig.from_env({"DISTILL_BACKEND_URL": "http://127.0.0.1:8000/"})
     assert proxied.model_dirs == [] and proxied.backend_url == "http://127.0.0.1:8000"
-    with pytest.raises(ValueError, match="unknown ServeConfig keys"):
-        ServeConfig.from_dict({"nope": 1})
-    with pytest.raises(ValueError, match="max_queue"):
-        ServeConfig(max_queue=0).validate()
-    with pytest.raises(ValueError, match="batching"):
-        ServeConfig(batching="sometimes").validate()
-    with pytest.raises(ValueError, match="http"):
-        ServeConfig(backend_url="ftp://x").validate()
-    with pytest.raises(ValueError, match="DISTILL_MAX_PROMPTS"):
+    with pytest.raises(ConfigError, match="^unknown ServeConfig key nope; expected some of: model_dirs, host"):
+        ServeConfig(nope=1)
+    with pytest.raises(ConfigError, match=r"^ServeConfig.max_queue \(DISTILL_MAX_QUEUE\): input should be greater than "
+                       "or equal to 1, got 0$"):
+        ServeConfig(max_queue=0)
+    with pytest.raises(ConfigError, match="batching"):
+        ServeConfig(batching="sometimes")
+    with pytest.raises(ConfigError, match="http"):
+        ServeConfig(backend_url="ftp://x")
+    with pytest.raises(ConfigError, match="model_dirs is empty"):
+        ServeConfig(model_dirs=[])
+    with pytest.raises(ConfigError, match=r"max_prompts \(64\) cannot exceed max_batch_rows \(32\)"):
+        ServeConfig(max_prompts=64)
+    assert ServeConfig(model_dirs=tmp_path).model_dirs == [str(tmp_path)]
+    monkeypatch.setenv("DISTILL_MAX_QUEUE", "5")  # keyword construction reads no environment; from_env does
+    assert ServeConfig().max_queue == 64 and ServeConfig.from_env().max_queue == 5
+    with pytest.raises(ConfigError, match=r"\(DISTILL_MAX_PROMPTS\): input should be a valid integer.*got 'many'"):
         ServeConfig.from_env({"DISTILL_MAX_PROMPTS": "many"})
 
 

@@ -7,6 +7,7 @@ whose data breaks the model failing alone.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -99,3 +100,11 @@ def test_a_row_that_breaks_the_model_fails_alone(tiny_dir, batcher_of):
         assert b.alive
     finally:
         b.close()
+
+
+def test_a_stopped_row_is_a_time_limit_unless_its_client_cancelled():
+    stopped, done = SimpleNamespace(finish_reason="cancelled"), SimpleNamespace(finish_reason="length")
+    j = Job([RowInput(0, "a", [64], GREEDY)], time.monotonic() + 30)
+    assert (j.finish_reason(stopped), j.finish_reason(done)) == ("time_limit", "length")
+    j.cancel()
+    assert (j.finish_reason(stopped), j.finish_reason(done)) == ("cancelled", "length")

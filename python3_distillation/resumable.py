@@ -1,0 +1,105 @@
+"""Outputs written over one or more runs: a work folder published whole when complete, and append-only JSONL.
+
+    python -c "from python3_distillation.resumable import jsonl_rows; print(jsonl_rows('runs/v2/metrics.jsonl')[-1])"
+
+:class:`WorkFolder` is how the token shards, the teacher cache and every checkpoint are written: the
+files go into ``.<name>.partial/`` beside the destination, a progress record (``progress.json``,
+written atomically) says what in it is complete, so a killed run resumes from there, and the
+finished folder, its manifest written last, replaces the destination in one step
+(``fsio.publish_dir``). Append-only JSONL files (the training log, augmentation's samples) are
+read back by :func:`jsonl_rows`, which cuts off a last line torn by a kill.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from python3_distillation.errors import DataError
+from python3_distillation.fsio import atomic_write_text, publish_dir
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+MANIFEST = "manifest.json"
+
+
+class WorkFolder:
+    """``dest`` in the making: the folder ``.<name>.partial`` beside it (same file system: the publish is a rename)."""
+
+    def __init__(self, dest: str | Path):
+        self.dest = Path(dest)
+        self.path = self.dest.with_name(f".{self.dest.name}.partial")
+
+    def resume(self, accept: Callable[[dict], bool]) -> dict | None:
+        """The progress record of an interrupted run when ``accept`` takes it; otherwise None, and the
+        folder is made afresh (empty)."""
+        try:
+            record = json.loads((self.path / PROGRESS).read_text())
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict) and accept(record):
+            return record
+        self.start()
+        return None
+
+    def start(self) -> None:
+        """An empty work folder (whatever was there is removed)."""
+        self.discard()
+        self.path.mkdir(parents=True)
+
+    def commit(self, record: dict, sync: Iterable[Path] = ()) -> None:
+        """Record progress. The files in ``sync`` are synced first, so the record never claims more than
+        is on disk."""
+        for path in sync:
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        atomic_write_text(self.path / PROGRESS, json.dumps(record, indent=1))
+
+    def publish(self, manifest: dict | None = None) -> None:
+        """The progress record goes, ``manifest.json`` is written last, and the folder replaces ``dest`` whole."""
+        (self.path / PROGRESS).unlink(missing_ok=True)
+        if manifest is not None:
+            text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+            (self.path / MANIFEST).write_text(text, encoding="utf-8")
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        publish_dir(self.path, self.dest)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def jsonl_rows(path: str | Path) -> list[dict]:
+    """The rows of an append-only JSONL file, one object a line. A last line without its newline was
+    torn by a kill: it is cut off the file (a warning says so). Any other line that is not a JSON
+    object is a DataError naming ``path:line``."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    rows = []
+    for n, raw in enumerate(lines[:-1], 1):
+        try:
+            row = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: not a JSON line; the file is not one this project wrote")
+        rows.append(row)
+    if lines[-1]:
+        log.warning("%s: dropping a line cut off by an interrupted run (%d bytes)", path, len(lines[-1]))
+        os.truncate(path, path.stat().st_size - len(lines[-1]))
+    return rows
+
+
+def append_jsonl(path: str | Path, rows: Iterable[dict], sync: bool = False) -> None:
+    """Append one line per row; ``sync``: on disk before returning (a kill after it loses none of them)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
