@@ -252,6 +252,17 @@ def run_prompts(args, gen, teacher, items: list[Item]) -> None:
             print(f"\nstudent speed: {ratio:.2f}× the teacher's tokens/s")
 
 
+def flag_params(base: dict[str, Any]) -> SamplingParams:
+    """The sampling flags as SamplingParams; an error names the flag the user typed (``--top-p``), not the field."""
+    try:
+        return SamplingParams.from_dict(base)
+    except GenerationError as e:
+        field = (e.param or "").split(".")[0].split("[")[0]
+        if not field or not e.message.startswith(field):
+            raise
+        raise GenerationError("--" + field.replace("_", "-") + e.message[len(field):], param=e.param) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Carry out arguments parsed by a parser given :func:`add_arguments`."""
     errors: list[tuple[int, str]] = []
@@ -264,11 +275,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--stream prints prompts given as arguments; it does not combine with "
                               "--prompts-file, --output or --compare")
         base = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}  # unset: the defaults
-        cli_params = SamplingParams.from_dict(base)
+        cli_params = flag_params(base)
         if args.compare and cli_params.seed is None and cli_params.temperature > 0:
             # One seed for both models, so a rerun with it shows the same pair.
             base["seed"] = random.randrange(2**31)
-            cli_params = SamplingParams.from_dict(base)
+            cli_params = flag_params(base)
         items = []
         for k, prompt in enumerate(args.prompts, 1):
             if not prompt.strip():
