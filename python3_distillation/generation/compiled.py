@@ -2,29 +2,42 @@
 
     HF_HUB_OFFLINE=1 DISTILL_COMPILE=1 python python3_distillation/distill_infer_v2.py "Emma"
 
-Opt-in (``Generator(..., compile=True)`` or ``DISTILL_COMPILE=1``). ``CompiledGPT2Decoder`` is
-``GPT2Decoder`` with the same cache layout; prefill stays eager, and each ``step`` is one call of a
-``torch.compile``d graph (inductor) for the whole batch. Why: at batch 1 the eager step of the
-6 × d256 student is ~640 ATen calls (fp32) / ~870 (int8) from Python, which left 28% (int8) and 48%
-(fp32) of the step to Python, dispatch and small ops on this 2-core machine; the compiled step took
-1.79 ms (int8) and 4.62 ms (fp32) against 2.37 and 5.3 (benchmarks/bench_compiled.py).
+Opt-in (``Generator(..., compile=True)`` or ``DISTILL_COMPILE=1``; a server compiles or loads it
+before it says ready). ``CompiledGPT2Decoder`` is ``GPT2Decoder`` with the same cache layout; prefill
+stays eager, and each ``step`` is one call for the whole batch. Why: at batch 1 the eager step of the
+6 × d256 student is ~640 ATen calls (fp32) / ~870 (int8) from Python, and a third of its time went
+to Python, dispatch and small ops on a 2-core machine.
 
-Shapes are bucketed so that rows joining and leaving do not recompile every step: the graph runs on
-the next power of two ≥ the live rows (padding rows' output is dropped) and on the cache's full
-column capacity, a power of two, with a mask; the new key/value is written in place at the current
-column (``index_copy_``, kept in place by inductor). One graph per (rows, columns) bucket, compiled
-once per process (``dynamic=False``), on first use or ahead by ``CompiledStep.warm``. int8 models
-(int8.py) stay int8 inside the graph: inductor lowers ``aten._weight_int8pack_mm`` to that same kernel.
+On CPU the step is compiled ahead of time by AOTInductor (``CompiledStep``, engine ``"aoti"``): the
+weights are frozen in as constants, int8 matmuls use inductor's C++ GEMM template (AMX / AVX-512 /
+AVX2), float linears are prepacked, and the call from Python is one C++ function. On CUDA it is
+``torch.compile`` with ``mode="reduce-overhead"`` (engine ``"dynamo"``, untested here): the step has
+no data-dependent control flow and mutates only the decoder's own tensors, so it is captured as a
+CUDA graph, those tensors marked static. Measured side by side: benchmarks/bench_compiled.py, and
+against llama.cpp: benchmarks/bench_engines.py.
 
-CUDA (untested here): the step has no data-dependent control flow and mutates only the decoder's own
-tensors, so it is captured as a CUDA graph (``mode="reduce-overhead"``), those tensors marked static.
+Rows are bucketed (the next power of two ≥ the live rows; padding rows' output is dropped) and the
+cache has a column capacity with a mask; the new key/value is written in place at the current column
+(``index_copy_``). AOTInductor compiles two packages per model, one row and 2+ rows, with dynamic
+columns (and rows past one), so rows joining and the cache growing never compile again; dynamo
+compiles one graph per (rows, columns) bucket.
+
+Exactness: fp32 logits equal the eager step's to fp32 rounding, so greedy tokens equal transformers'
+``generate``. int8 logits are bfloat16 products (int8.py); the C++ GEMM sums in another order than
+ATen's int8 kernel and may round a logit one bfloat16 step the other way, which changes a greedy token
+only where the int8 model's own forward has two logits tied within that step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import platform
+import threading
 import time
+from pathlib import Path
 
 import torch
 import torch._dynamo
@@ -33,7 +46,9 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 from python3_distillation.generation.decoders import GPT2Decoder, additive, float_logits, module_spec
+from python3_distillation.fsio import atomic_dir
 from python3_distillation.int8 import int8_kernel_works
+from python3_distillation.paths import data_dir
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +151,11 @@ class StepGraph(torch.nn.Module):
         for i, kv in enumerate(cache):
             qkv = self._mm(f"h{i}_qkv", self._ln(f"h{i}_ln1", h)).view(b, 3, nh, 1, dh)
             kv.index_copy_(3, col, qkv[:, 1:])  # keys and values of the new token at column col, in place
-            o = F.scaled_dot_product_attention(qkv[:, 0], kv[:, 0], kv[:, 1], attn_mask=mask,
-                                               scale=self.scales[i])  # [B, nh, 1, dh]
+            # Attention as two matmuls and a softmax, not scaled_dot_product_attention: inductor
+            # lowers SDPA to ATen's flash kernel (one call per layer, ~20 µs at one query), while these
+            # it generates itself (int8 batch 1: 0.77 against 0.85 ms a step; batch 8: 1.46 against 1.66).
+            a = torch.softmax((qkv[:, 0] @ kv[:, 0].transpose(-1, -2)) * self.scales[i] + mask, -1)
+            o = a @ kv[:, 1]  # [B, nh, 1, dh]
             h = h + self._mm(f"h{i}_out", o.reshape(b, d))
             x = self._mm(f"h{i}_fc", self._ln(f"h{i}_ln2", h))
             h = h + self._mm(f"h{i}_proj", F.gelu(x, approximate="tanh"))
@@ -148,38 +166,81 @@ class StepGraph(torch.nn.Module):
 # ------------------------------------------------------------------------------- compiled step
 
 
-class CompiledStep:
-    """One model's ``StepGraph`` under ``torch.compile``: a graph per (rows, columns) bucket.
+def weights_digest(graph: torch.nn.Module, *extra: str) -> str:
+    """A digest of a graph's buffers (names and bytes) and ``extra`` strings."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in extra:
+        h.update(part.encode())
+    for name, t in graph.named_buffers():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
-    ``options``/``mode`` are torch.compile's; ``compile_seconds`` records the first call of every
-    bucket (compile + one run). The default, plain inductor, was the fastest measured
-    (benchmarks/bench_compiled.py, a busy 2-core machine): cpp_wrapper was within noise of it (int8
-    batch 1: 1.72 vs 1.79 ms a step) and adds ~2.5 s to each bucket's compile; max-autotune + freezing
-    picks inductor's C++ int8 GEMM for the block matmuls (2× the ATen kernel per call when the machine
-    is quiet) but took 18–28 s a bucket, its choices are benchmarks that a busy machine makes random,
-    and frozen weights are packed again per bucket.
+
+def machine_tag() -> str:
+    """What a compiled step's machine code depends on: torch's version and this CPU's instruction set
+    (inductor compiles for the CPU it runs on; a package built elsewhere could fault here)."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return f"{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|{platform.machine()}|{flags}"
+
+
+# int8 models on CPU: inductor's C++ GEMM template (AMX / AVX-512 / AVX2 micro-kernels, the scale
+# fused as an epilogue) in place of the ATen int8 kernel. It needs the weights as constants
+# (freezing). Only that backend is offered, so nothing is benchmarked while compiling: the choice does
+# not depend on how busy the machine is. Float models: freezing (linears prepacked for oneDNN).
+CPU_INT8_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "freezing": True}
+CPU_FLOAT_OPTIONS = {"freezing": True}
+
+
+class CompiledStep:
+    """One model's ``StepGraph``, compiled: ``step(tokens, pos, col, valid, cache) → logits``.
+
+    Two engines (``engine``):
+
+    * ``"aoti"``, the default on CPU: AOTInductor. The graph is exported (``torch.export``) and
+      compiled ahead of time into a package, called from Python as one C++ function: no dynamo guards
+      and no Python between kernels, which were ~0.2 ms of a 0.75 ms int8 step at batch 1 on 2 cores.
+      Two packages per model: 1 row (static: inductor's GEMMs pick their blocking for it; int8 batch
+      1: 0.53 ms a step against 0.77 with the rows dynamic) and 2 or more rows (dynamic); columns are
+      dynamic in both, so the cache growing never compiles. Packages are kept in
+      ``<data dir>/compiled/`` under a digest of the weights, the options, this file and the machine
+      (``machine_tag``): a restart loads them in ~0.1 s instead of compiling (~10–20 s each).
+    * ``"dynamo"``, the default on CUDA: ``torch.compile`` per (rows, columns) bucket; on CUDA
+      ``mode="reduce-overhead"`` captures the step as a CUDA graph, the tensors it mutates marked
+      static. It also runs on CPU (tests keep it honest there).
+
+    ``options`` are inductor's (defaults: ``CPU_INT8_OPTIONS`` / ``CPU_FLOAT_OPTIONS`` for AOTInductor,
+    none for dynamo); ``compile_seconds`` records what each bucket's first call took (compile or load
+    + one run): keyed by rows for AOTInductor (``1`` or ``"2+"``), by (rows, columns) for dynamo.
     """
 
-    def __init__(self, model, head_t: torch.Tensor | None = None, mode: str | None = None,
-                 options: dict | None = None):
+    def __init__(self, model, head_t: torch.Tensor | None = None, engine: str | None = None,
+                 options: dict | None = None, cache_dir: str | Path | None = None):
         self.graph = StepGraph(model, head_t).eval()
         self.device = next(iter(self.graph.buffers())).device
-        self.mode, self.options = mode, dict(options or {})
-        if self.device.type == "cuda" and mode is None and options is None:
-            self.mode = "reduce-overhead"
+        self.engine = engine or ("dynamo" if self.device.type == "cuda" else "aoti")
+        if self.engine not in {"aoti", "dynamo"}:
+            raise ValueError(f"unknown engine {self.engine!r}; expected aoti or dynamo")
+        int8 = "int8" in self.graph.kinds.values()
+        if options is None:
+            options = {} if self.engine == "dynamo" else dict(CPU_INT8_OPTIONS if int8 else CPU_FLOAT_OPTIONS)
+        self.options = dict(options)
+        self.compile_seconds: dict = {}
+        self._runners: dict = {}  # AOTInductor: rows key → loaded package
+        self._lock = threading.Lock()
+        if self.engine == "aoti":
+            self.cache_dir = Path(cache_dir) if cache_dir is not None else data_dir() / "compiled"
+            self.key = weights_digest(self.graph, repr(sorted(self.options.items())), machine_tag(),
+                                      Path(__file__).read_text())
+            return
+        self.mode = "reduce-overhead" if self.device.type == "cuda" and not self.options else None
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                                RECOMPILE_LIMIT)
-        # ``freezing`` (weights as constants, fp32 linears prepacked for MKL) takes effect only from
-        # inductor's global config, not from torch.compile's options: it is set around each compile.
-        self.freezing = bool(self.options.get("freezing", False))
-        rest = {k: v for k, v in self.options.items() if k != "freezing"}
-        if rest and self.mode is not None:  # torch.compile takes one or the other: the mode as options
-            kwargs = {"options": {**torch._inductor.list_mode_options(self.mode), **rest}}
-        else:
-            kwargs = {"mode": self.mode, "options": rest or None}
-        self.fn = torch.compile(self.graph, dynamic=False, fullgraph=True, **kwargs)
-        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self.fn = torch.compile(self.graph, dynamic=False, fullgraph=True, mode=self.mode,
+                                options=self.options or None)
 
     @staticmethod
     def supports(model) -> bool:
@@ -192,36 +253,79 @@ class CompiledStep:
             return False
         return "int8" not in graph.kinds.values() or int8_kernel_works(graph.ln_f_0.device)
 
+    def _bucket(self, valid: torch.Tensor):
+        return (1 if valid.shape[0] == 1 else "2+") if self.engine == "aoti" else tuple(valid.shape)
+
     def __call__(self, tokens, pos, col, valid, cache) -> torch.Tensor:
-        key = tuple(valid.shape)
+        key = self._bucket(valid)
         if key in self.compile_seconds:
+            if self.engine == "aoti":
+                return self._runners[key]([tokens, pos, col, valid, *cache])[0]
             return self.fn(tokens, pos, col, valid, *cache)
-        if self.mode == "reduce-overhead":
-            # A CUDA graph replays fixed addresses: the tensors the step mutates must be those
-            # addresses (the decoder keeps them until a reallocation); the rest is copied in.
-            for t in (pos, valid, *cache):
-                torch._dynamo.mark_static_address(t)
         t0 = time.perf_counter()
-        with torch._inductor.config.patch(freezing=self.freezing):
+        if self.engine == "aoti":
+            out = self._runner(key, tokens, pos, col, valid, cache)([tokens, pos, col, valid, *cache])[0]
+        else:
+            if self.mode == "reduce-overhead":
+                # A CUDA graph replays fixed addresses: the tensors the step mutates must be those
+                # addresses (the decoder keeps them until a reallocation); the rest is copied in.
+                for t in (pos, valid, *cache):
+                    torch._dynamo.mark_static_address(t)
             out = self.fn(tokens, pos, col, valid, *cache)
         self.compile_seconds[key] = time.perf_counter() - t0
-        log.info("compiled the decode step for %d rows × %d columns in %.1f s", *key, self.compile_seconds[key])
+        log.info("decode step for %s rows ready in %.1f s", key, self.compile_seconds[key])
         return out
 
+    def _runner(self, key, tokens, pos, col, valid, cache):
+        """The package for ``key``: loaded from the cache folder, else exported, compiled and saved."""
+        with self._lock:
+            if key in self._runners:
+                return self._runners[key]
+            folder = self.cache_dir / f"{self.key}-rows{key}"
+            if not (folder / "step.pt2").is_file():
+                self._compile(folder, key, (tokens, pos, col, valid, tuple(cache)))
+            package = torch._inductor.aoti_load_package(str(folder / "step.pt2"))
+            # The loader's own entry point, a flat list of tensors in and out: the package's
+            # ``__call__`` parses its call spec and walks pytrees on every call (~0.08 ms, an eighth
+            # of an int8 step at batch 1).
+            run = getattr(getattr(package, "loader", None), "boxed_run", None)
+            self._runners[key] = run if run is not None else (lambda args: [package(*args)])
+            return self._runners[key]
+
+    @torch.inference_mode(False)  # exported from plain tensors: under inference mode the float linears
+    def _compile(self, folder: Path, key, example: tuple) -> None:  # were not prepacked (2.05 vs 1.5 ms a step)
+        cols = torch.export.Dim("columns", min=MIN_COLUMNS)
+        if key == 1:
+            shapes = (None, None, None, {1: cols}, tuple({3: cols} for _ in example[4]))
+        else:
+            rows = torch.export.Dim("rows", min=2)
+            shapes = ({0: rows}, {0: rows}, None, {0: rows, 1: cols}, tuple({0: rows, 3: cols} for _ in example[4]))
+        # Exported on copies: tracing runs the step, which writes to its inputs.
+        *first, cache = example
+        args = tuple(t.clone() for t in (*first, *cache))
+        t0 = time.perf_counter()
+        with torch.no_grad():  # the varargs' shapes nest as one tuple
+            program = torch.export.export(self.graph, args, dynamic_shapes=shapes, strict=False)
+        with atomic_dir(folder, "a compiled decode step") as tmp, \
+                torch._inductor.config.patch(freezing=bool(self.options.get("freezing"))):
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / "step.pt2"),
+                                                     inductor_configs=self.options)
+        log.info("compiled the decode step for %s rows in %.1f s → %s", key, time.perf_counter() - t0, folder)
+
     @torch.inference_mode()
-    def warm(self, buckets: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
-        """Compile (rows, columns) buckets ahead of use, on zero inputs; returns seconds per bucket."""
+    def warm(self, rows: list[int], columns: int = 2 * MIN_COLUMNS) -> dict:
+        """Compile (or load) the buckets of ``rows`` ahead of use, on zero inputs; returns ``compile_seconds``.
+        ``columns`` matters to dynamo only (AOTInductor's columns are dynamic)."""
         g = self.graph
         dtype = g.ln_f_0.dtype
-        for rows, cols in buckets:
-            rows, cols = bucket(rows), bucket(cols, MIN_COLUMNS)
-            if (rows, cols) in self.compile_seconds:
+        for n in rows:
+            n, cols = bucket(n), bucket(columns, MIN_COLUMNS)
+            if self._bucket(torch.empty(n, cols)) in self.compile_seconds:
                 continue
-            cache = [torch.zeros(rows, 2, g.n_head, cols, g.dh, dtype=dtype, device=self.device)
-                     for _ in g.scales]
-            valid = torch.ones(rows, cols, dtype=torch.bool, device=self.device)
+            cache = [torch.zeros(n, 2, g.n_head, cols, g.dh, dtype=dtype, device=self.device) for _ in g.scales]
+            valid = torch.ones(n, cols, dtype=torch.bool, device=self.device)
             # Distinct tensors, as in a real step: dynamo guards on inputs aliasing each other.
-            tokens, pos = (torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(2))
+            tokens, pos = (torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(2))
             self(tokens, pos, torch.zeros(1, dtype=torch.long, device=self.device), valid, cache)
         return dict(self.compile_seconds)
 

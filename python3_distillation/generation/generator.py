@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from python3_distillation.device_plan import resolve_dtype
-from python3_distillation.generation.compiled import ENV, CompiledGPT2Decoder, CompiledStep, env_wants_compile
+from python3_distillation.generation.compiled import ENV, CompiledGPT2Decoder, CompiledStep, bucket, env_wants_compile
 from python3_distillation.generation.decoders import GPT2Decoder, HFDecoder, cpu_head_t
 from python3_distillation.generation.sampling import GenerationError, Knobs, SamplingParams, choose, new_rng
 from python3_distillation.generation.text import RowText, token_byte_table
@@ -260,6 +260,15 @@ class Generator:
     @cached_property
     def head_t(self) -> torch.Tensor | None:
         return cpu_head_t(self.model)
+
+    def warm(self, max_rows: int) -> float:
+        """Compile (or load) the decode step for 1 … ``max_rows`` rows ahead of use; seconds taken, 0
+        when eager (dynamo compiles a short request's 32 columns; longer ones compile on first use)."""
+        if self._step is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self._step.warm([1 << i for i in range(bucket(max_rows).bit_length())])
+        return time.perf_counter() - t0
 
     def new_decoder(self):
         if self.backend != "gpt2":

@@ -67,6 +67,9 @@ class ServingState:
                 gen = Generator.from_pretrained(d, device=self.config.device, dtype=dtype)
                 gen.dtype_reason = why
                 log.info("%s: dtype %s — %s", Path(d).name, gen.precision, why)
+                if gen.compile:  # before ready: no request waits behind a compile of a short request's bucket
+                    log.info("%s: compiled the decode step's buckets in %.1f s", Path(d).name,
+                             gen.warm(self.config.max_batch_rows))
                 generators[self._unique(generators, gen.name or Path(d).name)] = (gen, Path(d))
             self.install(generators)
         except Exception as e:

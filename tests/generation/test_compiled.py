@@ -74,25 +74,83 @@ def test_greedy_equals_transformers_generate(gens, model, tokenizer):
     out = gen.generate(PROMPTS, greedy(40))
     for prompt, c in zip(PROMPTS, out):
         assert c.token_ids == hf_greedy(model, tokenizer, prompt, 40), prompt
-    step = gen._step
-    # 5 rows → the 8-row bucket; the longest prompt (19 tokens) + 40 steps: columns 32, then 64.
-    assert {cols for rows, cols in step.compile_seconds if rows == 8} >= {32, 64}, step.compile_seconds
+    # 5 rows (the 8-row bucket) and columns 32, then 64 (the longest prompt, 19 tokens, + 40 steps):
+    # one package, compiled once (AOTInductor's rows and columns are dynamic past one row).
+    assert set(gen._step.compile_seconds) == {"2+"}, gen._step.compile_seconds
+
+
+def bf16_ulp(x: torch.Tensor) -> float:
+    """The spacing of bfloat16 numbers at |x|'s largest element (8 significant bits)."""
+    return 2.0 ** (torch.floor(torch.log2(x.abs().max())).item() - 7)
 
 
 def test_int8_greedy_equals_the_int8_models_own_forward(int8_gen, tokenizer):
-    """The int8 matmuls stay the same kernel inside the graph: each token is the argmax of a full forward."""
+    """Each token is the argmax of the int8 model's own full forward, up to its ties.
+
+    The int8 logits come out of a bfloat16 matmul (int8.py), so two of them are often exactly equal;
+    the compiled step's C++ GEMM sums in another order and may round a logit one bfloat16 step the
+    other way. So: every logit within two bfloat16 steps of the full forward's, and each chosen token
+    the full forward's argmax or tied with it within those two steps.
+    """
     q = int8_gen.model
     prompts = ["It is a truth", "Emma"]
     out = int8_gen.generate(prompts, greedy(24))
+    exact = 0
     for prompt, completion in zip(prompts, out):
         ids = tokenizer(prompt)["input_ids"]
+        dec = int8_gen.new_decoder()
+        logits = dec.add(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), 30)
         for token in completion.token_ids:
             with torch.no_grad():
-                want = q(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item()
-            assert token == want
+                want = q(input_ids=torch.tensor([ids])).logits[0, -1]
+            tol = 2 * bf16_ulp(want)
+            torch.testing.assert_close(logits[0], want, rtol=0, atol=tol)
+            assert want[token] >= want.max() - tol, (token, want.argmax().item())
+            exact += token == want.argmax().item()
             ids.append(token)
+            logits = dec.step(torch.tensor([token]))
         assert len(completion.token_ids) == 24
+    assert exact >= 40  # ties are the exception: most tokens are the argmax itself
     assert int8_gen._step.graph.kinds["h0_qkv"] == "int8" and int8_gen._step.graph.kinds["head"] == "int8"
+
+
+def test_two_models_of_one_shape_keep_their_own_frozen_weights(tokenizer):
+    """Frozen weights are compiled in as constants: a second model of the same shape, in the same
+    process, must not run the first one's graph (nor find it in the on-disk cache)."""
+    from python3_distillation.generation.decoders import GPT2Decoder
+
+    ids = torch.tensor([[464, 3290, 318]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    with torch.inference_mode():
+        for seed in (1, 2):  # (not ``spread``: its weights do not depend on the seed)
+            q = quantize_model(tiny_gpt2(n_layer=1, n_embd=32, n_head=2, n_positions=32, seed=seed))
+            step = CompiledStep(q)
+            assert step.options["freezing"]
+            a, b = GPT2Decoder(q), CompiledGPT2Decoder(q, None, step)
+            a.add(ids, mask, 4), b.add(ids, mask, 4)
+            want = a.step(ids[:, -1])
+            torch.testing.assert_close(b.step(ids[:, -1]), want, rtol=0, atol=2 * bf16_ulp(want))
+
+
+def test_a_restart_loads_the_saved_package_and_another_model_compiles_its_own(model, tmp_path, monkeypatch):
+    """The package is saved under a digest of the weights: a second step of the same weights loads it
+    without compiling; weights that differ in one value get another digest."""
+    first = CompiledStep(model, cache_dir=tmp_path)
+    first.warm([1])
+    assert [p.name for p in tmp_path.iterdir()] == [f"{first.key}-rows1"]
+
+    def no_compile(*args):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(CompiledStep, "_compile", no_compile)
+    again = CompiledStep(model, cache_dir=tmp_path)
+    assert again.key == first.key and set(again.warm([1])) == {1}
+    other = spread(tiny_gpt2(n_layer=2, n_embd=32, n_head=2, n_positions=128))
+    with torch.no_grad():
+        other.transformer.ln_f.bias[0] += 1e-3
+    assert CompiledStep(other, cache_dir=tmp_path).key != first.key
+    with pytest.raises(ValueError, match="engine"):
+        CompiledStep(model, engine="jit")
 
 
 @pytest.mark.slow  # ~45 s on a busy 2-core machine: rows buckets 1, 2, 4, 8 × columns compile
@@ -141,12 +199,14 @@ def test_seeded_sampling_is_unchanged(gens):
     assert len({tuple(c.token_ids) for c in compiled}) == 4
 
 
-def test_the_step_matches_the_eager_step_logits(gens, model):
-    """One decoder against the other, step by step: logits agree to fp32 rounding (order of sums)."""
+@pytest.mark.parametrize("engine", ["aoti", "dynamo"])
+def test_the_step_matches_the_eager_step_logits(gens, model, engine):
+    """One decoder against the other, step by step: logits agree to fp32 rounding (order of sums).
+    Both engines: AOTInductor (CPU's) and torch.compile (CUDA's, run here on CPU)."""
     from python3_distillation.generation.decoders import GPT2Decoder
 
-    step = gens["compiled"]._step
-    assert isinstance(step, CompiledStep)
+    step = gens["compiled"]._step if engine == "aoti" else CompiledStep(model, engine="dynamo")
+    assert step.engine == engine
     a, b = GPT2Decoder(model), CompiledGPT2Decoder(model, None, step)
     ids = torch.randint(0, 50257, (3, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(3, 7, dtype=torch.bool)
