@@ -9,7 +9,8 @@ with ``gpt2-distill quantize`` to the project's int8 folder. llama.cpp is the bu
 be built). Every engine runs on ``THREADS`` threads, greedy, EOS ignored (equal work).
 
 1. **Decoding**, batch 1 and batch 8, ``NEW_TOKENS`` new tokens, interleaved rounds (the order
-   rotates), medians. Ours: ``Generator.generate`` on the fp32 and the int8 model. llama.cpp:
+   rotates), medians. Ours: ``Generator.generate`` on the fp32 and the int8 model, each eager and
+   with the compiled step (generation/compiled.py, ``DISTILL_COMPILE=1``). llama.cpp:
    ``llama-batched-bench`` (``-npl 1,8``: one sequence, and 8 sequences decoded together, one
    batch of 8 tokens per step: the same work as our batch of 8), prompts of the same length as
    ours. Both count new tokens over the whole call, prefill included.
@@ -19,12 +20,13 @@ be built). Every engine runs on ``THREADS`` threads, greedy, EOS ignored (equal 
    (bench_generate's probe) ÷ the bytes of weights read per token.
 4. **Serving**: the waiting line of bench_server (16 clients × 200 requests of 16 tokens, half
    streamed, to ``/v1/completions``) against this project's production server (gunicorn, default
-   settings) and against ``llama-server -np 16`` (16 slots, continuous batching) on the q8_0 GGUF,
+   settings; the int8 folder eager and with ``DISTILL_COMPILE=1``, the fp32 folder eager) and
+   against ``llama-server -np 16`` (16 slots, continuous batching) on the q8_0 GGUF,
    one after the other. Requests use each server's default sampling. A client opens a new
    connection after each streamed answer (llama-server closes it there), against both servers.
 
 Targets (met or not): ours fp32 ≥ llama.cpp f32 and ours int8 ≥ llama.cpp q8_0, at batch 1 and at
-batch 8; our served requests/s ≥ llama-server's.
+batch 8; our served requests/s ≥ llama-server's; each for the eager and the compiled path.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ THREADS = 2
 NEW_TOKENS = 128
 TTFT_PROMPT = 200  # tokens
 BATCHES = (1, 8)
+COMPILED = ", compiled step"  # generation/compiled.py (DISTILL_COMPILE=1)
+PAIRS = (("this project fp32", "llama.cpp f32"), ("this project fp32, compiled step", "llama.cpp f32"),
+         ("this project int8", "llama.cpp q8_0"), ("this project int8, compiled step", "llama.cpp q8_0"))
 
 
 def _llama_cpp():
@@ -186,12 +191,13 @@ def _waiting_line(port: int, clients: int, requests: int, tokens: int) -> dict:
             "p99": bench_server._percentile(latencies, 0.99)}
 
 
-def _serve_ours(model: Path, work: Path, clients: int, requests: int, tokens: int) -> dict:
+def _serve_ours(model: Path, work: Path, clients: int, requests: int, tokens: int, **env: str) -> dict:
     import bench_server
 
-    with bench_server.Server(model, work / f"ours-{model.name}.log") as server:
-        server.wait_ready()
-        return _waiting_line(server.port, clients, requests, tokens)
+    with bench_server.Server(model, work / f"ours-{model.name}{len(env)}.log", **env) as server:
+        t0 = time.perf_counter()
+        server.wait_ready(timeout=900)
+        return {**_waiting_line(server.port, clients, requests, tokens), "warm_s": time.perf_counter() - t0}
 
 
 def _serve_llama(binaries: dict, gguf: Path, work: Path, clients: int, requests: int, tokens: int) -> dict:
@@ -240,8 +246,11 @@ def _compare(binaries: dict, how: str, quick: bool, work: Path) -> list[dict]:
     ggufs = {kind: run_export(src, "gguf", kind, work / f"student-{kind}.gguf") for kind in ("f32", "q8_0")}
     int8_dir = run_quantize(src, work / "int8", head=True, measure=False)
     fp32, tok, _ = open_model(src)
-    gens = {"fp32": Generator(fp32, tok, device="cpu", name="fp32"),
-            "int8": Generator(open_model(int8_dir).model, tok, device="cpu", name="int8")}
+    int8 = open_model(int8_dir).model
+    gens = {"fp32": Generator(fp32, tok, device="cpu", name="fp32", compile=False),
+            "int8": Generator(int8, tok, device="cpu", name="int8", compile=False),
+            "fp32, compiled step": Generator(fp32, tok, device="cpu", name="fp32", compile=True),
+            "int8, compiled step": Generator(int8, tok, device="cpu", name="int8", compile=True)}
     # Batch 1 runs the longest prompt; llama.cpp's prompts are that long too (ours left-pad to it at batch 8).
     prompt_tokens = max(len(gens["fp32"].encode(p)) for p in PROMPTS)
     longest = max(PROMPTS, key=lambda p: len(gens["fp32"].encode(p)))
@@ -281,13 +290,16 @@ def _compare(binaries: dict, how: str, quick: bool, work: Path) -> list[dict]:
         extra[engine, "tg"] = med(r["tg"] for r in results[f"llama {kind} bench"])
 
     nbytes = {"this project fp32": measure.weights_bytes(src), "this project int8": measure.weights_bytes(int8_dir),
+              "this project fp32, compiled step": measure.weights_bytes(src),
+              "this project int8, compiled step": measure.weights_bytes(int8_dir),
               "llama.cpp f32": _gguf_bytes(ggufs["f32"]), "llama.cpp q8_0": _gguf_bytes(ggufs["q8_0"])}
     setup = (f"{what}; {THREADS} threads, greedy, EOS ignored, {new} new tokens, median of {rounds} interleaved "
              f"rounds; {how}")
     rows = [_row("memory read bandwidth, measured", bandwidth / 1e9, "GB/s", None, None,
                  "bench_generate's probe (sum over a 256 MiB tensor, best of 5); the bounds below use it")]
     for bs in BATCHES:
-        for engine in ("this project fp32", "this project int8", "llama.cpp f32", "llama.cpp q8_0"):
+        for engine in ("this project fp32", "this project fp32, compiled step", "this project int8",
+                       "this project int8, compiled step", "llama.cpp f32", "llama.cpp q8_0"):
             bound = bandwidth / nbytes[engine]
             if engine.startswith("llama"):
                 how_measured = (f"llama-batched-bench -npl {bs}, {prompt_tokens}-token prompt{'s' if bs > 1 else ''}; "
@@ -296,13 +308,15 @@ def _compare(binaries: dict, how: str, quick: bool, work: Path) -> list[dict]:
                     how_measured += f"; llama-bench tg{new} {extra[engine, 'tg']:.0f} tok/s"
             else:
                 how_measured = (f"Generator.generate, {'the longest prompt' if bs == 1 else '8 prompts, left-padded'}"
-                                + ("; int8 folder of `gpt2-distill quantize`" if "int8" in engine else ""))
+                                + ("; int8 folder of `gpt2-distill quantize`" if "int8" in engine else "")
+                                + (" (DISTILL_COMPILE=1; compiled in the warm-up round)" if COMPILED in engine
+                                   else ""))
             note = (f"{speed[engine, bs] / bound:.0%} of the batch-1 bandwidth bound ({bound:.0f} tok/s: "
                     f"{nbytes[engine] / 1e6:.1f} MB read per step); " if bs == 1 else "") + how_measured
             if bs == 1 and engine == "this project fp32":
                 note += f"; {setup}"
             rows.append(_row(f"batch {bs} decode, {engine}", speed[engine, bs], "tok/s", None, None, note))
-        for ours, theirs in (("this project fp32", "llama.cpp f32"), ("this project int8", "llama.cpp q8_0")):
+        for ours, theirs in PAIRS:
             ratio = speed[ours, bs] / speed[theirs, bs]
             rows.append(_row(f"batch {bs}: {ours} ÷ {theirs}", ratio, "×", ">= 1", ratio >= 1,
                              f"{speed[ours, bs]:.0f} vs {speed[theirs, bs]:.0f} tok/s"))
@@ -315,12 +329,16 @@ def _compare(binaries: dict, how: str, quick: bool, work: Path) -> list[dict]:
 
     # Serving: each server alone on the machine, one after the other.
     served = {"this project int8": _serve_ours(Path(int8_dir), work, clients, requests, line_tokens),
+              "this project int8, compiled step": _serve_ours(Path(int8_dir), work, clients, requests, line_tokens,
+                                                              DISTILL_COMPILE="1"),
               "this project fp32": _serve_ours(Path(src), work, clients, requests, line_tokens),
               "llama-server q8_0": _serve_llama(binaries, ggufs["q8_0"], work, clients, requests, line_tokens)}
     line = (f"{clients} clients × {requests} requests of {line_tokens} tokens, half streamed (a new connection "
             "after each stream), default sampling")
     for engine, s in served.items():
         where = ("gunicorn gthread, default settings (bench_server's production command)"
+                 + (f", DISTILL_COMPILE=1 (start to ready: {s['warm_s']:.0f} s, the step compiled or loaded "
+                    "at load)" if COMPILED in engine else "")
                  if engine.startswith("this") else
                  f"llama-server -np {clients} -c {clients * 256} -t {THREADS}: {clients} slots, continuous batching")
         rows.append(_row(f"served requests/s, {engine}", s["rps"], "requests/s", None, None,
@@ -328,10 +346,12 @@ def _compare(binaries: dict, how: str, quick: bool, work: Path) -> list[dict]:
                          + (f" ({', '.join(s['errors'])})" if s["errors"] else "")
                          + f"; {s['tps']:.0f} tok/s; latency p50 {1000 * s['p50']:.0f} ms, "
                          f"p99 {1000 * s['p99']:.0f} ms; {where}; {line}"))
-    ours, theirs = served["this project int8"], served["llama-server q8_0"]
-    ratio = ours["rps"] / theirs["rps"]
-    rows.append(_row("served requests/s: this project int8 ÷ llama-server q8_0", ratio, "×", ">= 1",
-                     ratio >= 1 and not ours["n_errors"], f"{ours['rps']:.1f} vs {theirs['rps']:.1f} requests/s"))
+    theirs = served["llama-server q8_0"]
+    for engine in ("this project int8", "this project int8, compiled step"):
+        ours = served[engine]
+        ratio = ours["rps"] / theirs["rps"]
+        rows.append(_row(f"served requests/s: {engine} ÷ llama-server q8_0", ratio, "×", ">= 1",
+                         ratio >= 1 and not ours["n_errors"], f"{ours['rps']:.1f} vs {theirs['rps']:.1f} requests/s"))
     return rows
 
 
