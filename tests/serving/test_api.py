@@ -486,3 +486,26 @@ def test_precision_comes_from_the_folders_lineage(make_app, tiny_dir, tmp_path):
     assert "int8" in c.get("/").get_data(as_text=True)
     bf16 = Generator.from_pretrained(tiny_dir, device="cpu", dtype="bf16")
     assert bf16.precision == "bf16"
+
+
+def test_a_compiled_server_has_its_step_ready_before_it_is_ready_and_answers_as_the_eager_one(
+        make_app, tiny_dir, tiny, monkeypatch):
+    """DISTILL_COMPILE=1: loading compiles (or loads) the step for 1 and 2+ rows before /ready says
+    200, so no request waits behind a compile; greedy answers, alone and batched, are the eager ones."""
+    from python3_distillation.generation import SamplingParams
+
+    monkeypatch.setenv("DISTILL_COMPILE", "1")
+    app = make_app(ServeConfig(model_dirs=[str(tiny_dir)], batch_window_ms=5, load_in_background=False))
+    state = app.extensions["distill"]
+    (batcher,) = state.batchers.values()
+    assert batcher.generator.compile and set(batcher.generator._step.compile_seconds) == {1, "2+"}
+    c = app.test_client()
+    assert c.get("/ready").status_code == 200
+    prompts = ["It is a truth", "Emma Woodhouse, handsome", "The"]
+    want = [x.text for x in tiny.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))]
+    one = c.post("/api/generate", json={"prompt": prompts[0], "max_new_tokens": 8, "temperature": 0,
+                                        "ignore_eos": True}).get_json()
+    many = c.post("/v1/completions", json={"prompt": prompts, "max_tokens": 8, "temperature": 0,
+                                           "ignore_eos": True}).get_json()
+    assert one["completions"][0]["text"] == want[0]
+    assert [choice["text"] for choice in sorted(many["choices"], key=lambda x: x["index"])] == want
