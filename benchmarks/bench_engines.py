@@ -328,17 +328,18 @@ def _compare(binaries: dict, how: str, quick: bool, work: Path) -> list[dict]:
                          None, how_measured))
 
     # Serving: each server alone on the machine, one after the other.
-    served = {"this project int8": _serve_ours(Path(int8_dir), work, clients, requests, line_tokens),
+    served = {"this project int8": _serve_ours(Path(int8_dir), work, clients, requests, line_tokens,
+                                               DISTILL_COMPILE="0"),
               "this project int8, compiled step": _serve_ours(Path(int8_dir), work, clients, requests, line_tokens,
                                                               DISTILL_COMPILE="1"),
-              "this project fp32": _serve_ours(Path(src), work, clients, requests, line_tokens),
+              "this project fp32": _serve_ours(Path(src), work, clients, requests, line_tokens, DISTILL_COMPILE="0"),
               "llama-server q8_0": _serve_llama(binaries, ggufs["q8_0"], work, clients, requests, line_tokens)}
     line = (f"{clients} clients × {requests} requests of {line_tokens} tokens, half streamed (a new connection "
             "after each stream), default sampling")
     for engine, s in served.items():
         where = ("gunicorn gthread, default settings (bench_server's production command)"
                  + (f", DISTILL_COMPILE=1 (start to ready: {s['warm_s']:.0f} s, the step compiled or loaded "
-                    "at load)" if COMPILED in engine else "")
+                    "at load)" if COMPILED in engine else ", DISTILL_COMPILE=0 (eager decoding)")
                  if engine.startswith("this") else
                  f"llama-server -np {clients} -c {clients * 256} -t {THREADS}: {clients} slots, continuous batching")
         rows.append(_row(f"served requests/s, {engine}", s["rps"], "requests/s", None, None,

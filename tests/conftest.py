@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Share the project's data dir so the tokenizer/corpus are built once (for real, not mocked).
 os.environ.setdefault("DISTILL_DATA_DIR", str(ROOT / "data"))
+# Servers started from the environment decode eagerly unless a test asks for the compiled step (its
+# default, auto, would compile each tiny model's packages on load; tests/generation/test_compiled.py
+# and the compile tests of tests/serving/test_api.py cover it).
+os.environ.setdefault("DISTILL_COMPILE", "0")
 
 import torch  # noqa: E402
 

@@ -2,8 +2,9 @@
 
     HF_HUB_OFFLINE=1 DISTILL_COMPILE=1 python python3_distillation/distill_infer_v2.py "Emma"
 
-Opt-in (``Generator(..., compile=True)`` or ``DISTILL_COMPILE=1``; a server compiles or loads it
-before it says ready). ``CompiledGPT2Decoder`` is ``GPT2Decoder`` with the same cache layout; prefill
+The server's default on CPU (ServeConfig.compile ``auto``: compiled or loaded before it says ready,
+eager if compiling fails); elsewhere opt-in (``Generator(..., compile=True)``, ``DISTILL_COMPILE=1``).
+``CompiledGPT2Decoder`` is ``GPT2Decoder`` with the same cache layout; prefill
 stays eager, and each ``step`` is one call for the whole batch. Why: at batch 1 the eager step of the
 6 × d256 student is ~640 ATen calls (fp32) / ~870 (int8) from Python, and a third of its time went
 to Python, dispatch and small ops on a 2-core machine.
@@ -63,6 +64,16 @@ def env_wants_compile(env: dict | None = None) -> bool:
     """``DISTILL_COMPILE`` = 1/true/yes/on (case-insensitive) asks for the compiled step."""
     value = (os.environ if env is None else env).get(ENV, "")
     return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use here, or None (then the CPU step cannot be compiled)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        return get_cpp_compiler()
+    except Exception:  # inductor raises its own error types when it finds none
+        return None
 
 
 def bucket(n: int, least: int = 1) -> int:

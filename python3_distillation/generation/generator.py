@@ -145,7 +145,7 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None) -> Generator:
+                        dtype: str | torch.dtype | None = None, compile: bool | None = None) -> Generator:
         """A saved model folder (``models.open_model``) on ``device``, else ``precision.pick_device``'s.
 
         ``dtype`` None/``auto`` keeps the folder's weights as saved (an int8 folder runs its int8
@@ -163,7 +163,7 @@ class Generator:
         except Exception as e:  # corrupt weights, unknown architecture…: one line for the user
             raise GenerationError(f"cannot load the model in {path}: {str(e).strip().splitlines()[0]}") from e
         try:
-            gen = cls(model, tokenizer, device=pick_device(device), name=path.name, meta=meta)
+            gen = cls(model, tokenizer, device=pick_device(device), name=path.name, meta=meta, compile=compile)
         except (RuntimeError, AssertionError) as e:  # "cuda" without CUDA, a malformed device string
             raise GenerationError(f"cannot use device {device!r}: {str(e).strip().splitlines()[0]}") from e
         if is_int8_dir(path) and torch_dtype is not None:
@@ -261,13 +261,20 @@ class Generator:
     def head_t(self) -> torch.Tensor | None:
         return cpu_head_t(self.model)
 
-    def warm(self, max_rows: int) -> float:
-        """Compile (or load) the decode step for 1 … ``max_rows`` rows ahead of use; seconds taken, 0
-        when eager (dynamo compiles a short request's 32 columns; longer ones compile on first use)."""
+    def use_compiled_step(self, max_rows: int) -> float:
+        """Switch to the compiled decode step and compile (or load) it for 1 … ``max_rows`` rows now;
+        seconds taken. Raises GenerationError when this model has no compiled form, and whatever
+        compiling raised (no C++ compiler…), leaving the generator eager."""
         if self._step is None:
-            return 0.0
+            self._step = self._compiled_step(True)
         t0 = time.perf_counter()
-        self._step.warm([1 << i for i in range(bucket(max_rows).bit_length())])
+        try:
+            self._step.warm([1 << i for i in range(bucket(max_rows).bit_length())])
+        except Exception:
+            self._step = None
+            raise
+        finally:
+            self.compile = self._step is not None
         return time.perf_counter() - t0
 
     def new_decoder(self):

@@ -55,6 +55,9 @@ def build_parser(default_model: str) -> argparse.ArgumentParser:
     parser.add_argument("--time-limit", type=float, default=d.time_limit_s, help="seconds, default %(default)s")
     parser.add_argument("--batching", choices=["continuous", "static"], default=d.batching,
                         help="static: new requests wait for the running batch (default %(default)s)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default=os.environ.get("DISTILL_COMPILE") or "auto",
+                        help="the compiled decode step, ready before the server is: auto = on a CPU with a C++ "
+                             "compiler, eager if compiling fails (default %(default)s)")
     return parser
 
 
@@ -63,7 +66,8 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(model_dirs=[] if args.backend else dirs, host=args.host,
                        port=args.port, device=args.device, dtype=args.dtype, max_batch_rows=args.max_batch_rows,
                        max_queue=args.max_queue, max_prompts=args.max_prompts, time_limit_s=args.time_limit,
-                       batching=args.batching, allowed_hosts=args.allowed_host, backend_url=args.backend)
+                       batching=args.batching, allowed_hosts=args.allowed_host, backend_url=args.backend,
+                       compile=args.compile)
 
 
 def main(argv: list[str] | None = None, default_model: str = "v2") -> int:

@@ -80,6 +80,9 @@ class ServeConfig(BaseSettings):
     batch_max_wait_ms: float = 20.0  # ...but never longer than this after the first one
     batching: Literal["continuous", "static"] = "continuous"  # static: new requests wait for the running batch
     load_in_background: bool = True  # /ready answers 503 while loading, then 200
+    # The compiled decode step (generation/compiled.py), compiled or loaded before /ready says 200:
+    # auto = on a CPU with a C++ compiler, falling back to eager decoding if compiling fails.
+    compile: Literal["auto"] | bool = "auto"
     # Host headers accepted besides loopback names and the bind address ("*": any; a wildcard bind
     # also accepts any IP address, which DNS rebinding cannot produce).
     allowed_hosts: Strings = []

@@ -25,6 +25,7 @@ import torch
 
 from python3_distillation.device_plan import serving_dtype
 from python3_distillation.generation import Generator
+from python3_distillation.generation.compiled import cpp_compiler
 from python3_distillation.int8 import is_int8_dir
 from python3_distillation.precision import pick_device
 from python3_distillation.serving.batching import Batcher
@@ -64,18 +65,34 @@ class ServingState:
             generators = {}
             for d in self.config.model_dirs:
                 dtype, why = self.weights_dtype(Path(d))
-                gen = Generator.from_pretrained(d, device=self.config.device, dtype=dtype)
+                gen = Generator.from_pretrained(d, device=self.config.device, dtype=dtype, compile=False)
                 gen.dtype_reason = why
                 log.info("%s: dtype %s — %s", Path(d).name, gen.precision, why)
-                if gen.compile:  # before ready: no request waits behind a compile of a short request's bucket
-                    log.info("%s: compiled the decode step's buckets in %.1f s", Path(d).name,
-                             gen.warm(self.config.max_batch_rows))
+                self.compile_step(gen, Path(d).name)
                 generators[self._unique(generators, gen.name or Path(d).name)] = (gen, Path(d))
             self.install(generators)
         except Exception as e:
             self.load_error = public(f"model loading failed: {type(e).__name__}: {e}")
             log.error("model loading failed: %s: %s", type(e).__name__, e)
             raise
+
+    def compile_step(self, gen: Generator, name: str) -> None:
+        """The compiled decode step per ``config.compile``, ready before the server is: no request
+        waits behind a compile. ``auto``: on CPU with a C++ compiler, else (or if compiling fails) eager."""
+        wanted = self.config.compile
+        if wanted == "auto":
+            wanted = gen.device.type == "cpu" and gen.backend == "gpt2" and cpp_compiler() is not None
+        if not wanted:
+            return
+        try:
+            seconds = gen.use_compiled_step(self.config.max_batch_rows)
+        except Exception as e:
+            if self.config.compile is True:
+                raise
+            log.warning("%s: decoding eagerly, the compiled step is not available: %s", name,
+                        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            return
+        log.info("%s: compiled decode step ready in %.1f s", name, seconds)
 
     def weights_dtype(self, folder: Path) -> tuple[torch.dtype | None, str]:
         """The dtype to load ``folder`` in on this server's device, and why (device_plan.serving_dtype)."""

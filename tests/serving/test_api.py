@@ -57,12 +57,12 @@ def test_ready_is_503_until_models_are_loaded(make_app, tiny_dir, tiny, monkeypa
 
     release = threading.Event()
 
-    def slow_load(path, device=None, dtype=None):
+    def slow_load(path, device=None, dtype=None, compile=None):
         release.wait(timeout=10)
         return tiny
 
     monkeypatch.setattr(state.Generator, "from_pretrained", staticmethod(slow_load))
-    app = make_app(ServeConfig(model_dirs=[str(tiny_dir)], batch_window_ms=1))
+    app = make_app(ServeConfig(model_dirs=[str(tiny_dir)], batch_window_ms=1, compile=False))
     c = app.test_client()
     assert c.get("/health").get_json() == {"status": "ok", "models": "loading"}
     resp = c.get("/ready")
@@ -488,16 +488,13 @@ def test_precision_comes_from_the_folders_lineage(make_app, tiny_dir, tmp_path):
     assert bf16.precision == "bf16"
 
 
-def test_a_compiled_server_has_its_step_ready_before_it_is_ready_and_answers_as_the_eager_one(
-        make_app, tiny_dir, tiny, monkeypatch):
-    """DISTILL_COMPILE=1: loading compiles (or loads) the step for 1 and 2+ rows before /ready says
-    200, so no request waits behind a compile; greedy answers, alone and batched, are the eager ones."""
+def test_a_compiled_server_has_its_step_ready_before_it_is_ready_and_answers_as_the_eager_one(make_app, tiny_dir, tiny):
+    """compile=True: loading compiles (or loads) the step for 1 and 2+ rows before /ready says 200, so
+    no request waits behind a compile; greedy answers, alone and batched, are the eager ones."""
     from python3_distillation.generation import SamplingParams
 
-    monkeypatch.setenv("DISTILL_COMPILE", "1")
-    app = make_app(ServeConfig(model_dirs=[str(tiny_dir)], batch_window_ms=5, load_in_background=False))
-    state = app.extensions["distill"]
-    (batcher,) = state.batchers.values()
+    app = make_app(ServeConfig(model_dirs=[str(tiny_dir)], batch_window_ms=5, load_in_background=False, compile=True))
+    (batcher,) = app.extensions["distill"].batchers.values()
     assert batcher.generator.compile and set(batcher.generator._step.compile_seconds) == {1, "2+"}
     c = app.test_client()
     assert c.get("/ready").status_code == 200
@@ -509,3 +506,28 @@ def test_a_compiled_server_has_its_step_ready_before_it_is_ready_and_answers_as_
                                            "ignore_eos": True}).get_json()
     assert one["completions"][0]["text"] == want[0]
     assert [choice["text"] for choice in sorted(many["choices"], key=lambda x: x["index"])] == want
+
+
+def test_compile_auto_falls_back_to_eager_decoding_and_compile_true_fails_loudly(make_app, tiny_dir, monkeypatch,
+                                                                                 caplog):
+    """The default, auto, compiles on a CPU with a C++ compiler; when compiling fails the server still
+    loads and decodes eagerly, saying why. compile=True makes that failure the server's."""
+    from python3_distillation.generation.compiled import CompiledStep
+
+    assert ServeConfig(model_dirs=[str(tiny_dir)]).compile == "auto"
+    assert [ServeConfig.from_env({"DISTILL_COMPILE": v}).compile for v in ("auto", "1", "off")] == ["auto", True, False]
+    with pytest.raises(ConfigError, match="compile"):
+        ServeConfig.from_env({"DISTILL_COMPILE": "sometimes"})
+
+    def broken(self, *args):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(CompiledStep, "_runner", broken)
+    app = make_app(ServeConfig(model_dirs=[str(tiny_dir)], load_in_background=False))
+    (batcher,) = app.extensions["distill"].batchers.values()
+    assert not batcher.generator.compile and batcher.generator._step is None
+    assert "decoding eagerly, the compiled step is not available: no C++ compiler here" in caplog.text
+    c = app.test_client()
+    assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        make_app(ServeConfig(model_dirs=[str(tiny_dir)], load_in_background=False, compile=True))
