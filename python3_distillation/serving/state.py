@@ -183,7 +183,7 @@ def describe(name: str, gen: Generator, folder: Path | None) -> dict[str, Any]:
     return {"id": name, "n_params": int(gen.n_params), "size_bytes": int(size), "size": human_bytes(size),
             "disk_bytes": disk, "context_length": int(gen.context_length), "device": str(gen.device),
             "precision": gen.precision, "precision_reason": getattr(gen, "dtype_reason", None),
-            "n_layer": getattr(gen.model.config, "n_layer", None)}
+            "decode_step": "compiled" if gen.compile else "eager", "n_layer": getattr(gen.model.config, "n_layer", None)}
 
 
 def human_bytes(n: float) -> str:

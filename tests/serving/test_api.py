@@ -498,6 +498,7 @@ def test_a_compiled_server_has_its_step_ready_before_it_is_ready_and_answers_as_
     assert batcher.generator.compile and set(batcher.generator._step.compile_seconds) == {1, "2+"}
     c = app.test_client()
     assert c.get("/ready").status_code == 200
+    assert c.get("/api/info").get_json()["models"][0]["decode_step"] == "compiled"
     prompts = ["It is a truth", "Emma Woodhouse, handsome", "The"]
     want = [x.text for x in tiny.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))]
     one = c.post("/api/generate", json={"prompt": prompts[0], "max_new_tokens": 8, "temperature": 0,
@@ -529,5 +530,6 @@ def test_compile_auto_falls_back_to_eager_decoding_and_compile_true_fails_loudly
     assert "decoding eagerly, the compiled step is not available: no C++ compiler here" in caplog.text
     c = app.test_client()
     assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert c.get("/api/info").get_json()["models"][0]["decode_step"] == "eager"
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         make_app(ServeConfig(model_dirs=[str(tiny_dir)], load_in_background=False, compile=True))
