@@ -104,7 +104,7 @@ def throughput_rows(work: Path, teacher_dir: Path, quick: bool, cache) -> list[d
     from python3_distillation.distill import make_distill_loss
     from python3_distillation.evaluation import measure as ev
     from python3_distillation.models import build_student, open_model
-    from python3_distillation.precision import decide, pick_device
+    from python3_distillation.device_plan import decide, pick_device
     from python3_distillation.train import make_batch, make_optimizer
 
     cfg = _config(work, teacher_dir, quick, "bench-cache-speed")

@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere without installin
     sys.path.insert(0, str(REPO))
 
 from python3_distillation.evaluation import measure as ev  # noqa: E402
-from python3_distillation.evaluation.report import measure_perplexities  # noqa: E402
+from python3_distillation.evaluation.report import measure_side_by_side  # noqa: E402
 from python3_distillation.models import is_model_dir  # noqa: E402
 from python3_distillation.paths import model_dir  # noqa: E402
 
@@ -82,7 +82,7 @@ def decode_rows(quick: bool) -> list[dict]:
 
     from python3_distillation.generation import Generator
     from python3_distillation.models import build_student
-    from python3_distillation.precision import pick_device
+    from python3_distillation.device_plan import pick_device
     from python3_distillation.tokenizer import load_tokenizer
 
     new_tokens, rounds = (8, 2) if quick else (64, 5)
@@ -133,7 +133,7 @@ def perplexity_rows(quick: bool) -> list[dict]:
         source = f"reports/report.json ({report['settings']['eval_blocks']} validation blocks)"
     else:
         max_blocks = 32 if quick else None
-        ppl = measure_perplexities([(n, model_dir(n)) for n in names], max_blocks)
+        ppl = {n: q["ppl"] for n, q in measure_side_by_side([(n, model_dir(n)) for n in names], max_blocks)[3].items()}
         source = "measured here" + (" (quick: 32 validation blocks)" if quick else " (the teacher's data.max_eval_blocks)")
     r = ppl["v2"] / ppl["teacher"]
     rows = [_row("v2 ppl ÷ teacher ppl", r, "×", f"v2 {ppl['v2']:.2f}, teacher {ppl['teacher']:.2f}; {source}",
@@ -185,7 +185,7 @@ def throughput_rows(quick: bool) -> list[dict]:
     from python3_distillation.config import TeacherConfig, load_config
     from python3_distillation.distill import make_distill_loss
     from python3_distillation.models import build_student, new_gpt2, open_model
-    from python3_distillation.precision import decide, pick_device
+    from python3_distillation.device_plan import decide, pick_device
     from python3_distillation.train import make_optimizer
 
     cfg = load_config(["v2"])

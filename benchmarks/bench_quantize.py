@@ -69,11 +69,9 @@ def run(quick: bool = False) -> dict:
                          f"{size / 1e6:.1f} MB vs {fp32_bytes / 1e6:.1f} MB", target,
                          (size / fp32_bytes <= TARGETS["size"]) if target else None))
     if trained:
-        from python3_distillation.evaluation.report import eval_data_config, load_entry, validation_blocks
+        from python3_distillation.evaluation.report import held_out, load_entry
 
-        entry = load_entry("v2", src)
-        data_cfg, seed = eval_data_config([entry])
-        blocks = validation_blocks([entry], data_cfg, 16 if quick else data_cfg.max_eval_blocks, seed)
+        blocks = held_out([load_entry("v2", src)], 16 if quick else None)[1]
         q = measure.quality(models, blocks, reference="fp32")
         for k in variants:
             r = q[k]["ppl"] / q["fp32"]["ppl"]

@@ -4,15 +4,7 @@
 
 Prints the path of ``libtcmalloc_minimal.so.4`` for ``LD_PRELOAD`` (the Makefile's stages use it),
 or nothing, with the reason on stderr, when it cannot be had; then the stages run on glibc's malloc.
-
-Why: every step allocates and frees logits of hundreds of MB (4 × 256 × 50,257 floats and their
-gradients). glibc hands such blocks back to the system and page-faults them in again on the next
-step, even with huge pages; tcmalloc keeps them. Measured on the embedded teacher (12 × d256, bf16,
-2 cores, 40 steps, two runs each, alternating): 16.5 s with tcmalloc against 30.1 s with glibc and
-``glibc.malloc.hugetlb=1``, the weights equal bit for bit (where memory comes from changes, not what
-is computed). The library is Debian's ``libtcmalloc-minimal4``: an installed copy if there is one,
-else the package fetched with ``apt-get download`` and its one library file unpacked into the data
-folder, nothing installed (the corpus comes the same way). ``DISTILL_MALLOC=glibc`` opts out.
+``DISTILL_MALLOC=glibc`` opts out. Design notes (why, measured): docs/design/data.md.
 """
 
 from __future__ import annotations

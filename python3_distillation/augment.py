@@ -4,21 +4,10 @@ cut from the training text, and each continuation is appended to a JSONL file wi
     gpt2-distill augment --out runs/augment/teacher_samples.jsonl --n-samples 512 --temperature 1.0 --top-p 0.95
     gpt2-distill distill --config v2 data.train=austen,runs/augment/teacher_samples.jsonl "data.mix=[0.75, 0.25]"
 
-Sample ``i`` continues the first ``--prompt-tokens`` tokens of a training block drawn by a seeded
-permutation (``train.seed``), sampled with its own seed derived from ``train.seed`` and ``i`` by the
-project's ``Generator`` (batched; a row's tokens depend on its prompt and seed, not on its batch
-neighbours). The teacher, data and seed come from the config (``--config``, dotted overrides) as
-for the training commands. Each line is one sample::
-
-    {"index": 0, "text": prompt + continuation, "prompt": ..., "completion": ..., "prompt_tokens": 32,
-     "completion_tokens": 96, "finish_reason": "length", "source": {"block": 811, "token_offset": 207616},
-     "seed": ..., "run": {"teacher_sha256": ..., "data": "austen", "shards": ..., "block_size": 256,
-     "sampling": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, "max_new_tokens": 96}, "train_seed": 1337}}
-
-``text`` is what training reads (``data.text_field``). Lines are appended a batch at a time and
-synced to disk; run the same command again after a kill and it checks what is there (same teacher,
-data and settings, indices 0..k−1), drops a line torn by the kill, and continues from sample k —
-no sample is written twice. ``--n-samples`` may grow between runs.
+Each JSONL line's ``text`` (prompt + continuation) is what training reads (``data.text_field``). The
+same command run again after a kill checks what is there (same teacher, data and settings), drops a
+torn last line and continues: no sample is written twice; ``--n-samples`` may grow between runs.
+Line format and seeding: docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -35,12 +24,12 @@ from tqdm.auto import tqdm
 
 from python3_distillation.config import ConfigError, RunConfig, load_config
 from python3_distillation.data import batch_indices, load_blocks
+from python3_distillation.device_plan import pick_device
 from python3_distillation.errors import DataError
 from python3_distillation.generation import Generator, RowInput, SamplingParams, complete_rows
 from python3_distillation.lineage import data_fingerprint, weights_sha256
 from python3_distillation.models import open_model
 from python3_distillation.paths import display_path
-from python3_distillation.precision import pick_device
 from python3_distillation.resumable import append_jsonl, jsonl_rows
 from python3_distillation.validation import Checked, Temperature, TopK, TopP
 
@@ -114,17 +103,13 @@ def run_augment(cfg: RunConfig, out: str | Path, s: AugmentSettings,
     out.parent.mkdir(parents=True, exist_ok=True)
     gen = Generator(teacher, tokenizer, device=pick_device(), name="teacher")
     t0, new_tokens = time.perf_counter(), 0
-    bar = tqdm(total=s.n_samples, initial=done, desc="augment", unit="sample", dynamic_ncols=True)
-    try:
+    with tqdm(total=s.n_samples, initial=done, desc="augment", unit="sample", dynamic_ncols=True) as bar:
         for start in range(done, s.n_samples, s.batch_size):
             indices = range(start, min(s.n_samples, start + s.batch_size))
-            rows, where = [], {}
-            for i in indices:
-                block = int(batch_indices(len(train), 1, i, seed)[0])  # epoch permutations of the blocks
-                where[i] = block
-                params = SamplingParams(max_new_tokens=s.new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                        top_k=s.top_k, seed=sample_seed(seed, i))
-                rows.append(RowInput(i, "", train.ids[block, :s.prompt_tokens].tolist(), params))
+            where = {i: int(batch_indices(len(train), 1, i, seed)[0]) for i in indices}  # epoch permutations
+            rows = [RowInput(i, "", train.ids[block, :s.prompt_tokens].tolist(),
+                             SamplingParams(max_new_tokens=s.new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                            top_k=s.top_k, seed=sample_seed(seed, i))) for i, block in where.items()]
             completions = complete_rows(gen, rows)
             samples = []
             for row in rows:
@@ -141,8 +126,6 @@ def run_augment(cfg: RunConfig, out: str | Path, s: AugmentSettings,
             bar.update(len(rows))
             if on_batch is not None:
                 on_batch(indices[-1] + 1)
-    finally:
-        bar.close()
     seconds = time.perf_counter() - t0
     print(f"{out}: {s.n_samples} samples ({s.n_samples - done} new, {new_tokens:,} tokens sampled in {seconds:.0f} s)",
           file=sys.stderr)

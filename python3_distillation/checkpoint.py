@@ -3,11 +3,9 @@
     python -m python3_distillation.checkpoint runs/v2/checkpoint-200     # verify one, print its state
 
 A checkpoint folder holds the weights, the optimizer state, each process's RNG states
-(``rng-<rank>.*``), ``trainer_state.json`` (step, tokens, seconds, fingerprint) and, written last,
-``manifest.json`` (size and sha256 of every other file). Nothing is unpickled on resume (accelerate's
-``load_state`` opens pickles with ``weights_only=False``: a foreign run folder could run code). A
-checkpoint that does not match its manifest is refused with a warning and the previous one tried.
-The LR schedule is not stored: it is a pure function of the step.
+(``rng-<rank>.*``), ``trainer_state.json`` and, written last, ``manifest.json`` (size and sha256 of
+every other file). Explained in README.md, "Precision, resume and reproducibility"; design notes:
+docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -24,8 +22,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from python3_distillation.errors import CheckpointError
-from python3_distillation.fsio import sha256_file
-from python3_distillation.resumable import MANIFEST
+from python3_distillation.resumable import MANIFEST, check_files, file_entries, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +70,7 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
     """This process's RNG states: torch (CPU and every CUDA device) as tensors, Python's and NumPy's as JSON."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
+        tensors.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     meta = {"python": [version, list(state), gauss],
@@ -84,19 +80,15 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
 
 def save_rng(folder: Path, rank: int, states: tuple[dict[str, torch.Tensor], dict]) -> None:
     """Write process ``rank``'s RNG states as ``capture_rng`` returned them there (the main process writes all)."""
-    tensors, meta = states
     t_name, j_name = rng_files(rank)
-    save_file(tensors, str(Path(folder) / t_name))
-    (Path(folder) / j_name).write_text(json.dumps(meta))
+    save_file(states[0], str(Path(folder) / t_name))
+    (Path(folder) / j_name).write_text(json.dumps(states[1]))
 
 
 def write_state(folder: Path, state: dict) -> dict:
     """Write ``trainer_state.json``; returns the manifest of every file, written last (``WorkFolder.publish``)."""
-    folder = Path(folder)
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    return {"format": FORMAT, "files": files}
+    (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1))
+    return {"format": FORMAT, "files": file_entries(folder)}
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -105,25 +97,14 @@ def verify(folder: Path) -> dict:
     """Check every file against the manifest; returns the trainer state. Raises CheckpointError."""
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        listed = manifest["files"]
+        listed = dict(read_manifest(folder)["files"])
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: no {MANIFEST} (the write did not finish)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({e})") from None
-    present = {p.name for p in folder.iterdir() if p.name != MANIFEST}
-    extra = sorted(present - set(listed))
-    if extra:
-        raise CheckpointError(f"{folder}: files not in its manifest: {', '.join(extra)} (tampered with?)")
-    for name, entry in listed.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: {name} is missing")
-        if path.stat().st_size != entry.get("bytes"):
-            raise CheckpointError(f"{folder}: {name} does not match its manifest: {path.stat().st_size} bytes, "
-                                  f"not {entry.get('bytes')} (truncated, corrupt or tampered with)")
-        if sha256_file(path) != entry.get("sha256"):
-            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest (corrupt or tampered with)")
+    problem = check_files(folder, listed, complete=True)
+    if problem:
+        raise CheckpointError(f"{folder}: {problem}")
     try:
         state = json.loads((folder / STATE_FILE).read_text())
         int(state["step"])
@@ -172,7 +153,9 @@ def restore_rng(folder: Path, rank: int) -> bool:
     tensors = load_file(str(Path(folder) / t_name))
     meta = json.loads((Path(folder) / j_name).read_text())
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    # By device index: as text, torch_cuda_10 would sort before torch_cuda_2.
+    cuda_keys = sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    cuda = [tensors[k] for k in cuda_keys]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
     version, state, gauss = meta["python"]

@@ -13,13 +13,8 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 import torch
-
-T_ = TypeVar("T_")
-
-__all__ = ["map_chunks"]
 
 # One process-wide pool of CPU workers, each running torch single-threaded (see map_chunks).
 _POOL: ThreadPoolExecutor | None = None
@@ -59,20 +54,18 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL
 
 
-def map_chunks(fn: Callable[[int, int], T_], n: int, chunk_rows: int, device: torch.device) -> list[T_]:
+def map_chunks(fn: Callable[[int, int], object], n: int, chunk_rows: int, device: torch.device) -> list:
     """``[fn(i, j) for each chunk [i, j) of range(n)]``, in chunk order.
 
-    On CPU the chunks are spread over ``torch.get_num_threads()`` worker threads that each run torch
-    single-threaded, instead of splitting every op of every chunk across OpenMP threads: a 16-row
-    chunk costs ~16 ops, each an OpenMP region ending in a barrier, and with the cores shared with
-    other processes a barrier can wait a whole scheduler slice (ms) for a descheduled thread. On a
-    2-core box at load 5 that made 1024 GPT-2 rows take 2-11 s instead of ~1 s. Each worker writes
-    disjoint rows and every chunk is computed single-threaded, so results depend neither on
-    scheduling nor on the thread count. CUDA tensors run inline (the GPU does the parallel work).
+    On CPU, on ``torch.get_num_threads()`` workers rather than each op split across OpenMP threads: a
+    16-row chunk costs ~16 ops, each an OpenMP region ending in a barrier, and on cores shared with
+    other processes a barrier can wait a scheduler slice (ms) for a descheduled thread (2 cores at load
+    5: 1024 GPT-2 rows in 2-11 s instead of ~1 s). Each chunk is computed single-threaded into disjoint
+    rows, so results depend neither on scheduling nor on the thread count. CUDA tensors run inline.
     """
     bounds = [(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
 
-    def run(part: list[tuple[int, int]]) -> list[T_]:
+    def run(part: list[tuple[int, int]]) -> list:
         # Worker threads do not inherit the caller's no-grad or autocast state; pin both.
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             return [fn(i, j) for i, j in part]

@@ -30,11 +30,11 @@ from python3_distillation.config import load_config
 from python3_distillation.errors import EXIT_BAD_INPUT, BadInput, ConfigError
 
 
-def _config_parser(prog: str, description: str, default_config: str | None,
-                   example: str = "train.max_steps=100") -> argparse.ArgumentParser:
+def _config_parser(prog: str, description: str, default_config: str | None, example: str = "train.max_steps=100",
+                   config: str = "YAML config") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", action="append", default=None, metavar="FILE",
-                   help=f"YAML config (diff from the defaults); repeatable; default: {default_config or 'none'}")
+                   help=f"{config} (diff from the defaults); repeatable; default: {default_config or 'none'}")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help=f"e.g. {example}")
     return p
 
@@ -101,17 +101,13 @@ def cmd_prepare_data(argv: list[str]) -> int:
 
 
 def cmd_cache_teacher(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gpt2-distill cache-teacher",
-                                description="Run the teacher once over the training blocks and store its top-k "
-                                "log-probabilities per position (+ the tail's mass), for distill.teacher_cache=DIR. "
-                                "Resumes an interrupted run.")
-    p.add_argument("--config", action="append", default=None, metavar="FILE",
-                   help="YAML config of the distillation (diff from the defaults); repeatable; default: v2")
+    p = _config_parser("gpt2-distill cache-teacher", "Run the teacher once over the training blocks and store its "
+                       "top-k log-probabilities per position (+ the tail's mass), for distill.teacher_cache=DIR. "
+                       "Resumes an interrupted run.", "v2", "distill.cache_top_k=32", "YAML config of the distillation")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where to write (default: distill.teacher_cache, else <data dir>/teacher_cache/<name>)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="blocks per teacher forward (default: train.batch_size)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. distill.cache_top_k=32")
     args = p.parse_args(argv)
     from python3_distillation.teacher_cache import cache_teacher
 

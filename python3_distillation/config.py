@@ -2,10 +2,7 @@
 
     python -m python3_distillation teacher --config configs/teacher.yaml train.max_steps=50
 
-A YAML file in ``configs/`` only names what differs from the defaults below; ``section.key=value``
-overrides on the command line come last (values parsed as YAML, so ``3e-4``, ``true``, ``[0, 2]``
-work). Unknown keys and wrong types are errors that name the key; the resolved config is written
-beside every checkpoint and model (``distill_config.yaml``).
+Override values are parsed as YAML (``3e-4``, ``true``, ``[0, 2]``). Explained in README.md, "Training".
 """
 
 from __future__ import annotations
@@ -65,19 +62,16 @@ class DataConfig(Section):
     # "austen" (embedded: five novels train, Persuasion validation); .txt/.jsonl files or folders
     # (comma-separated); or a `datasets` hub spec such as "wikitext:wikitext-103-raw-v1" (network).
     train: Text = "austen"
-    # Same forms as `train`; empty → the source's own validation split, else a held-out fraction.
-    validation: Text = ""
+    validation: Text = ""  # as `train`; empty → the source's own validation split, else a held-out fraction
     validation_fraction: Float = Field(0.05, gt=0, lt=1)
     text_field: Text = "text"  # the JSONL / hub column holding the text
     # .txt → documents (EOS between them): "line", "paragraph" (blank-line separated), "file", or
     # "auto" (paragraph when the file has blank lines, else line).
     document: _choice("auto", "line", "paragraph", "file") = "auto"
-    # Tokens per training example (≤ the model's n_positions). Equal to the embedded teacher's
-    # context so every position the server may use has been trained.
+    # Tokens per example (≤ n_positions): the embedded teacher's context, so every position served was trained.
     block_size: int = Field(256, ge=2)
     max_eval_blocks: int = Field(256, ge=0)  # validation blocks used for perplexity (0 = all)
-    # Tokenizing processes for the token shards; 0 = from the CPU count and the data size (one below
-    # 32 MiB of text, where starting workers costs more than it saves).
+    # Tokenizing processes; 0 = from CPU count and data size (one below 32 MiB of text: workers cost more).
     num_proc: int = Field(0, ge=0)
     # Shares of the training blocks from each comma-separated `train` source, e.g. [0.75, 0.25] for
     # "austen,samples.jsonl" (normalised; later sources: local files used whole for training, the first
@@ -96,7 +90,7 @@ class TrainConfig(Section):
     beta1: Float = Field(0.9, ge=0, lt=1)
     beta2: Float = Field(0.95, ge=0, lt=1)
     grad_clip: Float = Field(1.0, ge=0)  # max global grad norm (0 = off)
-    mixed_precision: _choice("auto", "no", "bf16", "fp16") = "auto"  # auto: measured per machine (precision.py)
+    mixed_precision: _choice("auto", "no", "bf16", "fp16") = "auto"  # auto: measured per machine (device_plan.py)
     eval_every: int = Field(200, ge=0)  # steps between validation perplexity (0 = only at the end)
     save_every: int = Field(200, ge=0)  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = Field(2, ge=1)
@@ -109,8 +103,7 @@ class TrainConfig(Section):
 
 
 class TeacherConfig(Section):
-    # Teacher folder: written by the teacher stage, read by distillation.
-    path: Text = default_model_path("teacher")
+    path: Text = default_model_path("teacher")  # written by the teacher stage, read by distillation
     # GPT-2 checkpoint to fine-tune (hub id such as "gpt2" or a local folder); empty → train from
     # scratch with the shape below (the embedded default: no hub needed).
     init_from: Text = ""
@@ -149,23 +142,19 @@ class DistillConfig(Section):
     alpha_kd: Float = Field(0.5, ge=0)  # weight of T²·KL(teacher_T ‖ student_T)
     alpha_ce: Float = Field(0.5, ge=0)  # weight of the causal-LM cross-entropy on the labels
     alpha_cos: Float = Field(0.0, ge=0)  # weight of 1 − cos(student hidden, teacher hidden) (equal widths only)
-    # Positions per chunk of the KL (bounds its fp32 memory); 0 = automatic (device_plan.py).
-    kd_chunk_rows: int = Field(0, ge=0)
+    kd_chunk_rows: int = Field(0, ge=0)  # positions per KL chunk (bounds its fp32 memory); 0 = device_plan.py's
     # The kd divergence (× T²): "forward_kl" KL(teacher ‖ student) (mass-covering); "reverse_kl"
     # KL(student ‖ teacher) (mode-seeking, MiniLLM); "jsd" GKD's generalised JSD (Agarwal et al. 2024)
     # with mixture (1 − jsd_beta)·p_student + jsd_beta·p_teacher.
     loss: _choice("forward_kl", "reverse_kl", "jsd") = "forward_kl"
     jsd_beta: Float = Field(0.5, gt=0, lt=1)  # only read with loss=jsd (0 and 1 are forward_kl / reverse_kl)
-    # On-policy distillation (GKD's λ): this share of the batches is replaced by the student's own
-    # continuations of each block's first `on_policy_prompt` tokens, scored by the teacher; chosen by a
-    # seeded hash of the batch (a function of the step), so a resumed run makes the same choices.
+    # On-policy distillation (GKD's λ): this share of the batches (chosen by a seeded hash of the batch, so
+    # resume repeats it) holds the student's continuations of `on_policy_prompt` tokens, scored by the teacher.
     on_policy_fraction: Float = Field(0.0, ge=0, le=1)
     on_policy_prompt: int = Field(0, ge=0)  # 0 = half the block
-    # The student's sampling temperature (0 = greedy), bounded as every sampling temperature.
-    on_policy_temperature: Annotated[Temperature, BeforeValidator(_number)] = 1.0
-    # Offline KD: the teacher's top-k per position from `gpt2-distill cache-teacher` (teacher_cache.py);
-    # set, the kd term is read from it and no teacher stays in memory. cache-teacher writes there
-    # (empty: <data dir>/teacher_cache/<name>), at this temperature.
+    on_policy_temperature: Annotated[Temperature, BeforeValidator(_number)] = 1.0  # the student's (0 = greedy)
+    # Offline KD: the kd term from `gpt2-distill cache-teacher`'s top-k (teacher_cache.py), no teacher in
+    # memory. cache-teacher writes there (empty: <data dir>/teacher_cache/<name>), at this temperature.
     teacher_cache: Text = ""
     cache_top_k: int = Field(64, ge=1)  # tokens kept per position by cache-teacher (+ one bucket for the rest)
 
@@ -227,14 +216,16 @@ class RunConfig(Section):
     def to_dict(self) -> dict:
         return self.model_dump()
 
-    def to_yaml(self) -> str:
-        """The config as saved beside checkpoints and models: paths under the working directory are
-        written relative to it, so a saved config carries no build-machine paths."""
+    def to_yaml(self, precision: dict | None = None) -> str:
+        """The config as saved beside checkpoints and models, headed by the ``precision`` it trained in
+        (``Precision.to_dict()``): paths under the working directory are written relative to it, so a
+        saved config carries no build-machine paths."""
         d = self.to_dict()
         for section, key in PATH_KEYS:
             node = d if section is None else d[section]
             node[key] = ",".join(_portable(p) for p in str(node[key]).split(",")) if node[key] else node[key]
-        return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
+        head = f"# precision used: {precision.get('label')} — {precision.get('reason')}\n" if precision else ""
+        return head + yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
 
 
 # Config values that hold paths (a comma-separated list for the data sources).
@@ -268,13 +259,9 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    out: dict = {}
-    node = out
-    parts = dotted.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+    for part in reversed(dotted.strip().split(".")):
+        value = {part: value}
+    return value
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -327,10 +314,9 @@ def _merge(into: dict, updates: dict) -> None:
 
 def _own_folders(cfg: RunConfig, named: RunConfig, overrides: list[str]) -> None:
     """Overrides that change what a config makes also change where it goes, so an experiment never
-    overwrites (or blocks the resume of) the config's own model and run folders — `make run`'s, for
-    the named configs. ``name=…`` picks the new name (→ ``python3_distillation/gpt2_student_<name>``,
-    ``runs/<name>``); without it the name gets a short digest of the overrides. Folders the overrides
-    set themselves are kept as given."""
+    overwrites (or blocks the resume of) the config's own (`make run`'s) model and run folders.
+    ``name=…`` picks the new name (→ ``python3_distillation/gpt2_student_<name>``, ``runs/<name>``);
+    else the name gets a short digest of the overrides. Folders the overrides set are kept as given."""
     if cfg.to_dict() == named.to_dict():
         return
     keys = {o.lstrip("-").split("=", 1)[0].strip() for o in overrides}

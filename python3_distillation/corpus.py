@@ -2,36 +2,26 @@
 
     DISTILL_DATA_DIR=./data gpt2-distill assets     # builds it; DISTILL_AUSTEN_DEB=FILE.deb reads a local .deb
 
-The novels are public domain. Debian ships them in ``r-cran-janeaustenr`` as R's lazy-load database
-``usr/lib/R/site-library/janeaustenr/data/Rdata.{rdx,rdb}`` (one character vector per book, one
-element per printed line). This module gets that .deb (``DISTILL_AUSTEN_DEB``, a copy already in
-``<data dir>/downloads``, or ``apt-get download``), reads it in pure Python (ar → data.tar.xz/gz →
-the two files → :mod:`python3_distillation.rdata`), joins lines into paragraphs and writes
-
-    <data dir>/austen/train.txt        Sense & Sensibility, Pride & Prejudice, Mansfield Park,
-                                       Emma, Northanger Abbey
-    <data dir>/austen/validation.txt   Persuasion
-    <data dir>/austen/manifest.json    sha256 of the .deb and both files, counts
-
-one paragraph per line, UTF-8. A held-out *novel* (not random paragraphs) is the validation split,
-so validation loss measures generalisation to unseen text rather than recall of neighbouring lines.
+The novels are public domain. The .deb's R lazy-load database is read in pure Python (no R) into
+``<data dir>/austen/{train,validation}.txt``, one paragraph per line, UTF-8 (*Persuasion*, a whole
+held-out novel, is validation), and ``manifest.json``. Design notes: docs/design/data.md.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
-import json
 import logging
 import os
 import re
-import subprocess
 import tarfile
 from pathlib import Path
 
 from python3_distillation.errors import AssetError
 from python3_distillation.fsio import atomic_dir, sha256_file
+from python3_distillation.paths import download
 from python3_distillation.rdata import RDataError, read_lazyload_db
+from python3_distillation.resumable import check_files, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +29,9 @@ DEB_PACKAGE = "r-cran-janeaustenr"
 RDATA_DIR = "usr/lib/R/site-library/janeaustenr/data/"
 MAX_MEMBER_BYTES = 64 << 20
 # R object name → title, in publication order (the order of the R package's austen_books()).
-BOOKS = {
-    "sensesensibility": "Sense & Sensibility",
-    "prideprejudice": "Pride & Prejudice",
-    "mansfieldpark": "Mansfield Park",
-    "emma": "Emma",
-    "northangerabbey": "Northanger Abbey",
-    "persuasion": "Persuasion",
-}
+BOOKS = {"sensesensibility": "Sense & Sensibility", "prideprejudice": "Pride & Prejudice",
+         "mansfieldpark": "Mansfield Park", "emma": "Emma", "northangerabbey": "Northanger Abbey",
+         "persuasion": "Persuasion"}
 VALIDATION_BOOKS = ("Persuasion",)
 # Bumped whenever the paragraph rules change, so an old build is not mistaken for a current one.
 CORPUS_VERSION = 1
@@ -68,40 +53,21 @@ class CorpusError(AssetError):
 
 # -- getting the .deb --------------------------------------------------------------------------
 def fetch_austen_deb(download_dir: Path) -> Path:
-    """Path of the r-cran-janeaustenr .deb: ``$DISTILL_AUSTEN_DEB``, a copy in ``download_dir``,
-    or one fetched there with ``apt-get download`` (needs the apt lists, not root)."""
+    """Path of the r-cran-janeaustenr .deb: ``$DISTILL_AUSTEN_DEB``, else ``fetch_deb``'s."""
     env = os.environ.get("DISTILL_AUSTEN_DEB")
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_file():
-            raise CorpusError(f"DISTILL_AUSTEN_DEB={env}: no such file")
-        return path
-    return fetch_deb(DEB_PACKAGE, download_dir, f"pass a {DEB_PACKAGE} .deb path or set DISTILL_AUSTEN_DEB",
-                     CorpusError)
+    if not env:
+        return fetch_deb(DEB_PACKAGE, download_dir, f"pass a {DEB_PACKAGE} .deb path or set DISTILL_AUSTEN_DEB",
+                         CorpusError)
+    if not Path(env).expanduser().is_file():
+        raise CorpusError(f"DISTILL_AUSTEN_DEB={env}: no such file")
+    return Path(env).expanduser()
 
 
 def fetch_deb(package: str, download_dir: Path, alternative: str, error: type[AssetError] = AssetError) -> Path:
     """A Debian package's .deb: a copy in ``download_dir``, or one fetched there with ``apt-get
     download`` (the apt lists, no root, nothing installed); ``error`` names what failed and the way out."""
-    download_dir = Path(download_dir)
-    found = sorted(download_dir.glob(f"{package}_*.deb"))
-    if found:
-        return found[-1]
-    download_dir.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s with apt-get into %s", package, download_dir)
-    hint = f"run `apt-get update` (as root) and retry, or {alternative}"
-    try:
-        proc = subprocess.run(["apt-get", "download", package], cwd=download_dir,
-                              capture_output=True, text=True, timeout=600)
-    except FileNotFoundError:
-        raise error(f"apt-get not found, cannot download {package}; {hint}") from None
-    except subprocess.TimeoutExpired:
-        raise error(f"apt-get download {package} took over 600 s; {hint}") from None
-    found = sorted(download_dir.glob(f"{package}_*.deb"))
-    if proc.returncode != 0 or not found:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise error(f"apt-get download {package} failed ({tail[0]}); {hint}")
-    return found[-1]
+    return download(["apt-get", "download", package], download_dir, f"{package}_*.deb", package,
+                    f"run `apt-get update` (as root) and retry, or {alternative}", error, timeout=600)
 
 
 # -- reading the .deb --------------------------------------------------------------------------
@@ -137,10 +103,9 @@ def read_deb_member(deb_path: Path, suffix: str) -> bytes:
     except OSError as e:
         raise CorpusError(f"{deb_path}: cannot read ({e.strerror or e})") from e
     members = _ar_members(data, str(deb_path))
-    tar_names = [m for m in members if m.startswith("data.tar")]
-    if not tar_names:
+    tar_name = next((m for m in members if m.startswith("data.tar")), None)
+    if tar_name is None:
         raise CorpusError(f"{deb_path}: no data.tar.* member (has {sorted(members)})")
-    tar_name = tar_names[0]
     if tar_name.endswith(".zst"):
         raise CorpusError(f"{deb_path}: {tar_name} is zstd-compressed; only xz, gz, bz2 or none are read")
     try:
@@ -208,16 +173,11 @@ def to_paragraphs(lines: list[str]) -> list[str]:
 def _manifest_ok(out_dir: Path, deb_sha: str | None) -> dict | None:
     """The manifest when it describes the files on disk (and ``deb_sha``'s .deb, if given)."""
     try:
-        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
-        if manifest.get("version") != CORPUS_VERSION:
+        manifest = read_manifest(out_dir)
+        if manifest.get("version") != CORPUS_VERSION or (deb_sha is not None and manifest["deb"]["sha256"] != deb_sha):
             return None
-        if deb_sha is not None and manifest["deb"]["sha256"] != deb_sha:
-            return None
-        for split in SPLITS:
-            entry = manifest["splits"][split]
-            if sha256_file(out_dir / entry["file"]) != entry["sha256"]:
-                return None
-        return manifest
+        files = {e["file"]: e for e in [manifest["splits"][s] for s in SPLITS]}
+        return None if check_files(out_dir, files, ("sha256",)) else manifest
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -238,12 +198,11 @@ def build_austen_corpus(data_dir: Path, deb: Path | None = None) -> dict[str, Pa
     ``DISTILL_AUSTEN_DEB``) makes this a no-op; otherwise the folder is rebuilt beside the old one
     and swapped in whole, so an interrupted build leaves the previous corpus (or none) in place.
     """
-    data_dir = Path(data_dir)
-    out_dir = data_dir / "austen"
+    out_dir = Path(data_dir) / "austen"
     paths = {split: out_dir / f"{split}.txt" for split in SPLITS}
     if deb is None and not os.environ.get("DISTILL_AUSTEN_DEB") and _manifest_ok(out_dir, None):
         return paths
-    deb = Path(deb) if deb is not None else fetch_austen_deb(data_dir / "downloads")
+    deb = Path(deb) if deb is not None else fetch_austen_deb(Path(data_dir) / "downloads")
     if not deb.is_file():
         raise CorpusError(f"{deb}: no such .deb")
     deb_sha = sha256_file(deb)
@@ -251,33 +210,20 @@ def build_austen_corpus(data_dir: Path, deb: Path | None = None) -> dict[str, Pa
         return paths
 
     splits = split_paragraphs(read_austen_books(deb))
-    for split, paragraphs in splits.items():
-        if not paragraphs:
-            raise CorpusError(f"{deb}: the {split} split came out empty")
+    if empty := [split for split, paragraphs in splits.items() if not paragraphs]:
+        raise CorpusError(f"{deb}: the {empty[0]} split came out empty")
     manifest = {"version": CORPUS_VERSION, "source": DEB_PACKAGE,
                 "deb": {"file": deb.name, "sha256": deb_sha}, "splits": {}}
-    # The whole folder is swapped in at once: a reader sees the old corpus or the new one.
     with atomic_dir(out_dir) as tmp:
         for split, paragraphs in splits.items():
             text = "".join(p + "\n" for p in paragraphs)
             (tmp / paths[split].name).write_text(text, encoding="utf-8", newline="\n")
             manifest["splits"][split] = {
                 "file": paths[split].name, "sha256": sha256_file(tmp / paths[split].name),
-                "books": list(VALIDATION_BOOKS) if split == "validation"
-                else [t for t in BOOKS.values() if t not in VALIDATION_BOOKS],
+                "books": [t for t in BOOKS.values() if (t in VALIDATION_BOOKS) == (split == "validation")],
                 "paragraphs": len(paragraphs), "characters": sum(map(len, paragraphs))}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+        write_manifest(tmp, manifest)
     for split, entry in manifest["splits"].items():
         log.info("austen %s: %d paragraphs, %d characters", split, entry["paragraphs"], entry["characters"])
     return paths
-
-
-def load_manifest(data_dir: Path) -> dict:
-    """The manifest of a built corpus (counts, hashes)."""
-    path = Path(data_dir) / "austen" / "manifest.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CorpusError(f"{path}: cannot read the corpus manifest ({e})") from e
 

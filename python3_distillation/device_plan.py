@@ -1,28 +1,30 @@
-"""How a stage runs on the device at hand, decided in one place: precision, KL chunks, compile, TF32, syncs.
+"""Every per-device decision of a stage, made in one place: device, precision, KL chunks, compile, TF32, syncs.
 
     python -m python3_distillation.device_plan        # prints this machine's plan, one line per decision
 
-Training, distillation's KL, the teacher cache, the report and serving read their device decisions
-from here (the device itself and the precision: precision.py), and each stage logs them at its start
-in the style of the precision line (``precision: bf16 — why``). TF32: fp32 matmuls on CUDA use TF32
-tensor cores through ``torch.backends.cuda.matmul.allow_tf32``, not
-``torch.set_float32_matmul_precision("high")``, which also switches oneDNN's CPU matmuls to TF32 and
-would change CPU numerics. On CUDA each batch is gathered into pinned host memory and its copy issued
-before the previous step has finished (train.BatchPrefetcher); on every device the loss terms stay on
-the device and are read back only at ``train.log_every``.
+Each stage logs its plan at its start (``precision: bf16 — why``, then compile, then the device).
+Precision ``auto`` follows the GPU's capability on CUDA and a timed bf16-against-fp32 probe on CPU.
+Explained in README.md, "Precision, resume and reproducibility" and "On a GPU: one device plan, and
+`make gpu-check`". Design notes: docs/design/training.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
+import warnings
 from collections.abc import Callable
 
 import torch
 
 from python3_distillation.errors import GenerationError
-from python3_distillation.precision import Precision, decide, gpu_choice, pick_device
 
+# bf16 must beat fp32 by this much on the probe to be chosen: autocast also pays for casting the
+# weights every step, so a small matmul gain can be a net loss for the whole training step.
+MIN_SPEEDUP = 1.25
+# A probe's bf16 matmul slower than this multiple of fp32 means the scalar fallback: stop there.
+SLOW_PATH = 0.2
 # Logits per KL chunk on CPU: 16 rows of GPT-2's 50,257-token vocabulary, 3.2 MB per fp32
 # temporary, so a worker's few live temporaries stay near its core's cache (2 MB L2 per core, 32 MB
 # L3 on the 2-core dev box). Measured there, fwd+bwd of 1024 fp32 rows with 2 workers (load ~4):
@@ -35,12 +37,171 @@ CPU_KD_CHUNK_ELEMENTS = 16 * 50257
 CUDA_KD_CHUNK_ELEMENTS = 1024 * 50257
 GPT2_VOCAB = 50257
 
-COMPILE_CHOICES = ("auto", "on", "off")
 
+def pick_device(device: str | torch.device | None = None, *, cpu: bool = False) -> torch.device:
+    """The device a stage runs on: ``device`` when given; else CUDA when available and ``cpu``
+    (``train.cpu``) is not set; else the CPU. Every stage asks here."""
+    if device:  # None or "" (an unset setting): the rule below
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+
+
+# ------------------------------------------------------------------------------------- precision
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """The mixed-precision mode to use (``"no"`` = fp32, ``"bf16"``, ``"fp16"``) and why."""
+
+    mode: str
+    reason: str
+    requested: str = "auto"
+    bf16_speedup: float | None = None  # fp32 time ÷ bf16 autocast time on the probe (>1 = bf16 faster)
+
+    @property
+    def label(self) -> str:
+        return {"no": "fp32"}.get(self.mode, self.mode)
+
+    def line(self) -> str:
+        """The one line every stage logs at its start."""
+        return f"precision: {self.label} — {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "label": self.label, "requested": self.requested, "reason": self.reason,
+                "bf16_speedup": None if self.bf16_speedup is None else round(self.bf16_speedup, 3)}
+
+
+def _alternating_best(a: Callable[[], object], b: Callable[[], object], pairs: int) -> tuple[float, float]:
+    """Best time of each of two calls, run in alternation: the minimum over many short runs is what a
+    shared, loaded machine can still measure, and alternation gives both the same conditions."""
+    best = [float("inf"), float("inf")]
+    for _ in range(pairs):
+        for i, fn in enumerate((a, b)):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]
+
+
+def probe_cpu_bf16() -> float:
+    """fp32 time ÷ bf16-autocast time of a training-shaped ``F.linear`` on this CPU (>1: bf16 faster).
+
+    Two stages so a machine without native bf16 pays milliseconds, not seconds: a small matmul first
+    (on the scalar fallback it is already >5× slower than fp32, and the probe stops), then the shape
+    of a d768 block's projection over 512 tokens, 16 alternating pairs (~0.1 s with native bf16).
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def ratio(tokens: int, d_in: int, d_out: int, pairs: int) -> float:
+        x = torch.randn(tokens, d_in, generator=gen)
+        w = torch.randn(d_out, d_in, generator=gen)
+
+        def fp32():
+            return torch.nn.functional.linear(x, w)
+
+        def bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return torch.nn.functional.linear(x, w)
+
+        fp32(), bf16()  # warm-up: first calls pick kernels and allocate
+        t32, t16 = _alternating_best(fp32, bf16, pairs)
+        return t32 / max(t16, 1e-9)
+
+    threads = torch.get_num_threads()
+    # One thread: per-core speed is what differs between the two kernels, and on a loaded machine a
+    # multi-threaded run waits at every barrier for a descheduled thread, which made the ratio swing
+    # from 0.8 to 9 between three runs here; single-threaded it stayed within ±15%.
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            small = ratio(128, 256, 256, 3)
+            if small < SLOW_PATH:
+                return small
+            return ratio(512, 768, 768, 16)
+    finally:
+        torch.set_num_threads(threads)
+
+
+_CPU_PROBE: float | None = None  # the probe's answer, measured once per process
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether this GPU does bf16 matmuls in hardware (CUDA compute capability ≥ 8.0: A100, L4, H100).
+
+    Not ``torch.cuda.is_bf16_supported()`` alone: by default it counts emulation, so it says True on
+    a T4 or V100 (7.x), where bf16 is far slower than fp16; and it asks about the current device.
+    """
+    major, _ = torch.cuda.get_device_capability(device)
+    if getattr(torch.version, "hip", None):  # ROCm: torch knows per GPU architecture
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return major >= 8 and bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def gpu_choice(device: torch.device) -> Precision:
+    name = torch.cuda.get_device_name(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    if native_bf16(device):
+        return Precision("bf16", f"{name} (compute capability {major}.{minor}) has native bf16")
+    if major >= 7:
+        return Precision("fp16", f"{name} (compute capability {major}.{minor}) has fp16 tensor cores but no bf16")
+    return Precision("no", f"{name} (compute capability {major}.{minor}) has neither bf16 nor fp16 tensor cores")
+
+
+def decide(requested: str = "auto", device: torch.device | str | None = None,
+           probe: Callable[[], float] | None = None,
+           cuda_choice: Callable[[torch.device], Precision] | None = None) -> Precision:
+    """The precision for ``requested`` (``auto``/``bf16``/``fp16``/``no``) on ``device``.
+
+    ``auto``: CUDA → ``cuda_choice`` (default ``gpu_choice``); CPU → bf16 if ``probe`` (default
+    ``probe_cpu_bf16``) measures it ≥ ``MIN_SPEEDUP``× fp32, else fp32. An explicit choice is kept; an
+    explicit ``bf16`` that the probe finds slower than fp32 on a CPU warns, with the figure.
+    """
+    global _CPU_PROBE
+    if requested not in ("auto", "bf16", "fp16", "no"):
+        raise ValueError(f"mixed_precision {requested!r}: expected auto, bf16, fp16 or no")
+    device = pick_device(device)
+    if device.type == "cuda":
+        if requested != "auto":
+            return Precision(requested, "set explicitly", requested)
+        return dataclasses.replace((cuda_choice or gpu_choice)(device), requested="auto")
+    if device.type != "cpu":
+        return Precision("no" if requested == "auto" else requested,
+                         f"{device.type}: no autocast measurement for this device", requested)
+    if requested in ("no", "fp16"):
+        return Precision(requested, "set explicitly", requested)
+    if probe is None and _CPU_PROBE is None:
+        _CPU_PROBE = probe_cpu_bf16()
+    speedup = _CPU_PROBE if probe is None else probe()
+    measured = f"bf16 autocast measured {speedup:.2f}× fp32 on this CPU"
+    if requested == "bf16":
+        if speedup < 1.0:
+            warnings.warn(f"mixed_precision=bf16 on a CPU where {measured} (no native bf16: matmuls fall to a "
+                          "slow fallback); use train.mixed_precision=auto or no", RuntimeWarning, stacklevel=2)
+        return Precision("bf16", f"set explicitly ({measured})", "bf16", speedup)
+    if speedup >= MIN_SPEEDUP:
+        return Precision("bf16", measured, "auto", speedup)
+    return Precision("no", measured + (" (no native bf16)" if speedup < 1 else f" (< {MIN_SPEEDUP}×, not worth it)"),
+                     "auto", speedup)
+
+
+def decide_for_run(requested: str, cpu: bool = False) -> Precision:
+    """``decide`` for a training run: the main process decides and the other processes of a launch take
+    its answer (their own probes could disagree near the threshold); sets up accelerate's process group."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=cpu)
+    choice = [decide(requested, state.device) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)
+    return choice[0]
+
+
+# --------------------------------------------------------------------------- KL chunks, compile, the plan
 
 def kd_chunk_elements(device: torch.device | str | None = None) -> int:
     """Logits per chunk of the chunked KL (losses.py) on ``device`` (None = CPU)."""
-    return CUDA_KD_CHUNK_ELEMENTS if device is not None and torch.device(device).type == "cuda" else CPU_KD_CHUNK_ELEMENTS
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return CUDA_KD_CHUNK_ELEMENTS if cuda else CPU_KD_CHUNK_ELEMENTS
 
 
 def _has_triton() -> bool:
@@ -55,17 +216,13 @@ def decide_compile(requested: str, device: torch.device | str,
                    has_triton: Callable[[], bool] = _has_triton) -> tuple[bool, str]:
     """(compile?, why) for ``train.compile``. ``auto`` is a rule, not a measurement:
 
-    - CPU → off. Inductor's CPU code needs a C++ compiler at run time, and its first step compiles for
-      minutes on a small CPU; a third of a distillation step here is the KL (FACTS: ~2 s of 7.7 s for
-      12L → 6L d768), which runs in the chunk pool outside any graph. The CPU numbers in the README
-      are eager.
-    - CUDA with compute capability ≥ 7.0 and triton importable → on: each transformer block is
-      compiled on its own (regional ``torch.compile``: one graph reused by every block, compiled in
-      seconds; the module tree, its state_dict and the checkpoints stay those of the eager model).
+    - CPU → off: inductor needs a C++ compiler at run time and compiles for minutes on a small CPU,
+      and a third of a distillation step here is the KL (~2 s of 7.7 s for 12L → 6L d768), which runs
+      in the chunk pool outside any graph. The README's CPU numbers are eager.
+    - CUDA, compute capability ≥ 7.0, triton importable → on, block by block (``compile_blocks``).
     - CUDA without triton or below 7.0 → off (inductor's GPU kernels are triton kernels).
-    ``has_triton`` is injected by tests.
     """
-    if requested not in COMPILE_CHOICES:
+    if requested not in ("auto", "on", "off"):
         raise ValueError(f"train.compile {requested!r}: expected auto, on or off")
     device = torch.device(device)
     if requested != "auto":
@@ -79,6 +236,18 @@ def decide_compile(requested: str, device: torch.device | str,
     if not has_triton():
         return False, "triton is not importable: inductor has no GPU code generator here"
     return True, f"CUDA (compute capability {major}.{minor}) with triton: each transformer block compiled"
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """Regional ``torch.compile``: each GPT-2 block's forward compiled in place (``Module.compile``; one
+    graph reused by every block, compiled in seconds), so names, state_dict, the optimizer's parameters
+    and the checkpoints stay the eager model's. Returns how many blocks."""
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if blocks is None:
+        return 0
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,17 +311,6 @@ def plan(device: torch.device | str, precision: Precision | None = None, mixed_p
     return DevicePlan(str(device), precision, on, why, compile)
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
-    """Regional ``torch.compile``: each GPT-2 block's forward compiled in place (``Module.compile``),
-    so names, state_dict and the optimizer's parameters are unchanged. Returns how many blocks."""
-    blocks = getattr(getattr(model, "transformer", None), "h", None)
-    if blocks is None:
-        return 0
-    for block in blocks:
-        block.compile()
-    return len(blocks)
-
-
 # --------------------------------------------------------------------------------------- serving
 
 SERVING_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -173,11 +331,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def serving_dtype(requested: str, device: torch.device | str, int8: bool = False) -> tuple[torch.dtype | None, str]:
     """(dtype to serve in, why) on ``device``. ``None`` keeps the folder's own weights (int8 on CPU).
 
-    ``auto``: CUDA → the training precision's capability rule (precision.py: bf16 on native bf16,
-    fp16 on older tensor-core GPUs, fp32 otherwise); CPU → fp32 (bf16 decoding on CPU is only fast
-    with native bf16, and fp32 is what the README's CPU speeds are). An int8 folder is a CPU format:
-    on CUDA PyTorch's int8 weight-only kernel is missing and the int8 layers would dequantize every
-    whole weight on every call, so it is dequantized once at load and served in the ``auto`` dtype.
+    ``auto``: CUDA → ``gpu_choice``; CPU → fp32 (bf16 decoding is fast only with native bf16; the
+    README's CPU speeds are fp32). An int8 folder is a CPU format: CUDA lacks PyTorch's int8 weight-only
+    kernel, so there it is dequantized once at load rather than per call, and served in the ``auto`` dtype.
     """
     if requested not in SERVING_DTYPES:
         raise ValueError(f"dtype {requested!r}: expected one of {', '.join(SERVING_DTYPES)}")

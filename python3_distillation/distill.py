@@ -3,12 +3,10 @@
     python -m python3_distillation distill --config v2     # 6-layer student → gpt2_student_v2/
     python -m python3_distillation distill --config v1     # 12-layer student → gpt2_student/
 
-loss = alpha_kd · T² · D(teacher_T, student_T) + alpha_ce · CE(labels) [+ alpha_cos · (1 − cos)]
-D is ``distill.loss``: forward KL (the default), reverse KL or GKD's generalised JSD (losses.kd_loss).
-With ``distill.on_policy_fraction`` λ > 0, that share of the batches holds sequences the student
-samples itself from prompts cut from the batch, scored by the teacher (GKD's on-policy mixture).
-With ``distill.teacher_cache=DIR`` (``gpt2-distill cache-teacher``) the kd term comes from the
-teacher's cached top-k, and the teacher leaves memory once the student is built from it.
+loss = alpha_kd · T² · D(teacher_T, student_T) + alpha_ce · CE(labels) [+ alpha_cos · (1 − cos)], D as
+``distill.loss`` (losses.kd_loss), optionally on the student's own samples (``OnPolicySampler``) or from
+a teacher cache (teacher_cache.py). Explained in README.md, "Training", "Experiments: pruning,
+teacher-generated data, the loss family" and "Cached teacher logits (offline KD)".
 """
 
 from __future__ import annotations
@@ -35,11 +33,6 @@ from python3_distillation.train import training_log_text, train
 log = logging.getLogger(__name__)
 
 
-def divergence_beta(dc: DistillConfig) -> float:
-    """``kd_loss``'s beta for ``distill.loss``: 0 forward KL, 1 reverse KL, ``jsd_beta`` for the JSD."""
-    return {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": dc.jsd_beta}[dc.loss]
-
-
 def loss_name(dc: DistillConfig) -> str:
     """The kd term in words, for the model's lineage and the report: ``jsd(beta=0.5), on-policy 0.5``."""
     name = f"jsd(beta={dc.jsd_beta:g})" if dc.loss == "jsd" else dc.loss
@@ -55,11 +48,10 @@ def _batch_digest(ids: torch.Tensor, seed: int, *salt: int) -> bytes:
 class OnPolicySampler:
     """On-policy batches for distillation: the student continues prompts cut from the real batch.
 
-    Which batches, and each row's sampling seed, come from a hash of the batch's tokens and
-    ``train.seed``: batches are a pure function of the step, so a resumed run makes the same choices
-    and samples the same tokens with no sampler state saved. Sampling is the ``Generator`` (per-row
-    seeded, EOS ignored so every row keeps the block's length) on the student being trained, in eval
-    mode; its ``hf`` backend runs the model's own modules, so no weight copy goes stale as it learns.
+    Which batches, and each row's sampling seed, hash the batch's tokens with ``train.seed`` (a pure
+    function of the step: a resumed run repeats them with no sampler state saved). The ``Generator``
+    (per-row seeded, EOS ignored so rows keep the block's length) runs on the student being trained,
+    in eval mode; its ``hf`` backend uses the model's own modules, so no weight copy goes stale.
     """
 
     def __init__(self, tokenizer, dc: DistillConfig, seed: int):
@@ -71,9 +63,7 @@ class OnPolicySampler:
 
     def chosen(self, ids: torch.Tensor) -> bool:
         """Whether this batch goes on-policy: a uniform number from the seeded batch hash below λ."""
-        if self.fraction >= 1.0:
-            return True
-        return int.from_bytes(_batch_digest(ids, self.seed)[:8], "big") / 2**64 < self.fraction
+        return self.fraction >= 1.0 or int.from_bytes(_batch_digest(ids, self.seed)[:8], "big") / 2**64 < self.fraction
 
     def prompt_length(self, block: int) -> int:
         p = self.prompt or block // 2
@@ -127,7 +117,7 @@ def make_distill_loss(teacher: torch.nn.Module | None, dc: DistillConfig, tokeni
         for p in teacher.parameters():
             p.requires_grad_(False)
     need_hidden = dc.alpha_cos > 0
-    beta = divergence_beta(dc)
+    beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": dc.jsd_beta}[dc.loss]  # kd_loss's beta
     on_policy = OnPolicySampler(tokenizer, dc, seed) if dc.on_policy_fraction > 0 else None
 
     def loss_fn(model, batch):

@@ -1,21 +1,14 @@
 """Serve the v1 (12-layer) student: web page and API on http://127.0.0.1:6006.
 
     python python3_distillation/distill_api_server.py [--port 6006] [--compare python3_distillation/gpt2_teacher]
-
-The production server (gunicorn, as in the Docker images); ``--help`` lists the options.
 """
-
-from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script: its own folder on sys.path would let package modules shadow top-level
-    # ones, so put the repository root there instead.
+if __package__ in (None, ""):  # run as a file: the repo root, not this folder (whose modules would shadow others)
     here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    sys.path.insert(0, str(here.parent))
+    sys.path[:] = [str(here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != here]
 
 from python3_distillation.serving.cli import main  # noqa: E402
 

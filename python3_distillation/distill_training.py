@@ -1,16 +1,14 @@
 """Distil the v1 student (12 layers, teacher-sized) → python3_distillation/gpt2_student/
 
     python python3_distillation/distill_training.py [--resume] [section.key=value ...]
-
-Thin entry point: the `v1` config (configs/v1.yaml) and the shared distillation code.
 """
 
 import sys
 from pathlib import Path
 
-# Run as a file, Python puts this folder first on sys.path, where config.py or data.py could shadow
-# other packages; the repo root takes its place so the package imports as a package.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if __package__ in (None, ""):  # run as a file: the repo root, not this folder (whose modules would shadow others)
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [str(here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != here]
 
 from python3_distillation.cli import main  # noqa: E402
 

@@ -3,23 +3,10 @@
     python -m python3_distillation.experiments                 # every question; run again after a kill to resume
     python -m python3_distillation.experiments --only losses   # one question
 
-Three questions, every variant a config diff in ``configs/`` (``exp_*.yaml``) distilling the
-embedded teacher with the same student recipe, steps and seed:
-
-1. **pruning** — the teacher pruned by 25% and 50% of its block parameters (``gpt2-distill prune``):
-   right after pruning, after KD recovery from the unpruned teacher (``exp_prune25``/``exp_prune50``,
-   ``student.init=pruned``), and a student of the same shape built from teacher blocks and the
-   largest MLP neurons without pruning's measurements (``exp_same25``/``exp_same50``; the shape is
-   set here to the pruned model's), equal steps;
-2. **augmentation** — KD on the real text (``exp_kd``) against KD on real text mixed with
-   teacher-sampled continuations (``gpt2-distill augment``; ``exp_kd_augmented``, ``data.mix``);
-3. **losses** — forward KL (``exp_kd``), reverse KL, GKD's generalised JSD, and forward KL with half
-   the batches on-policy (``exp_reverse_kl``, ``exp_jsd``, ``exp_on_policy``).
-
-Every stage resumes (pruning and sampling are redone only when their inputs changed; training runs
-with ``--resume``). The models are then measured side by side on the same validation blocks with the
-report's measurement (``measure.quality``): perplexity, top-1 agreement with the teacher and
-KL(teacher ‖ model).
+Three questions (pruning, augmentation, losses); every variant is a config diff in ``configs/exp_*.yaml``
+with the same student recipe, steps and seed, every stage resumes, and the models are measured as the
+report measures them. Results in README.md, "Experiments: pruning, teacher-generated data, the loss
+family"; which config answers what: docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -39,20 +26,20 @@ from transformers import AutoConfig
 
 from python3_distillation.augment import AugmentSettings, run_augment
 from python3_distillation.config import RunConfig, load_config
+from python3_distillation.device_plan import decide_for_run, pick_device
 from python3_distillation.distill import run_distill
 from python3_distillation.errors import EXIT_BAD_INPUT, BadInput, ConfigError, ModelError
 from python3_distillation.evaluation import measure
 from python3_distillation.evaluation.cards import markdown_table
 from python3_distillation.evaluation.plots import bar_panels
-from python3_distillation.evaluation.report import check_lineage, eval_data_config, load_entry, validation_blocks
+from python3_distillation.evaluation.report import measure_side_by_side
 from python3_distillation.fsio import atomic_write_text
 from python3_distillation.lineage import weights_sha256
 from python3_distillation.models import count_parameters, open_model, read_meta
-from python3_distillation.precision import decide_for_run, pick_device
 from python3_distillation.prune import block_parameters, mlp_width, run_prune
 
 QUESTIONS = ("pruning", "augmentation", "losses")
-TARGETS = (0.25, 0.5)
+TARGETS = {25: 0.25, 50: 0.5}  # percent: the share of the teacher's block parameters pruning removes
 DEFAULT_ROOT = Path("runs") / "experiments"
 
 
@@ -72,8 +59,7 @@ def variants(root: Path) -> list[Variant]:
            Variant("exp_reverse_kl", "reverse_kl", ("losses",)),
            Variant("exp_jsd", "jsd (beta 0.5)", ("losses",)),
            Variant("exp_on_policy", "forward_kl, on-policy 0.5", ("losses",))]
-    for t in TARGETS:
-        pct = round(t * 100)
+    for pct in TARGETS:
         out.append(Variant(f"exp_prune{pct}", f"pruned {pct}% + KD recovery", ("pruning",),
                            [f"student.from_dir={root / f'pruned{pct}'}"]))
         out.append(Variant(f"exp_same{pct}", f"same-size student ({pct}%)", ("pruning",)))
@@ -86,23 +72,17 @@ def _one_precision(root: Path, cfg: RunConfig) -> list[str]:
     if cfg.train.mixed_precision != "auto":
         return []
     f = root / "precision.json"
-    if f.exists():
-        mode = json.loads(f.read_text())["mode"]
-    else:
+    if not f.exists():
         decided = decide_for_run("auto", cpu=cfg.train.cpu)
-        mode = decided.mode
         atomic_write_text(f, json.dumps(decided.to_dict()) + "\n")
         tqdm.write(f"experiments: {decided.line()} (kept for every variant and for resumed runs)", file=sys.stderr)
-    return [f"train.mixed_precision={mode}"]
+    return [f"train.mixed_precision={json.loads(f.read_text())['mode']}"]
 
 
 def _cfg(name: str, root: Path, overrides: list[str], extra: list[str] = ()) -> RunConfig:
     """The variant's config with its outputs under ``root`` (models/<name>, runs/<name>)."""
     return load_config([name], [*overrides, f"student.output_dir={root / 'models' / name}",
                                 f"train.run_dir={root / 'runs' / name}", *extra])
-
-
-# ------------------------------------------------------------------------------------------ stages
 
 
 def prune_stage(teacher_dir: Path, out: Path, target: float, batches: int) -> Path:
@@ -121,17 +101,11 @@ def same_size_overrides(pruned_dir: Path) -> list[str]:
     return [f"student.n_layer={c.n_layer}", f"student.n_inner={mlp_width(c)}"]
 
 
-# ----------------------------------------------------------------------------------------- measure
-
-
 def measure_models(teacher_dir: Path, models: dict[str, Path], eval_blocks: int) -> tuple[dict, dict]:
-    """Validation perplexity, top-1 agreement and KL(teacher ‖ ·) of every model on the same blocks, in
-    one pass of the report's measurement (the teacher's logits shared by every model)."""
-    entries = [load_entry("teacher", teacher_dir)] + [load_entry(label, path) for label, path in models.items()]
-    check_lineage(entries)  # every model here was made from this teacher
-    data_cfg, seed = eval_data_config(entries)
-    blocks = validation_blocks(entries, data_cfg, eval_blocks, seed)
-    scores = measure.quality({e.label: e.model for e in entries}, blocks, "teacher", progress="measuring")
+    """Validation perplexity, top-1 agreement and KL(teacher ‖ ·) of every model, by the report's
+    ``measure_side_by_side`` (the lineage of every model checked against this teacher)."""
+    entries, data_cfg, blocks, scores, _ = measure_side_by_side([("teacher", teacher_dir), *models.items()],
+                                                                eval_blocks, progress="measuring")
     results = {}
     for e in entries:
         m, q = e.model.config, scores[e.label]
@@ -146,9 +120,6 @@ def measure_models(teacher_dir: Path, models: dict[str, Path], eval_blocks: int)
     settings = {"data": data_cfg.train, "block_size": data_cfg.block_size, "eval_blocks": len(blocks),
                 "eval_tokens": blocks.n_tokens}
     return results, settings
-
-
-# ------------------------------------------------------------------------------------------ report
 
 
 def _equal_steps(rows: list[dict]) -> str:
@@ -172,7 +143,7 @@ def render(results: dict, settings: dict, questions: list[str], out_dir: Path, m
              f"per position. Teacher: perplexity {t['val_ppl']:.2f}.", ""]
     if "pruning" in questions:
         rows, chart = [], []
-        for pct in (round(x * 100) for x in TARGETS):
+        for pct in TARGETS:
             labels = (f"pruned {pct}%", f"pruned {pct}% + KD recovery", f"same-size student ({pct}%)")
             pruned, rec, same = (results[k] for k in labels)
             removed = 1 - pruned["block_params"] / t["block_params"]
@@ -226,9 +197,6 @@ def render(results: dict, settings: dict, questions: list[str], out_dir: Path, m
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------- run
-
-
 def run_experiments(only: list[str] | None = None, root: Path = DEFAULT_ROOT, out_dir: Path = Path("reports"),
                     overrides: list[str] = (), eval_blocks: int = 64, prune_batches: int = 4,
                     augment: AugmentSettings | None = None) -> dict:
@@ -245,9 +213,9 @@ def run_experiments(only: list[str] | None = None, root: Path = DEFAULT_ROOT, ou
     chosen = [v for v in variants(root) if set(v.questions) & set(questions)]
 
     stages: list[tuple[str, object]] = []
-    for t in TARGETS if "pruning" in questions else ():
-        pct = round(t * 100)
-        stages.append((f"prune{pct}", lambda t=t, pct=pct: prune_stage(teacher_dir, root / f"pruned{pct}", t, prune_batches)))
+    for pct, t in TARGETS.items() if "pruning" in questions else ():
+        stages.append((f"prune{pct}",
+                       lambda t=t, pct=pct: prune_stage(teacher_dir, root / f"pruned{pct}", t, prune_batches)))
     if "augmentation" in questions:
         # appends what is missing, checks what is there
         stages.append(("augment", lambda: run_augment(base, samples, augment)))
@@ -265,14 +233,12 @@ def run_experiments(only: list[str] | None = None, root: Path = DEFAULT_ROOT, ou
 
     t0 = time.perf_counter()
     resumed = (root / "models").exists()
-    bar = tqdm(stages, desc="experiments", unit="stage", dynamic_ncols=True)
-    for name, fn in bar:
-        bar.set_postfix_str(name)
-        fn()
-    bar.close()
+    with tqdm(stages, desc="experiments", unit="stage", dynamic_ncols=True) as bar:
+        for name, fn in bar:
+            bar.set_postfix_str(name)
+            fn()
 
-    pcts = [round(t * 100) for t in TARGETS] if "pruning" in questions else []
-    models = {**{f"pruned {pct}%": root / f"pruned{pct}" for pct in pcts},
+    models = {**{f"pruned {pct}%": root / f"pruned{pct}" for pct in TARGETS if "pruning" in questions},
               **{v.label: root / "models" / v.config for v in chosen}}
     results, settings = measure_models(teacher_dir, models, eval_blocks)
     minutes = (time.perf_counter() - t0) / 60
@@ -299,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports", help="where experiments.md goes (default reports/)")
     p.add_argument("--eval-blocks", type=int, default=64, help="validation blocks every model is measured on (default 64)")
     p.add_argument("--prune-batches", type=int, default=4, help="batches of 4 blocks that score the units (default 4)")
-    p.add_argument("--augment-samples", type=int, default=AugmentSettings.n_samples,
-                   help=f"teacher continuations to sample (default {AugmentSettings.n_samples})")
+    n_samples = AugmentSettings().n_samples
+    p.add_argument("--augment-samples", type=int, default=n_samples,
+                   help=f"teacher continuations to sample (default {n_samples})")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="applied to every variant, e.g. train.max_steps=50 (steps stay equal across variants)")
     args = p.parse_args(argv)

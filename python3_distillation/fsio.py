@@ -2,11 +2,9 @@
 
     python -c "from python3_distillation.fsio import atomic_write_text; atomic_write_text('x.txt', 'hi')"
 
-Every writer in the project (model folders, checkpoints, token caches, the corpus, the rebuilt
-tokenizer) goes through these functions (resumable.py builds its work folders on them), so a kill
-at any moment leaves either the old content or the new one, never a half-written mix, and a folder
-being replaced is never missing: on Linux the new folder is swapped in with
-``renameat2(RENAME_EXCHANGE)``, one atomic step; elsewhere the old folder is renamed aside first.
+Every writer in the project goes through these functions (resumable.py builds its work folders on
+them), so a kill at any moment leaves the old content or the new one, never a mix, and a folder
+being replaced is never missing. Design notes: docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -26,25 +25,18 @@ import numpy as np
 
 from python3_distillation.errors import DataError, DiskFullError
 
-__all__ = ["atomic_dir", "atomic_file", "reporting_disk_full", "atomic_write_text", "atomic_write_bytes", "fsync_tree",
-           "publish_dir", "read_rows", "sha256_file"]
-
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
 def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems (and directories on some systems) refuse fsync; nothing more to do
-    finally:
-        os.close(fd)
+    # Some file systems (and directories on some systems) refuse fsync; nothing more to do then.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_tree(folder: Path) -> None:
@@ -57,11 +49,9 @@ def fsync_tree(folder: Path) -> None:
 
 
 def _libc():
-    name = ctypes.util.find_library("c")
-    try:
+    with contextlib.suppress(OSError):
+        name = ctypes.util.find_library("c")
         return ctypes.CDLL(name, use_errno=True) if name else None
-    except OSError:
-        return None
 
 
 _LIBC = _libc()
@@ -69,7 +59,7 @@ _LIBC = _libc()
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two existing paths; False when the system cannot (then nothing changed)."""
-    fn = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
+    fn = getattr(_LIBC, "renameat2", None)
     if fn is None:
         return False
     rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
@@ -81,11 +71,16 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _make_readable(folder: Path) -> None:
     """mkdtemp makes a 0700 folder; give it the modes a plain mkdir/write would (umask), so another
     user (a container's non-root user, a server account) can read what was written."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     os.chmod(folder, 0o777 & ~umask)
     for f in folder.rglob("*"):
         if not f.is_symlink():
@@ -149,8 +144,7 @@ def reporting_disk_full(what: str, where: str | Path, need: int | None = None,
 def atomic_dir(dest: str | Path, what: str = "files", need: int | None = None) -> Iterator[Path]:
     """``with atomic_dir(out) as tmp: write into tmp`` → on success ``tmp`` replaces ``out`` atomically.
 
-    The temporary folder sits beside ``dest`` (same file system, so the rename is atomic) and is
-    removed if the block raises; ``dest`` is untouched until the block has finished.
+    ``tmp`` sits beside ``dest`` (same file system: the rename is atomic) and is removed if the block raises.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -167,8 +161,7 @@ def atomic_dir(dest: str | Path, what: str = "files", need: int | None = None) -
 def atomic_file(dest: str | Path, what: str = "a file", need: int | None = None) -> Iterator[Path]:
     """``with atomic_file(out) as tmp: write the file tmp`` → on success ``tmp`` replaces ``out`` in one rename.
 
-    For writers that want a path rather than bytes (GGUF, ONNX). The temporary file sits beside
-    ``dest`` and is removed if the block raises; ``dest`` is untouched until the block has finished.
+    For writers that want a path rather than bytes (GGUF, ONNX); ``tmp`` is removed if the block raises.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -179,9 +172,7 @@ def atomic_file(dest: str | Path, what: str = "a file", need: int | None = None)
         with reporting_disk_full(what, dest, need, f"{dest} is unchanged"):
             yield tmp
             _fsync_path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -208,6 +199,11 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    """Hex sha256 of ``obj`` as JSON with sorted keys: a key that does not depend on dict order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def read_rows(path: str | Path, rows: np.ndarray, out: np.ndarray) -> np.ndarray:

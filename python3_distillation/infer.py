@@ -2,10 +2,8 @@
 
     HF_HUB_OFFLINE=1 python python3_distillation/distill_infer_v2.py "It is a truth" --max-new-tokens 40 --seed 1
 
-``distill_infer_v2.py`` (v2 student) and ``distill_infer.py`` (v1 student) call :func:`main`, and so
-does ``gpt2-distill infer``; :func:`add_arguments` and :func:`run` let another parser reuse the options.
-Bad input (empty prompt, invalid sampling values, missing model folder, malformed JSONL line) is
-reported in one line on stderr with exit status 2; results of the good lines are still written.
+``distill_infer*.py`` and ``gpt2-distill infer`` call :func:`main`; :func:`add_arguments` and :func:`run`
+let another parser reuse the options. File formats and input errors: README.md, "Inference".
 """
 
 from __future__ import annotations
@@ -118,42 +116,38 @@ def read_prompts_file(path: Path, base: dict[str, Any]) -> tuple[list[Item], lis
     items, errors = [], []
     jsonl = path.suffix.lower() == ".jsonl"
     for n, line in enumerate(lines, 1):
-        where = f"{path}:{n}"
-        if not line.strip():
-            continue
-        if not jsonl:
-            items.append(Item(where, line, SamplingParams.from_dict(base), n))
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append((n, f"{where}: invalid JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(obj, dict):
-            errors.append((n, f"{where}: expected a JSON object with a \"prompt\", got {type(obj).__name__}"))
-            continue
-        prompt = obj.pop("prompt", None)
-        if not isinstance(prompt, str):
-            errors.append((n, f"{where}: needs a \"prompt\" string"))
-            continue
-        try:
-            items.append(Item(where, prompt, PromptLine.check({**base, **obj, "prompt": prompt}).params(), n))
-        except BadInput as e:
-            errors.append((n, f"{where}: {e}"))
+        if line.strip():
+            try:
+                prompt, params = _jsonl_line(line, base) if jsonl else (line, SamplingParams.from_dict(base))
+                items.append(Item(f"{path}:{n}", prompt, params, n))
+            except BadInput as e:
+                errors.append((n, f"{path}:{n}: {e}"))
     return items, errors
+
+
+def _jsonl_line(line: str, base: dict[str, Any]) -> tuple[str, SamplingParams]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object with a \"prompt\", got {type(obj).__name__}")
+    prompt = obj.pop("prompt", None)
+    if not isinstance(prompt, str):
+        raise DataError("needs a \"prompt\" string")
+    return prompt, PromptLine.check({**base, **obj, "prompt": prompt}).params()
 
 
 def check_items(gen, items: list[Item], errors: list[tuple[int, str]]) -> list[Item]:
     """Items whose prompt the model can take; warns about those it will truncate, reports the rest."""
     ok = []
     for it in items:
-        try:
-            n = gen.count_tokens(it.prompt) if it.prompt.strip() else 0
+        try:  # checked before counting: a prompt the tokenizer refuses (a lone surrogate) is an error, not a crash
             gen.check_prompt(it.prompt, it.params, truncate=True)
         except GenerationError as e:
             errors.append((it.line, f"{it.where}: {e}"))
             continue
-        room = gen.context_length - it.params.max_new_tokens
+        n, room = gen.count_tokens(it.prompt), gen.context_length - it.params.max_new_tokens
         if n > room:
             print(f"warning: {it.where}: prompt is {n} tokens, more than the {room} that fit with "
                   f"{it.params.max_new_tokens} new tokens in the context of {gen.context_length}; "

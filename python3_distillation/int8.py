@@ -2,29 +2,12 @@
 
     HF_HUB_OFFLINE=1 python -m pytest tests/test_quantize.py -q
 
-Every block matmul and the token embedding (tied to the LM head) are int8 with one fp32 scale per
-output row: ``W ≈ scale[:, None] * q``, ``q = round(W / scale)``, ``scale = max|W_row| / 127``.
-Position embeddings, layer norms and biases stay fp32 (0.4% of the bytes). The embedding lookup
-dequantizes only the rows it reads; the LM head reads the same int8 table (stored once).
-
-Kernel: PyTorch's ``aten._weight_int8pack_mm`` (bf16 activations, int8 weights, a scale per output
-channel). Measured on this 2-core CPU at batch 1, the 50,257 × 256 LM head took 189 µs against
-1,674 µs in fp32; torchao 0.18's weight-only and dynamic-activation configs took 18,512 and 16,750 µs
-(its CPU path dequantizes), so torchao is not used. Where the kernel is missing (some devices) the
-weights are dequantized per call instead: the same numbers, slower.
-
-On disk: compressed-tensors' ``int-quantized`` format (what llm-compressor writes), so plain
-transformers opens the folder too. ``config.json`` carries ``quantization_config`` (``int8_config``:
-int8 weights per channel for the four block projections + wte, ``"dequantize": true``);
-``model.safetensors`` holds each projection's ``weight`` int8 in ``Conv1D``'s [in, out] layout with
-``weight_scale`` fp32 [1, out], the tied table ``transformer.wte.weight`` int8 [vocab, d] with
-``weight_scale`` [vocab, 1], and the fp32 rest under transformers' names. ``dequantize: true`` is
-needed because compressed-tensors 0.20 cannot run GPT-2's ``Conv1D`` compressed (transformers 5.25
-then fails with "self and mat2 must have the same dtype"): transformers gets fp32 ``scale * q``,
-exactly the dequantized model, at fp32 speed; ``models.open_model`` keeps int8 and runs the kernel
-(logits differ by the bf16 activations only: tests/test_export.py). Folders of the older
-``gpt2_distill_int8`` format (``model.int8.safetensors``) still load; ``gpt2-distill quantize`` rewrites
-them. This module imports nothing from the project.
+``W ≈ scale[:, None] * q`` with ``scale = max|W_row| / 127`` for every block matmul and the tied token
+embedding / LM head (stored once); the rest stays fp32. The kernel is PyTorch's
+``aten._weight_int8pack_mm`` (dequantized per call where it is missing). On disk: compressed-tensors'
+``int-quantized`` folder, which plain transformers opens too; older ``gpt2_distill_int8`` folders
+still load. This module imports nothing from the project. Measured and explained in README.md,
+"Smaller and faster: int8 and narrow students"; the file layout: docs/design/training.md.
 """
 
 from __future__ import annotations
@@ -220,7 +203,7 @@ def is_int8_dir(path: str | Path) -> bool:
 
 
 def int8_tensors(model) -> dict[str, torch.Tensor]:
-    """The tensors of the compressed-tensors file (layout in the module docstring)."""
+    """The tensors of the compressed-tensors file (layout: docs/design/training.md)."""
     out: dict[str, torch.Tensor] = {}
     skip: list[str] = ["lm_head."]  # the LM head is the embedding table (tied): stored once, as the embedding
     for name, module in model.named_modules():
@@ -317,13 +300,9 @@ def load_int8(path: str | Path) -> GPT2LMHeadModel:
 
 
 def dequantize(model, dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
-    """A plain ``GPT2LMHeadModel`` from an int8 one, every weight ``scale · q`` computed once, in ``dtype``.
-
-    Where PyTorch's int8 weight-only kernel is missing (CUDA), the int8 layers dequantize each whole
-    weight on every call; serving there dequantizes once at load instead: the same weights, dense
-    kernels, 2× (bf16) or 4× (fp32) the memory of int8. The file's tensors are already in transformers'
-    layout, each scale broadcasting over its weight (what transformers' own dequantization does).
-    """
+    """A plain ``GPT2LMHeadModel`` from an int8 one, every weight ``scale · q`` computed once, in ``dtype``
+    (how CUDA serves an int8 folder: device_plan.serving_dtype; 2× (bf16) or 4× (fp32) int8's memory).
+    The file's tensors are in transformers' layout, each scale broadcasting over its weight."""
     fields = {k: v for k, v in model.config.to_dict().items()
               if k not in ("quantization_config", "quantization_scheme")}
     with torch.device("meta"):  # shapes only: every tensor is set below

@@ -4,11 +4,9 @@
 print(weights_sha256(open_model('python3_distillation/gpt2_teacher').model))"
 
 Each saved model records ``weights_sha256`` (a hash of its own tensors) and ``fingerprint``:
-``{"inputs": {...}, "config": {...}}``, where inputs are the hashes of what it was made from (the
-teacher's weights, a base checkpoint, the data) and config is the resolved config minus what does
-not change the weights (where files go, logging and checkpoint cadence, the step budget, which may
-grow on resume). A changed input makes ``--resume`` start that stage afresh; a changed config makes
-it stop with an error; the report refuses a student whose teacher hash is not the teacher's.
+``{"inputs": {...}, "config": {...}}``: the hashes of what it was made from (the teacher's weights, a
+base checkpoint, the data) and the resolved config minus ``VOLATILE``. Explained in README.md,
+"Precision, resume and reproducibility".
 """
 
 from __future__ import annotations
@@ -42,6 +40,13 @@ def process_seconds() -> float | None:
     return round(time.time() - psutil.Process().create_time(), 1)
 
 
+def _hash_tensor(h, t: torch.Tensor, label: str = "") -> None:
+    """Feed ``label``, the dtype, the shape and the bytes of ``t`` to the hash ``h``."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{label}{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def weights_sha256(model: torch.nn.Module) -> str:
     """sha256 over the model's unique tensors by name (dtype, shape, bytes): file-format independent."""
     h = hashlib.sha256()
@@ -50,18 +55,14 @@ def weights_sha256(model: torch.nn.Module) -> str:
         if t.data_ptr() in seen and t.numel():  # a tied weight (lm_head = wte) is counted once
             continue
         seen.add(t.data_ptr())
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_tensor(h, t, f"{name}|")
     return h.hexdigest()
 
 
 def tensor_sha256(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_tensor(h, t)
     return h.hexdigest()
 
 
@@ -92,11 +93,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def differences(old: dict, new: dict) -> list[str]:
     """``"key: old → new"`` for every differing leaf of two nested dicts."""
     a, b = _flatten(old or {}), _flatten(new or {})
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True):
-            out.append(f"{key}: {_short(a.get(key, '(unset)'))} → {_short(b.get(key, '(unset)'))}")
-    return out
+    return [f"{key}: {_short(a.get(key, '(unset)'))} → {_short(b.get(key, '(unset)'))}"
+            for key in sorted(set(a) | set(b))
+            if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True)]
 
 
 def _short(v) -> str:

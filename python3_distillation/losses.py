@@ -2,12 +2,10 @@
 
     HF_HUB_OFFLINE=1 python -m pytest tests/test_losses.py -q
 
-``kd_loss`` (``T² · KL(softmax(t/T) ‖ softmax(s/T))``, DistilGPT2) and ``cached_kd_loss`` (the same
-against a stored top-k teacher, teacher_cache.py) walk the (N, V) rows in chunks, in fp32, with the
-closed-form gradient instead of an autograd graph: a naive ``F.kl_div`` graph of one 8×128×50257
-batch keeps several 206 MB fp32 tensors alive; this keeps the inputs plus a few ``chunk_rows × V × 4``
-byte temporaries (3.2 MB on CPU, 206 MB on CUDA: device_plan.py). ``chunks.map_chunks`` runs the
-chunks; results are bit-identical for any thread count. Teacher tensors are detached (no gradient).
+``kd_loss`` and ``cached_kd_loss`` (against a stored top-k teacher, teacher_cache.py) walk the (N, V)
+rows in chunks (``chunks.map_chunks``), in fp32, with the closed-form gradient instead of an autograd
+graph; results are bit-identical for any thread count, and teacher tensors get no gradient.
+Design notes: docs/design/training.md.
 """
 
 from __future__ import annotations
@@ -23,15 +21,24 @@ from python3_distillation.device_plan import kd_chunk_elements
 
 __all__ = ["kd_loss", "cached_kd_loss", "lm_loss", "hidden_cosine_loss", "CHUNK_ELEMENTS", "default_chunk_rows"]
 
-# Logits handled per chunk by default on CPU: 16 rows of GPT-2's 50257-token vocabulary, sized for
-# a core's cache (the measurement is beside the number in device_plan.py, which also holds CUDA's:
-# 1,024 rows, few large chunks instead of thousands of small kernels).
-CHUNK_ELEMENTS = kd_chunk_elements("cpu")
+CHUNK_ELEMENTS = kd_chunk_elements("cpu")  # logits per chunk on CPU: 16 GPT-2 rows (measured in device_plan.py)
 
 
 def default_chunk_rows(vocab_size: int, device: torch.device | str | None = None) -> int:
     """Rows per chunk so one fp32 chunk holds about ``kd_chunk_elements(device)`` values (≥ 1 row)."""
     return max(1, kd_chunk_elements(device) // max(vocab_size, 1))
+
+
+def _checked_chunk_rows(logits: Tensor, temperature: float, chunk_rows: int | None) -> int:
+    """The checks both KD losses make; ``chunk_rows`` None → ``default_chunk_rows`` for the logits."""
+    if logits.dim() < 1 or not logits.is_floating_point():
+        raise ValueError("logits must be a floating-point tensor of shape (..., V)")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    chunk_rows = default_chunk_rows(logits.shape[-1], logits.device) if chunk_rows is None else chunk_rows
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return chunk_rows
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -187,15 +194,8 @@ def kd_loss(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "must have the same shape (same vocabulary size)"
         )
-    if student_logits.dim() < 1 or not student_logits.is_floating_point():
-        raise ValueError("logits must be a floating-point tensor of shape (..., V)")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    chunk_rows = _checked_chunk_rows(student_logits, temperature, chunk_rows)
     vocab = student_logits.shape[-1]
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(vocab, student_logits.device)
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     rows = _flat_rows(mask, student_logits.shape[:-1], student_logits.device)
@@ -294,10 +294,8 @@ def cached_kd_loss(
     a lower bound of ``kd_loss`` (equal when k = V). T applies to the student only: the cached values
     are already at the T they were cached at.
     """
-    vocab = student_logits.shape[-1]
-    lead = student_logits.shape[:-1]
-    if not student_logits.is_floating_point() or student_logits.dim() < 1:
-        raise ValueError("logits must be a floating-point tensor of shape (..., V)")
+    chunk_rows = _checked_chunk_rows(student_logits, temperature, chunk_rows)
+    vocab, lead = student_logits.shape[-1], student_logits.shape[:-1]
     if top_ids.shape != top_logprobs.shape or top_ids.shape[:-1] != lead or tail_logprob.shape != lead:
         raise ValueError(f"cached teacher shapes ids {tuple(top_ids.shape)}, log-probabilities "
                          f"{tuple(top_logprobs.shape)}, tail {tuple(tail_logprob.shape)} do not fit student logits "
@@ -305,11 +303,6 @@ def cached_kd_loss(
     k = top_ids.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k = {k} cached tokens per position; must be in [1, {vocab}]")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    chunk_rows = default_chunk_rows(vocab, student_logits.device) if chunk_rows is None else chunk_rows
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     dtype = _compute_dtype(student_logits.dtype)
     device = student_logits.device
     logp = torch.cat([top_logprobs.detach().to(device, dtype), tail_logprob.detach().to(device, dtype)[..., None]], -1)

@@ -147,12 +147,11 @@ def build_student(teacher: GPT2LMHeadModel, n_layer: int = 0, init: str = "teach
     """A student with the teacher's vocabulary and context, ``n_layer`` blocks, ``n_embd`` wide, with
     ``n_inner`` MLP neurons per block (0: the teacher's, scaled with the width).
 
-    ``init="teacher"`` copies token/position embeddings, the final norm and the chosen teacher
-    blocks (the LM head is tied to the embeddings); a narrower student gets them through
-    ``narrow_init`` (a narrower MLP alone too, with the identity basis: every other weight is
-    copied exactly). ``"base"`` loads ``base`` (the GPT-2 the teacher was fine-tuned from) when
-    given, else falls back to random; ``"random"`` is a fresh init (from ``seed``). Returns the
-    model and a description of the init for the report.
+    ``init="teacher"`` copies token/position embeddings, the final norm and the chosen teacher blocks
+    (the LM head is tied to the embeddings); a narrower student gets them through ``narrow_init`` (a
+    narrower MLP alone too, with the identity basis: every other weight copied exactly). ``"base"``
+    loads ``base`` (the GPT-2 the teacher was fine-tuned from), random without one; ``"random"`` is a
+    fresh init (from ``seed``). Returns the model and a description of the init for the report.
     """
     n_teacher, d_teacher = teacher.config.n_layer, teacher.config.n_embd
     n_layer = n_layer or n_teacher
@@ -184,9 +183,8 @@ def build_student(teacher: GPT2LMHeadModel, n_layer: int = 0, init: str = "teach
         if len(layers) != n_layer or any(not 0 <= i < n_teacher for i in layers):
             raise ModelError(f"student.layers {layers}: need {n_layer} indices in [0, {n_teacher - 1}]")
         if n_embd == d_teacher and not narrower_mlp:
-            student.transformer.wte.load_state_dict(teacher.transformer.wte.state_dict())
-            student.transformer.wpe.load_state_dict(teacher.transformer.wpe.state_dict())
-            student.transformer.ln_f.load_state_dict(teacher.transformer.ln_f.state_dict())
+            for name in ("wte", "wpe", "ln_f"):
+                getattr(student.transformer, name).load_state_dict(getattr(teacher.transformer, name).state_dict())
             for dst, src in enumerate(layers):
                 student.transformer.h[dst].load_state_dict(teacher.transformer.h[src].state_dict())
         elif n_embd == d_teacher:  # the MLP alone is narrower: identity basis, largest neurons kept
@@ -323,10 +321,8 @@ def save_model(model, tokenizer, out_dir: str | Path, cfg: RunConfig | None = No
         for name in (CONFIG_FILE, TRAINING_LOG) if copy_from else ():
             if (Path(copy_from) / name).exists():
                 shutil.copy2(Path(copy_from) / name, tmp / name)
-        if cfg is not None:  # the resolved config, headed by the precision it was trained in
-            precision = (meta or {}).get("precision") or {}
-            head = f"# precision used: {precision.get('label')} — {precision.get('reason')}\n" if precision else ""
-            (tmp / CONFIG_FILE).write_text(head + cfg.to_yaml(), encoding="utf-8")
+        if cfg is not None:
+            (tmp / CONFIG_FILE).write_text(cfg.to_yaml((meta or {}).get("precision")), encoding="utf-8")
         if meta is not None:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
         if card is not None:

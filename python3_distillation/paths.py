@@ -5,8 +5,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
 from pathlib import Path
+
+from python3_distillation.errors import AssetError
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -26,6 +32,29 @@ def data_dir() -> Path:
         return PACKAGE_DIR.parent / "data"
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache).expanduser() / "python3_distillation"
+
+
+def download(cmd: list[str], folder: Path, name: str, what: str, hint: str, error: type[AssetError] = AssetError,
+             failed: str | None = None, timeout: float | None = None) -> Path:
+    """The last file in ``folder`` matching the glob ``name``, else the one ``cmd``, run in ``folder``,
+    downloads there (``what``: what it fetches). A failure raises ``error``: what failed (``failed``,
+    default the command), the tool's last line of output, then ``hint``, the way out."""
+    folder = Path(folder)
+    if found := sorted(folder.glob(name)):
+        return found[-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s with %s into %s", what, cmd[0], folder)
+    try:
+        proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise error(f"{cmd[0]} not found, cannot download {what}; {hint}") from None
+    except subprocess.TimeoutExpired:
+        raise error(f"{' '.join(cmd)} took over {timeout} s; {hint}") from None
+    found = sorted(folder.glob(name))
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise error(f"{failed or ' '.join(cmd) + ' failed'} ({tail[0]}); {hint}")
+    return found[-1]
 
 
 # The seed's folder names, inside the package so the entry scripts find them without flags; each

@@ -4,27 +4,16 @@ share of the block parameters; recovered afterwards by distillation from the unp
     gpt2-distill prune python3_distillation/gpt2_teacher --target 0.5   # → python3_distillation/gpt2_teacher_pruned50
     gpt2-distill distill --config exp_prune50 student.from_dir=python3_distillation/gpt2_teacher_pruned50
 
-What can go is what a stock ``GPT2Config`` expresses exactly: it has one ``n_embd``, ``n_head`` and
-``n_inner`` for every block, and a head cannot be removed while the residual stream keeps its width
-(transformers 5 no longer reads ``pruned_heads``). So the pruned units are:
-
-* **MLP neurons**, ``n_inner`` in every block, each block keeping its most important ones by
-  first-order Taylor importance (Molchanov et al. 2017; Michel et al. 2019's gate gradient applied
-  to neurons): ``|Σ a·∂L/∂a|`` over a batch's positions, averaged over batches;
-* **whole blocks**, ranked by how much the loss rises when the block alone is skipped (measured: a
-  first-order estimate is poor for a change that large).
-
-For every block count that can meet the target, the least important blocks go and ``n_inner`` is the
-widest that meets it; the candidate with the lowest loss right after pruning wins. Importance and
-that choice are measured on training blocks drawn with ``train.seed``, never on validation text.
-Every kept weight is copied unchanged; the result is a plain GPT-2 folder (``n_layer``, ``n_inner``).
+Only what a stock ``GPT2Config`` expresses goes: MLP neurons (one ``n_inner`` for every block) and
+whole blocks, measured on seeded training blocks; every kept weight is copied unchanged into a plain
+GPT-2 folder. Explained in README.md, "Experiments: pruning, teacher-generated data, the loss family";
+design notes: docs/design/evaluation.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import math
 import sys
 from pathlib import Path
@@ -41,8 +30,6 @@ from python3_distillation.lineage import weights_sha256
 from python3_distillation.losses import lm_loss
 from python3_distillation.models import count_parameters, open_model, save_model, seeded
 from python3_distillation.paths import display_path
-
-log = logging.getLogger(__name__)
 
 
 def mlp_width(config) -> int:
@@ -155,7 +142,7 @@ def block_importance(model: GPT2LMHeadModel, batches: list[torch.Tensor], seed: 
 
 def prune_model(model: GPT2LMHeadModel, target: float, importance_batches: list[torch.Tensor],
                 choice_batches: list[torch.Tensor], seed: int = 0) -> tuple[GPT2LMHeadModel, dict]:
-    """Prune ``model`` to remove at least ``target`` of its block parameters (see the module docstring).
+    """Prune ``model`` to remove at least ``target`` of its block parameters (docs/design/evaluation.md).
 
     Returns the pruned model and what was measured and chosen.
     """
@@ -179,19 +166,11 @@ def prune_model(model: GPT2LMHeadModel, target: float, importance_batches: list[
         if best is None or row["loss"] < best["loss"]:  # ties keep the earlier, deeper shape
             best, best_model = row, pruned
     source_params = block_parameters(model)
-    info = {
-        "target": target,
-        "n_layer": best["n_layer"], "n_inner": best["n_inner"], "layers": best["layers"],
-        "block_params": best["block_params"], "source_block_params": source_params,
-        "block_params_removed": 1.0 - best["block_params"] / source_params,
-        "loss_before": before, "loss_after": best["loss"],
-        "block_loss_increase": [round(x, 5) for x in blocks],
-        "candidates": candidates,
-    }
+    info = {"target": target, **{k: best[k] for k in ("n_layer", "n_inner", "layers", "block_params")},
+            "source_block_params": source_params, "block_params_removed": 1.0 - best["block_params"] / source_params,
+            "loss_before": before, "loss_after": best["loss"], "block_loss_increase": [round(x, 5) for x in blocks],
+            "candidates": candidates}
     return best_model, info
-
-
-# --------------------------------------------------------------------------------------- the stage
 
 
 def run_prune(model_dir: str | Path, target: float, out: str | Path | None = None, n_batches: int = 4,

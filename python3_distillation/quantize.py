@@ -3,11 +3,8 @@
     gpt2-distill quantize python3_distillation/gpt2_student_v2            # → python3_distillation/gpt2_student_v2_int8
     python python3_distillation/distill_infer_v2.py --model python3_distillation/gpt2_student_v2_int8 "Emma"
 
-The int8 folder holds the weights and config.json of int8.py's format, the tokenizer,
-``distill_meta.json`` (source folder and its weights hash, measured size, perplexity and top-1
-agreement with the source), a ``README.md`` card and the source's ``distill_config.yaml``. A folder
-of the old ``gpt2_distill_int8`` format is rewritten in the standard one, in place by default,
-losslessly (the same int8 numbers and scales).
+A folder of the old ``gpt2_distill_int8`` format is rewritten in the standard one, in place by
+default, losslessly. The folder's contents: README.md, "Smaller and faster: int8 and narrow students".
 """
 
 from __future__ import annotations

@@ -3,16 +3,9 @@
     python -m python3_distillation.rdata path/to/Rdata.rdx path/to/Rdata.rdb
 
 R packages ship their ``data/`` this way; Debian's r-cran-janeaustenr holds one character vector
-per novel. Each entry is R's serialization format (XDR, "X\\n", format version 2 or 3) behind a
-4-byte length and zlib (or bzip2/xz); the index is a gzip'd named list of (offset, length) pairs.
-Only what such data uses is read: NULL, symbols, attribute pairlists, strings (NA, UTF-8, ASCII,
-latin1, native), logical, integer and character vectors, lists. Anything else, and every
-malformed input, raises :class:`RDataError`: nesting is capped at ``MAX_DEPTH``, no length is
-believed beyond the bytes that could hold it, and nothing decompresses past ``MAX_BYTES``.
-
-The maintained ``rdata`` package reads these entries too, but on malformed streams it returns
-shortened vectors without a word (a length larger than the data, a cut string) or fails with
-IndexError, AssertionError, RecursionError or MemoryError, and it needs Python 3.11 and xarray.
+per novel. Only what such data uses is read; anything else, and every malformed input, raises
+:class:`RDataError` (nesting, lengths and decompressed sizes are capped). Design notes:
+docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -61,8 +54,7 @@ class RVector(list):
 
     def __init__(self, items=(), rtype: str = "list", attributes: dict | None = None):
         super().__init__(items)
-        self.rtype = rtype
-        self.attributes = attributes or {}
+        self.rtype, self.attributes = rtype, attributes or {}
 
     def __repr__(self) -> str:
         head = list.__repr__(self[:3])[:-1] + (", ...]" if len(self) > 3 else "]")
@@ -85,8 +77,7 @@ class _Reader:
 
     def __init__(self, data: bytes):
         self.buf = memoryview(data)
-        self.pos = 0
-        self.depth = 0
+        self.pos = self.depth = 0
         self.symbols: list[RSymbol] = []  # R's reference table; symbols are all it holds here
         self.encoding = "utf-8"
 
@@ -225,26 +216,28 @@ def _inflate(data: bytes, decompressor, what: str, limit: int | None = None) -> 
     return out
 
 
+# An .rdx is saveRDS'd: gzip by default, or bzip2, xz; told apart by their magic bytes.
+INDEX_CODECS = {b"\x1f\x8b": lambda: zlib.decompressobj(wbits=16 + zlib.MAX_WBITS), b"BZh": bz2.BZ2Decompressor,
+                b"\xfd7zXZ\x00": lzma.LZMADecompressor}
+
+
 def _decompress_index(data: bytes) -> bytes:
-    """The XDR stream of an .rdx (``saveRDS``: gzip by default, or bzip2, xz, none)."""
-    if data[:2] == b"\x1f\x8b":
-        return _inflate(data, zlib.decompressobj(wbits=16 + zlib.MAX_WBITS), "lazy-load index")
-    if data[:3] == b"BZh":
-        return _inflate(data, bz2.BZ2Decompressor(), "lazy-load index")
-    if data[:6] == b"\xfd7zXZ\x00":
-        return _inflate(data, lzma.LZMADecompressor(), "lazy-load index")
+    """The XDR stream of an .rdx (compressed or not)."""
     if data[:2] == b"X\n":
         return data
+    for magic, codec in INDEX_CODECS.items():
+        if data.startswith(magic):
+            return _inflate(data, codec(), "lazy-load index")
     raise RDataError(f"lazy-load index starts with {data[:6]!r}: not gzip, bzip2, xz or an XDR stream")
 
 
-# makeLazyLoadDB's second kind of compression (compress = 3) prefixes the body with a type byte.
+# makeLazyLoadDB's compress = TRUE is zlib, 2 is bzip2, and 3 prefixes the body with a type byte.
 ENTRY_CODECS = {b"1": zlib.decompressobj, b"2": bz2.BZ2Decompressor, b"Z": lzma.LZMADecompressor}
 
 
 def _decompress_entry(blob: bytes, compressed: int) -> bytes:
-    """One .rdb entry: a 4-byte big-endian uncompressed length, then zlib (compress = TRUE),
-    bzip2 (2) or type byte + data (3); stored as is when compress = FALSE."""
+    """One .rdb entry: a 4-byte big-endian uncompressed length, then the (compressed) data; stored
+    as is when compress = FALSE."""
     if compressed == 0:
         return blob
     if len(blob) < 4:
@@ -252,20 +245,10 @@ def _decompress_entry(blob: bytes, compressed: int) -> bytes:
     (expected,) = struct.unpack(">I", blob[:4])
     if expected > MAX_BYTES:
         raise RDataError(f"its header says {expected} bytes, over the {MAX_BYTES}-byte limit")
-    body = blob[4:]
-    if compressed == 1:
-        codec = zlib.decompressobj
-    elif compressed == 2:
-        codec = bz2.BZ2Decompressor
-    else:
-        kind, body = body[:1], body[1:]
-        if kind == b"0":
-            codec = None
-        elif kind in ENTRY_CODECS:
-            codec = ENTRY_CODECS[kind]
-        else:
-            raise RDataError(f"unknown compression type {kind!r}")
-    out = bytes(body) if codec is None else _inflate(body, codec(), "its data", limit=expected)
+    kind, body = (b"%d" % compressed, blob[4:]) if compressed in (1, 2) else (blob[4:5], blob[5:])
+    if kind != b"0" and kind not in ENTRY_CODECS:
+        raise RDataError(f"unknown compression type {kind!r}")
+    out = bytes(body) if kind == b"0" else _inflate(body, ENTRY_CODECS[kind](), "its data", limit=expected)
     if len(out) != expected:
         raise RDataError(f"it holds {len(out)} bytes, its header says {expected}")
     return out

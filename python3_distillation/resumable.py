@@ -3,11 +3,10 @@
     python -c "from python3_distillation.resumable import jsonl_rows; print(jsonl_rows('runs/v2/metrics.jsonl')[-1])"
 
 :class:`WorkFolder` is how the token shards, the teacher cache and every checkpoint are written: the
-files go into ``.<name>.partial/`` beside the destination, a progress record (``progress.json``,
-written atomically) says what in it is complete, so a killed run resumes from there, and the
-finished folder, its manifest written last, replaces the destination in one step
-(``fsio.publish_dir``). Append-only JSONL files (the training log, augmentation's samples) are
-read back by :func:`jsonl_rows`, which cuts off a last line torn by a kill.
+files go into ``.<name>.partial/`` beside the destination with a progress record (``progress.json``)
+a killed run resumes from, and the finished folder, its manifest written last, replaces the
+destination in one step. Every ``manifest.json`` is written, read and checked here. :func:`jsonl_rows`
+reads append-only JSONL (the training log, augmentation's samples), cutting off a torn last line.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from python3_distillation.errors import DataError
-from python3_distillation.fsio import atomic_write_text, publish_dir
+from python3_distillation.fsio import atomic_write_text, publish_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +63,54 @@ class WorkFolder:
         """The progress record goes, ``manifest.json`` is written last, and the folder replaces ``dest`` whole."""
         (self.path / PROGRESS).unlink(missing_ok=True)
         if manifest is not None:
-            text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-            (self.path / MANIFEST).write_text(text, encoding="utf-8")
+            write_manifest(self.path, manifest)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         publish_dir(self.path, self.dest)
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """``folder/manifest.json``, UTF-8 and indented; written last, its presence says the folder is complete."""
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_manifest(folder: Path) -> dict:
+    """``folder``'s manifest. FileNotFoundError when there is none; ValueError or TypeError when it is not
+    a JSON object."""
+    manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise TypeError(f"{MANIFEST} is not a JSON object")
+    return manifest
+
+
+def file_entries(folder: Path) -> dict[str, dict]:
+    """``{name: {"bytes", "sha256"}}`` of every file in ``folder`` but the manifest."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def check_files(folder: Path, files: dict[str, dict], keys=("bytes", "sha256"), complete: bool = False) -> str | None:
+    """Why the files in ``folder`` do not match ``files`` (name → its manifest entry), or None when they do.
+
+    ``keys``: what is compared, ``bytes`` (the size: cheap, catches a truncated file) and/or ``sha256``
+    (reads every byte). ``complete``: anything in the folder that is not listed is a mismatch too.
+    """
+    folder = Path(folder)
+    extra = sorted({p.name for p in folder.iterdir() if p.name != MANIFEST} - set(files)) if complete else []
+    if extra:
+        return f"files not in its manifest: {', '.join(extra)} (tampered with?)"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size, want = path.stat().st_size, entry.get("bytes")
+        if "bytes" in keys and size != want:
+            return f"{name} does not match its manifest: {size} bytes, not {want} (truncated, corrupt or tampered with)"
+        if "sha256" in keys and sha256_file(path) != entry.get("sha256"):
+            return f"{name} does not match its sha256 in the manifest (corrupt or tampered with)"
+    return None
 
 
 def jsonl_rows(path: str | Path) -> list[dict]:

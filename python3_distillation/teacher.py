@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -16,8 +15,6 @@ from python3_distillation.evaluation.cards import model_card
 from python3_distillation.lineage import data_fingerprint, process_seconds, weights_sha256
 from python3_distillation.models import check_vocab, count_parameters, new_gpt2, open_model, save_model, stage_tokenizer
 from python3_distillation.train import training_log_text, lm_loss_fn, train
-
-log = logging.getLogger(__name__)
 
 
 def check_block_size(cfg: RunConfig, n_positions: int, what: str) -> None:

@@ -5,22 +5,15 @@
 
 ``cache-teacher`` keeps, at every position of every training block, the teacher's
 ``distill.cache_top_k`` most likely tokens (int32 ids, fp16 ``log softmax(t/T)``) and the log of the
-mass of all others (fp32 tail); training looks rows up by block index and takes the kd term with
-``losses.cached_kd_loss``. The tail depends on T, so training at another T than the cache's is refused.
-
-Files: ``shard-NNNNN.logprobs`` / ``.ids`` / ``.tail``, raw C-order ``(blocks, block_size, k)`` /
-``(blocks, block_size)`` arrays of ~64 MiB of consecutive blocks, ``6k + 4`` bytes per position
-(388 at k = 64, ~200× the 2-byte token); ``manifest.json`` binds them to the teacher's weights, the
-token shards, block size, T and k, and its ``key`` is part of a distillation run's fingerprint. Shards
-are written into a work folder (resumable.py), so a killed run resumes at the first unfinished shard.
+mass of all others (fp32 tail) in ``shard-NNNNN.{logprobs,ids,tail}`` files and a ``manifest.json``;
+training looks rows up by block index. Explained and measured in README.md, "Cached teacher logits
+(offline KD)"; design notes: docs/design/data.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
-import json
 import logging
 import math
 import os
@@ -35,15 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from python3_distillation.data import load_blocks
-from python3_distillation.device_plan import plan as device_plan
+from python3_distillation.device_plan import pick_device, plan as device_plan
 from python3_distillation.errors import ConfigError, DataError, ModelError
-from python3_distillation.fsio import atomic_file, read_rows, reporting_disk_full
+from python3_distillation.fsio import atomic_file, read_rows, reporting_disk_full, sha256_json
 from python3_distillation.lineage import data_fingerprint, weights_sha256
 from python3_distillation.losses import cached_kd_loss
 from python3_distillation.models import check_vocab, open_model, stage_tokenizer
 from python3_distillation.paths import data_dir, display_path
-from python3_distillation.precision import pick_device
-from python3_distillation.resumable import MANIFEST, WorkFolder
+from python3_distillation.resumable import MANIFEST, WorkFolder, check_files, read_manifest
 from python3_distillation.teacher import check_block_size
 
 log = logging.getLogger(__name__)
@@ -84,31 +76,26 @@ def cache_key(teacher_sha256: str, data: str, n_blocks: int, block_size: int, to
     """The cache's identity: what decides every stored number (not the precision it ran in)."""
     src = {"format": FORMAT, "teacher": teacher_sha256, "data": data, "n_blocks": n_blocks, "block_size": block_size,
            "top_k": top_k, "temperature": float(temperature)}
-    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:20]
+    return sha256_json(src)[:20]
 
 
-def _shard_name(s: int) -> str:
-    return f"shard-{s:05d}"
+def _shard_file(s: int, name: str) -> str:
+    return f"shard-{s:05d}.{name}"
 
 
 def _row_shape(name: str, block_size: int, k: int) -> tuple[int, ...]:
     return (block_size,) if name == "tail" else (block_size, k)
 
 
-def _row_bytes(name: str, block_size: int, k: int) -> int:
-    return int(np.prod(_row_shape(name, block_size, k))) * np.dtype(ARRAYS[name]).itemsize
-
-
 def _shards(n_blocks: int, per_shard: int) -> list[tuple[int, int]]:
     return [(a, min(a + per_shard, n_blocks)) for a in range(0, n_blocks, per_shard)]
 
 
-def _shard_complete(folder: Path, s: int, n_rows: int, block_size: int, k: int) -> bool:
-    for name in ARRAYS:
-        f = folder / f"{_shard_name(s)}.{name}"
-        if not f.is_file() or f.stat().st_size != n_rows * _row_bytes(name, block_size, k):
-            return False
-    return True
+def _shard_problem(folder: Path, s: int, n_rows: int, block_size: int, k: int) -> str | None:
+    """Why shard ``s``'s files in ``folder`` are not the sizes the manifest implies, or None."""
+    sizes = {_shard_file(s, n): {"bytes": n_rows * int(np.prod(_row_shape(n, block_size, k))) * np.dtype(d).itemsize}
+             for n, d in ARRAYS.items()}
+    return check_files(folder, sizes, ("bytes",))
 
 
 @dataclass
@@ -128,7 +115,7 @@ class TeacherCache:
         """The cache in ``folder``; DataError when it is missing, unfinished or its files do not fit."""
         folder = Path(folder).expanduser()
         try:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            manifest = read_manifest(folder)
             k, block, per_shard = int(manifest["top_k"]), int(manifest["block_size"]), int(manifest["blocks_per_shard"])
             n_blocks, fmt = int(manifest["n_blocks"]), manifest["format"]
         except FileNotFoundError:
@@ -139,9 +126,9 @@ class TeacherCache:
         if fmt != FORMAT:
             raise DataError(f"{folder}: teacher cache format {fmt}, this version reads {FORMAT}; run cache-teacher again")
         for s, (a, b) in enumerate(_shards(n_blocks, per_shard)):
-            if not _shard_complete(folder, s, b - a, block, k):
-                raise DataError(f"{folder}: {_shard_name(s)} is missing or not the size its manifest records "
-                                "(truncated or changed); run cache-teacher again")
+            problem = _shard_problem(folder, s, b - a, block, k)
+            if problem:
+                raise DataError(f"{folder}: {problem}; run cache-teacher again")
         return cls(folder, manifest)
 
     def check(self, *, teacher_sha256: str, data: str, n_blocks: int, temperature: float, top_k: int) -> TeacherCache:
@@ -177,7 +164,7 @@ class TeacherCache:
             for s in np.unique(shard_of):
                 sel = np.flatnonzero(shard_of == s)
                 rows = np.empty((sel.size, *_row_shape(name, block, k)), dtype=dtype)
-                out[name][sel] = read_rows(self.folder / f"{_shard_name(int(s))}.{name}", local[sel], rows)
+                out[name][sel] = read_rows(self.folder / _shard_file(int(s), name), local[sel], rows)
         return (torch.from_numpy(out["ids"]).to(torch.int64), torch.from_numpy(out["logprobs"]),
                 torch.from_numpy(out["tail"]))
 
@@ -211,14 +198,13 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would write the same shards
         raise ConfigError("cache-teacher runs in one process; start it with python or gpt2-distill, not a "
                           "multi-process launcher (training from the cache may use several)")
-    dc = cfg.distill
     dest = Path(out).expanduser() if out else default_dir(cfg)
     teacher = open_model(cfg.teacher.path).model  # the teacher and blocks as run_distill loads them
     tokenizer = stage_tokenizer(cfg, "distill")
     check_vocab(tokenizer, teacher, "teacher")
     check_block_size(cfg, teacher.config.n_positions, "teacher")
     blocks = load_blocks(cfg.data, tokenizer, seed=cfg.train.seed)
-    k, temperature = dc.cache_top_k, dc.temperature
+    k, temperature = cfg.distill.cache_top_k, cfg.distill.temperature
     vocab = teacher.config.vocab_size
     if k > vocab:
         raise ConfigError(f"distill.cache_top_k={k} is larger than the teacher's vocabulary ({vocab:,})")
@@ -250,7 +236,7 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
         folder.commit(progress)
     for stale in [*work.glob(".shard-*"), *work.glob("*.tmp")]:  # a shard being written when the run was killed
         stale.unlink()
-    done = [s for s, (a, b) in enumerate(shards) if _shard_complete(work, s, b - a, block, k)]
+    done = [s for s, (a, b) in enumerate(shards) if not _shard_problem(work, s, b - a, block, k)]
     if done:
         print(f"{dest}: resuming, {len(done)} of {len(shards)} shards already cached", file=sys.stderr)
 
@@ -266,7 +252,7 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
     t0 = time.perf_counter()
     done_blocks = sum(shards[s][1] - shards[s][0] for s in done)
     bar = tqdm(total=n_blocks, initial=done_blocks, unit="block", desc=f"cache-teacher {cfg.name}", dynamic_ncols=True)
-    need = (n_blocks - done_blocks) * sum(_row_bytes(n, block, k) for n in ARRAYS)
+    need = (n_blocks - done_blocks) * block * bytes_per_position(k)
     full = reporting_disk_full("the teacher cache", work, need,
                                f"{len(done)} finished shard(s) are kept; run the command again to resume")
     with bar, full:
@@ -274,7 +260,7 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
             if s in done:
                 continue
             with contextlib.ExitStack() as stack:  # each file appears whole under its final name or not at all
-                paths = {n: stack.enter_context(atomic_file(work / f"{_shard_name(s)}.{n}")) for n in ARRAYS}
+                paths = {n: stack.enter_context(atomic_file(work / _shard_file(s, n))) for n in ARRAYS}
                 files = {n: stack.enter_context(open(path, "wb")) for n, path in paths.items()}
                 for start in range(a, b, batch_size):
                     ids = train_blocks.ids[torch.arange(start, min(b, start + batch_size))].to(device)
@@ -289,7 +275,7 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
             if on_shard is not None:
                 on_shard(s)
 
-    total = sum((work / f"{_shard_name(s)}.{n}").stat().st_size for s in range(len(shards)) for n in ARRAYS)
+    total = sum((work / _shard_file(s, n)).stat().st_size for s in range(len(shards)) for n in ARRAYS)
     manifest = {
         "format": FORMAT, "key": key, "teacher": display_path(cfg.teacher.path), "teacher_sha256": teacher_sha,
         "data": data, "n_blocks": n_blocks, "block_size": block, "top_k": k, "temperature": temperature,

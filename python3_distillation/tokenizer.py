@@ -2,14 +2,10 @@
 
     python -m python3_distillation assets        # builds it (and the corpus) under the data dir
 
-Resolution order for a spec such as ``"gpt2"`` or ``"path/to/dir"``:
-
-1. a local directory holding a saved tokenizer;
-2. a hub id, when the hub is reachable (``HF_HUB_OFFLINE`` honoured, reachability probed in ~2 s
-   instead of the ~48 s a blocked hub costs);
-3. for ``gpt2`` only: rebuilt offline from ``whisper/assets/gpt2.tiktoken`` in the openai-whisper
-   20250625 source archive (the same ranks as tiktoken's ``r50k_base``), hash-checked, cached
-   under ``<data dir>/tokenizer/gpt2`` so it is built once.
+A spec such as ``"gpt2"`` or ``"path/to/dir"`` is (1) a local folder holding a saved tokenizer;
+(2) a hub id, when the hub is reachable (``HF_HUB_OFFLINE`` honoured); (3) for ``gpt2`` only:
+rebuilt offline from GPT-2's BPE ranks in the openai-whisper source archive, cached under
+``<data dir>/tokenizer/gpt2``. Design notes: docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -28,7 +23,7 @@ from urllib.parse import urlparse
 
 from python3_distillation.errors import AssetError
 from python3_distillation.fsio import atomic_dir
-from python3_distillation.paths import data_dir as default_data_dir
+from python3_distillation.paths import data_dir as default_data_dir, download
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +72,7 @@ def ranks_to_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], 
 
     vocab = {show(tok): rank for tok, rank in ranks.items()}
     merges = []
-    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(tok) == 1:
-            continue
+    for tok, rank in sorted((kv for kv in ranks.items() if len(kv[0]) > 1), key=lambda kv: kv[1]):
         parts = _bpe_split(ranks, tok, rank)
         if len(parts) != 2:
             raise AssetError(f"BPE rank {rank} does not split into one merge ({len(parts)} parts)")
@@ -89,30 +82,17 @@ def ranks_to_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], 
 
 
 def read_tiktoken(data: bytes) -> dict[bytes, int]:
-    ranks = {}
-    for line in data.splitlines():
-        if line.strip():
-            tok, rank = line.split()
-            ranks[base64.b64decode(tok)] = int(rank)
-    return ranks
+    pairs = (line.split() for line in data.splitlines() if line.strip())
+    return {base64.b64decode(tok): int(rank) for tok, rank in pairs}
 
 
 def download_whisper_archive(download_dir: Path) -> Path:
-    """Fetch the openai-whisper source archive with pip (no install, no dependencies)."""
-    download_dir.mkdir(parents=True, exist_ok=True)
-    target = download_dir / WHISPER_ARCHIVE
-    if target.exists():
-        return target
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-           f"openai-whisper=={WHISPER_VERSION}", "-d", str(download_dir)]
-    log.info("downloading %s with pip", WHISPER_ARCHIVE)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not target.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise AssetError(
-            f"could not download openai-whisper=={WHISPER_VERSION} source archive with pip ({tail[0]}); "
-            f"put {WHISPER_ARCHIVE} in {download_dir} by hand or set DISTILL_WHISPER_ARCHIVE")
-    return target
+    """The openai-whisper source archive in ``download_dir``, fetched with pip (no install, no dependencies)."""
+    spec = f"openai-whisper=={WHISPER_VERSION}"
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", spec, "-d", "."]
+    return download(cmd, download_dir, WHISPER_ARCHIVE, spec,
+                    f"put {WHISPER_ARCHIVE} in {download_dir} by hand or set DISTILL_WHISPER_ARCHIVE",
+                    failed=f"could not download {spec} source archive with pip")
 
 
 def build_gpt2_tokenizer(out_dir: Path, archive: Path | None = None) -> Path:
@@ -135,24 +115,18 @@ def build_gpt2_tokenizer(out_dir: Path, archive: Path | None = None) -> Path:
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (tmp / "merges.txt").write_text(
-            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
         # Loading the bare vocab/merges through the fast class and saving it again writes
         # tokenizer.json + tokenizer_config.json, which AutoTokenizer needs.
         tok = GPT2TokenizerFast.from_pretrained(str(tmp))
-        check_gpt2_tokenizer(tok)
+        if len(tok) != GPT2_VOCAB_SIZE or tok.eos_token_id != EOS_ID:
+            raise AssetError(f"rebuilt tokenizer has {len(tok)} tokens / eos {tok.eos_token_id}, "
+                             f"expected {GPT2_VOCAB_SIZE} / {EOS_ID}")
+        for text, ids in KNOWN_ENCODINGS.items():
+            if tok.encode(text) != ids:
+                raise AssetError(f"rebuilt tokenizer encodes {text!r} as {tok.encode(text)}, GPT-2 gives {ids}")
         tok.save_pretrained(str(tmp))
     return out_dir
-
-
-def check_gpt2_tokenizer(tok) -> None:
-    if len(tok) != GPT2_VOCAB_SIZE or tok.eos_token_id != EOS_ID:
-        raise AssetError(f"rebuilt tokenizer has {len(tok)} tokens / eos {tok.eos_token_id}, "
-                         f"expected {GPT2_VOCAB_SIZE} / {EOS_ID}")
-    for text, ids in KNOWN_ENCODINGS.items():
-        got = tok.encode(text)
-        if got != ids:
-            raise AssetError(f"rebuilt tokenizer encodes {text!r} as {got}, GPT-2 gives {ids}")
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:

@@ -3,13 +3,9 @@
     python -m python3_distillation teacher train.max_steps=100     # uses this loop
     accelerate launch --multi_gpu --num_processes 8 -m python3_distillation distill --config v2   # 8 processes
 
-Built on ``accelerate`` (devices, autocast, gradient accumulation, multi-process launch); the
-per-device choices (precision.py, device_plan.py) are logged at the start. Checkpoints (checkpoint.py)
-are published whole every ``save_every`` steps (resumable.py); ``resume=True`` continues from the
-newest that verifies and reaches the weights of an uninterrupted run (data order is a function of the
-step, RNG states are restored). Changed inputs (lineage.py) start afresh; a changed config is an
-error, except a larger step budget. Under DDP each process reads its slice of the global batch and
-only the main one writes.
+Built on ``accelerate`` (devices, autocast, gradient accumulation, multi-process launch). Under DDP each
+process reads its slice of the global batch and only the main one writes. Checkpoints and resume are
+explained in README.md, "Precision, resume and reproducibility".
 """
 
 from __future__ import annotations
@@ -31,12 +27,11 @@ from tqdm.auto import tqdm
 from python3_distillation import checkpoint as ckpt_io
 from python3_distillation.config import CONFIG_FILE, ConfigError, RunConfig, TrainConfig
 from python3_distillation.data import Blocks, batch_indices
-from python3_distillation.device_plan import DevicePlan, compile_blocks, plan as device_plan
+from python3_distillation.device_plan import Precision, compile_blocks, decide_for_run, pick_device, plan as device_plan
 from python3_distillation.errors import DiskFullError
 from python3_distillation.fsio import atomic_write_text, reporting_disk_full
 from python3_distillation.lineage import differences, stage_fingerprint
 from python3_distillation.losses import lm_loss
-from python3_distillation.precision import Precision, decide_for_run, pick_device
 from python3_distillation.resumable import WorkFolder, append_jsonl, jsonl_rows
 
 log = logging.getLogger(__name__)
@@ -58,10 +53,6 @@ class TrainResult:
     main: bool = True  # False but in a launch's main process: only it saves the model and prints
     precision: dict = field(default_factory=dict)
     fingerprint: dict = field(default_factory=dict)
-
-
-class StopTraining(Exception):
-    """Raised by a step callback to stop (used by tests to simulate a kill)."""
 
 
 def lm_loss_fn(model, batch) -> tuple[torch.Tensor, dict]:
@@ -101,10 +92,7 @@ def make_batch(blocks: Blocks, idx: torch.Tensor, device, pin: bool = False) -> 
     """The rows ``idx`` of ``blocks`` on ``device``; ``pin`` (CUDA): via pinned host memory, the only kind
     from which ``non_blocking=True`` is an asynchronous copy."""
     ids = blocks.ids[idx]
-    if pin:
-        ids = ids.pin_memory().to(device, non_blocking=True)
-    else:
-        ids = ids.to(device)
+    ids = ids.pin_memory().to(device, non_blocking=True) if pin else ids.to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "block_index": idx}
 
 
@@ -143,8 +131,7 @@ def evaluate_loss(model, blocks: Blocks, batch_size: int, max_blocks: int, accel
     was_training = model.training
     model.eval()
     n = len(blocks) if not max_blocks else min(max_blocks, len(blocks))
-    # The sum stays on the device (fp64: the same arithmetic as Python floats, so CPU results are
-    # unchanged) and is read back once, not once per batch.
+    # Summed on the device in fp64 (the arithmetic of Python floats) and read back once, not per batch.
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     with accelerator.autocast():
         for start in range(rank * batch_size, n, batch_size * world):
@@ -161,20 +148,17 @@ def evaluate_loss(model, blocks: Blocks, batch_size: int, max_blocks: int, accel
     return float(total) / max(1, count)
 
 
-def _read_back(logged: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The step's accumulated terms as floats: the one host sync of a logged step."""
-    names = list(logged)
-    return dict(zip(names, torch.stack([logged[k] for k in names]).tolist())) if names else {}
+def _read_back(logged: dict[str, torch.Tensor], reduce: Callable | None = None) -> dict[str, float]:
+    """The step's accumulated terms as floats, first averaged over the processes by ``reduce`` when
+    given (in sorted order, the same on every rank): the one host sync of a logged step."""
+    names = sorted(logged) if reduce else list(logged)
+    values = torch.stack([logged[k] for k in names])  # never empty: "loss" is always logged
+    return dict(zip(names, (reduce(values) if reduce else values).tolist()))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies against its manifest (None if there is none)."""
-    return ckpt_io.newest_valid(Path(run_dir))[0]
-
-
-def training_log_text(run_dir: Path) -> str:
-    """The run's metrics log as saved beside the finished model."""
-    return "".join(json.dumps(r) + "\n" for r in jsonl_rows(Path(run_dir) / METRICS_FILE))
+def training_log_text(run_dir: Path, up_to: float = math.inf) -> str:
+    """The run's metrics log (its rows up to step ``up_to``) as saved beside the finished model."""
+    return "".join(json.dumps(r) + "\n" for r in jsonl_rows(Path(run_dir) / METRICS_FILE) if r.get("step", 0) <= up_to)
 
 
 def _resume_point(run_dir: Path, fingerprint: dict, world: int, max_steps: int,
@@ -252,7 +236,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
         if main:
             tqdm.write(message, file=sys.stderr)
 
-    plan: DevicePlan = device_plan(accelerator.device, precision, compile=tc.compile)
+    plan = device_plan(accelerator.device, precision, compile=tc.compile)
     plan.apply()
     for line in plan.lines(tc.log_every):
         say(f"{cfg.name}: {line}")
@@ -265,7 +249,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             _clear_run(run_dir, say)
-        atomic_write_text(run_dir / CONFIG_FILE, f"# precision used: {precision.line()[11:]}\n" + cfg.to_yaml())
+        atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml(precision.to_dict()))
     accelerator.wait_for_everyone()
     set_seed(tc.seed)
     for m in extra_modules:
@@ -288,8 +272,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
             log.warning("%s: no RNG state for process %d; continuing from the seed", ckpt, rank)
         step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
         if main:
-            rows = [r for r in jsonl_rows(metrics_path) if r.get("step", 0) <= step]
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_text(metrics_path, training_log_text(run_dir, step))
         say(f"resumed from {ckpt} at step {step}")
     # The schedule is a function of the step: rebuilt, not stored (last_epoch = steps already taken − 1).
     for group in optimizer.param_groups:
@@ -365,8 +348,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
     try:
         while step < tc.max_steps:
             t0 = time.perf_counter()
-            # Each term's mean over the micro-batches, kept on the device in fp64 (the arithmetic of the
-            # Python floats this used to be) and read back only when logged: no sync per micro-step.
+            # Each term's mean over the micro-batches, on the device in fp64, read back only when logged.
             logged: dict[str, torch.Tensor] = {}
             for micro in range(tc.grad_accum):
                 batch = batches.get(step * tc.grad_accum + micro)
@@ -380,10 +362,8 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in {"loss": loss.detach(), **terms}.items():
-                    if k not in logged:
-                        logged[k] = torch.zeros((), dtype=torch.float64, device=accelerator.device)
                     v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
-                    logged[k] += v.to(accelerator.device, torch.float64) / tc.grad_accum
+                    logged[k] = logged.get(k, 0.0) + v.to(accelerator.device, torch.float64) / tc.grad_accum
                 n_tok = batch["input_ids"].numel() * world
                 tokens += n_tok
                 window_tokens += n_tok
@@ -392,12 +372,9 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
             if on_step is not None:
                 on_step(step)
             if step % tc.log_every == 0 or step == tc.max_steps:
-                if world > 1:  # equal shares of the global batch: the mean of the means is the batch's loss
-                    names = sorted(logged)
-                    values = torch.stack([logged[k].to(accelerator.device, torch.float64) for k in names])
-                    logged = dict(zip(names, accelerator.reduce(values, reduction="mean").tolist()))
-                else:
-                    logged = _read_back(logged)
+                # Equal shares of the global batch: the mean of the processes' means is the batch's loss.
+                mean = (lambda v: accelerator.reduce(v, reduction="mean")) if world > 1 else None
+                logged = _read_back(logged, mean)
                 now = time.perf_counter()
                 tps = window_tokens / max(1e-9, now - window_start)
                 window_tokens, window_start = 0, now

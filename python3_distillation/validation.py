@@ -4,9 +4,9 @@
 print(TypeAdapter(Temperature).validate_python(0.7))"
 
 Configs, sampling parameters, request bodies, CLI JSONL rows and augmentation settings are pydantic
-models: each bound below is declared once and named by every model that takes the value. A model
-built from keywords raises its edge's :class:`BadInput` (one line naming the field) instead of
-pydantic's multi-line ``ValidationError``. Free of torch, so a config typo is reported at once.
+models sharing the bounds declared once below (free of torch, so a typo is reported at once). Built
+from keywords, one raises its edge's :class:`BadInput` (one line naming the field), not pydantic's
+multi-line ``ValidationError``.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def run(cpu_smoke: bool, steps: int, batch_size: int, new_tokens: int) -> None:
     from python3_distillation.config import load_config
     from python3_distillation.distill import make_distill_loss
     from python3_distillation.models import build_student, count_parameters, seeded
-    from python3_distillation.precision import decide
+    from python3_distillation.device_plan import decide
     from python3_distillation.train import make_optimizer
 
     cfg = load_config(["distilgpt2"])

@@ -45,6 +45,10 @@ PROMPTS = [
 ]
 
 
+class StopTraining(Exception):
+    """Raised by a step callback to stop a run there (a simulated kill)."""
+
+
 def spread(model, std: float = 0.15):
     """Weights with GPT-2-like spread, so logits are far from uniform and argmax ties are rare."""
     g = torch.Generator().manual_seed(3)

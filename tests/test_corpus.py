@@ -28,6 +28,7 @@ from python3_distillation import corpus, rdata
 from python3_distillation.corpus import CorpusError
 from python3_distillation.paths import data_dir as default_data_dir
 from python3_distillation.rdata import RDataError, RVector
+from python3_distillation.resumable import read_manifest
 
 # -- a hand-written XDR encoder (R's serialize.c, format version 2 or 3) ------------------------
 ASCII, UTF8, LATIN1 = 64 << 12, 8 << 12, 4 << 12  # CHARSXP encoding flags, already shifted
@@ -289,7 +290,7 @@ def test_corpus_splits_are_disjoint_and_match_the_manifest(built):
     assert "It is a truth universally acknowledged, that a single man in possession of a good " \
            "fortune, must be in want of a wife." in paras["train"]
     assert paras["validation"][0].startswith("Sir Walter Elliot, of Kellynch Hall")
-    manifest = corpus.load_manifest(default_data_dir())
+    manifest = read_manifest(default_data_dir() / "austen")
     for split in ("train", "validation"):
         entry = manifest["splits"][split]
         assert entry["paragraphs"] == len(paras[split])
@@ -309,7 +310,7 @@ CORPUS_SHA256 = {"r-cran-janeaustenr_1.0.0-1_all.deb": {
 
 
 def test_corpus_bytes_are_pinned(built):
-    deb_name = corpus.load_manifest(default_data_dir())["deb"]["file"]
+    deb_name = read_manifest(default_data_dir() / "austen")["deb"]["file"]
     if deb_name not in CORPUS_SHA256:
         pytest.skip(f"no pinned hashes for {deb_name}")
     got = {split: hashlib.sha256(path.read_bytes()).hexdigest() for split, path in built.items()}

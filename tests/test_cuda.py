@@ -18,7 +18,7 @@ import threading
 import pytest
 import torch
 
-from conftest import TEXT, tiny_gpt2, tiny_run_config
+from conftest import TEXT, StopTraining, tiny_gpt2, tiny_run_config
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, if CUDA starts after this
 
@@ -93,7 +93,6 @@ def test_kill_and_resume_on_cuda(tmp_path, corpus, capsys):
     from safetensors.torch import load_file
 
     from python3_distillation.teacher import run_teacher
-    from python3_distillation.train import StopTraining
 
     train = {"max_steps": 6, "save_every": 2, "mixed_precision": "no"}
     whole = run_teacher(tiny_run_config(tmp_path / "whole", corpus, train=train))

@@ -14,8 +14,7 @@ import torch
 
 from conftest import ROOT, tiny_gpt2, tiny_run_config
 from python3_distillation import device_plan, losses
-from python3_distillation.device_plan import DevicePlan, decide_compile, serving_dtype
-from python3_distillation.precision import Precision
+from python3_distillation.device_plan import DevicePlan, Precision, decide_compile, serving_dtype
 
 
 def fake_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> None:
@@ -157,7 +156,7 @@ def test_the_loop_reads_losses_back_only_when_it_logs(tmp_path, text_corpus, mon
         monkeypatch.setattr(torch.Tensor, name, spy)
     reads = []
     real_read = train_module._read_back
-    monkeypatch.setattr(train_module, "_read_back", lambda logged: reads.append(1) or real_read(logged))
+    monkeypatch.setattr(train_module, "_read_back", lambda *args: reads.append(1) or real_read(*args))
     run_teacher(tiny_run_config(tmp_path, text_corpus, train={"max_steps": 6, "log_every": 3, "grad_accum": 2}))
     assert "train" not in syncs
     assert len(reads) == 2

@@ -148,8 +148,7 @@ def test_report_perplexity_files_and_cards(tmp_path, saved_models, text_corpus, 
     md = (out / "report.md").read_text()
     assert "| model | precision | layers × width | params | size MB | val ppl |" in md and kc["statement"] in md
     # Fidelity to the teacher, against an independent computation over the same blocks.
-    blocks = evaluation.validation_blocks([evaluation.load_entry("teacher", saved_models["teacher"])],
-                                          evaluation.eval_data_config([evaluation.load_entry("teacher", saved_models["teacher"])])[0], 0, 1337)
+    blocks = evaluation.held_out([evaluation.load_entry("teacher", saved_models["teacher"])], 0)[1]
     want = _independent_fidelity(saved_models["v2"], saved_models["teacher"], blocks.ids)
     assert kd["top1_teacher"] == pytest.approx(want[0], abs=1e-9) and kd["kl_teacher"] == pytest.approx(want[1], rel=1e-4)
     assert t["top1_teacher"] == 1.0 and t["kl_teacher"] == 0.0

@@ -163,6 +163,8 @@ def test_long_prompt_is_truncated_with_a_warning(capsys, student):
     (["--model", "{student}", "--prompts-file", "{missing}"], "prompts file {missing} not found"),
     (["hi", "--model", "{student}", "--stream", "--compare"], "--stream"),
     (["hi", "--model", "{student}", "--bogus"], "unrecognized arguments: --bogus"),
+    (["bad \udc80 bytes", "--model", "{student}", "--max-new-tokens", "4"],
+     "prompt 1: prompt cannot be tokenized"),  # a lone surrogate, as argv decodes bytes that are not UTF-8
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, student, argv, message):
     fill = {"student": student, "missing": tmp_path / "missing"}

@@ -19,7 +19,7 @@ NAME = PACKAGE.name
 
 # The foundations: what they import must not depend on commands, serving or evaluation.
 LOWER = ("config", "data", "models", "losses", "int8", "errors", "paths", "fsio", "tokenizer", "chunks",
-         "checkpoint", "lineage", "precision", "device_plan", "resumable", "validation", "teacher_cache")
+         "checkpoint", "lineage", "device_plan", "resumable", "validation", "teacher_cache")
 # Commands and front ends: each is a leaf its users call, never a library for the layers below.
 UPPER = ("cli", "infer", "augment", "prune", "quantize", "experiments", "export", "serving",
          "evaluation", "distill_training", "distill_training_v2", "distill_infer", "distill_infer_v2",

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from python3_distillation import precision
-from python3_distillation.precision import MIN_SPEEDUP, SLOW_PATH, Precision, decide, pick_device
+from python3_distillation import device_plan
+from python3_distillation.device_plan import MIN_SPEEDUP, SLOW_PATH, Precision, decide, pick_device
 
 
 def test_cpu_auto_follows_the_probe():
@@ -50,7 +50,7 @@ def test_an_explicit_bf16_warns_below_fp32_speed_only():
 
 def test_alternating_best_is_each_calls_fastest_run(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(precision.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(device_plan.time, "perf_counter", lambda: clock[0])
     runs = {"a": iter([5.0, 3.0, 4.0]), "b": iter([2.0, 6.0, 1.5])}
     order = []
 
@@ -60,7 +60,7 @@ def test_alternating_best_is_each_calls_fastest_run(monkeypatch):
             clock[0] += next(runs[name])
         return fn
 
-    assert precision._alternating_best(timed("a"), timed("b"), 3) == (3.0, 1.5)
+    assert device_plan._alternating_best(timed("a"), timed("b"), 3) == (3.0, 1.5)
     assert order == ["a", "b"] * 3  # alternated, so both see the same conditions
 
 
@@ -76,10 +76,10 @@ def test_the_probe_ratio_on_fake_timings(monkeypatch, timings, ratio, pairs):
         calls.append(n)
         return timings[len(calls) - 1]
 
-    monkeypatch.setattr(precision, "_alternating_best", fake_best)
+    monkeypatch.setattr(device_plan, "_alternating_best", fake_best)
     threads = torch.get_num_threads()
     assert (timings[0][0] / timings[0][1] < SLOW_PATH) == (pairs == [3])
-    assert precision.probe_cpu_bf16() == ratio  # fp32 time ÷ bf16 time of the last shape measured
+    assert device_plan.probe_cpu_bf16() == ratio  # fp32 time ÷ bf16 time of the last shape measured
     assert calls == pairs and torch.get_num_threads() == threads
 
 
@@ -143,14 +143,14 @@ def test_the_real_cuda_choice_on_faked_gpus(monkeypatch, name, capability, mode)
     choice = decide("auto", "cuda", probe=never)
     assert choice.mode == mode and choice.requested == "auto"
     assert name in choice.reason and f"{capability[0]}.{capability[1]}" in choice.reason
-    assert precision.native_bf16("cuda") == (mode == "bf16")
+    assert device_plan.native_bf16("cuda") == (mode == "bf16")
 
 
 def test_the_real_probe_agrees_with_what_this_cpu_has():
     """FACTS.md: native bf16 (avx512_bf16/amx_bf16) measured 1.85–4.4× fp32; without it bf16 falls
     to a scalar fallback 90× slower. A probe that timed the wrong thing would miss either side."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    speedup = precision.probe_cpu_bf16()
+    speedup = device_plan.probe_cpu_bf16()
     if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags):
         assert speedup > 1.0, f"native bf16 here, but the probe measured {speedup:.2f}× fp32"
     elif not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -160,9 +160,9 @@ def test_the_real_probe_agrees_with_what_this_cpu_has():
 
 
 def test_the_probe_runs_once_per_process(monkeypatch):
-    monkeypatch.setattr(precision, "_CPU_PROBE", None)
+    monkeypatch.setattr(device_plan, "_CPU_PROBE", None)
     calls = []
-    monkeypatch.setattr(precision, "probe_cpu_bf16", lambda: calls.append(1) or 1.6)
+    monkeypatch.setattr(device_plan, "probe_cpu_bf16", lambda: calls.append(1) or 1.6)
     first = decide("auto", "cpu")
     second = decide("auto", "cpu")
     assert calls == [1] and first.mode == second.mode == "bf16" and second.bf16_speedup == 1.6
@@ -171,7 +171,7 @@ def test_the_probe_runs_once_per_process(monkeypatch):
 def test_the_choice_is_logged_and_recorded(tmp_path, text_corpus, capsys, monkeypatch):
     from python3_distillation.teacher import run_teacher
 
-    monkeypatch.setattr(precision, "_CPU_PROBE", 0.5)  # this process's probe: bf16 at half fp32's speed
+    monkeypatch.setattr(device_plan, "_CPU_PROBE", 0.5)  # this process's probe: bf16 at half fp32's speed
     cfg = tiny_run_config(tmp_path, text_corpus, train={"mixed_precision": "auto", "max_steps": 2})
     out = run_teacher(cfg)
     err = capsys.readouterr().err

@@ -234,3 +234,12 @@ def test_experiments_run_every_comparison_and_resume(tmp_path, tokenizer, text_c
         models["same-size student (25%)"]["val_ppl"])
     assert "## 1." in (tmp_path / "reports" / "experiments.md").read_text() and "reverse_kl" not in again["models"]
 
+
+def test_experiments_command_line_parses(capsys):
+    """`make experiments` reaches the runner: its defaults (the augment sample count) are read from the settings."""
+    from python3_distillation.experiments import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "(default 512)" in capsys.readouterr().out
+    assert main(["--eval-blocks", "0"]) == 2  # a bad value is one error line, exit 2, before any work

@@ -26,7 +26,7 @@ from conftest import ROOT, tiny_overrides, tiny_run_config
 from python3_distillation import checkpoint as ckpt_io
 from python3_distillation.cli import main as cli_main
 from python3_distillation.data import load_blocks
-from python3_distillation.train import METRICS_FILE, latest_checkpoint, lm_loss_fn, train
+from python3_distillation.train import METRICS_FILE, lm_loss_fn, train
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -96,8 +96,7 @@ def test_resume_refuses_a_changed_config_but_lets_the_budget_grow(tmp_path, text
 @pytest.fixture
 def interrupted(tmp_path, tokenizer, text_corpus):
     """A teacher run stopped at step 12 of 16, with checkpoints at 4, 8 and 12, and its uninterrupted twin."""
-    from conftest import tiny_gpt2
-    from python3_distillation.train import StopTraining
+    from conftest import StopTraining, tiny_gpt2
 
     settings = {"max_steps": 16, "save_every": 4, "keep_checkpoints": 3}
     full_cfg = tiny_run_config(tmp_path / "full", text_corpus, train=settings)
@@ -138,7 +137,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(interrupted, cap
     else:
         f = newest / ckpt_io.STATE_FILE
         f.write_text(f.read_text()[:10])
-    assert latest_checkpoint(cfg.run_dir).name == "checkpoint-8"
+    assert ckpt_io.newest_valid(cfg.run_dir)[0].name == "checkpoint-8"
     capsys.readouterr()
     resumed, result = _resume(cfg, blocks)
     err = capsys.readouterr().err
@@ -185,6 +184,21 @@ def test_checkpoints_hold_no_pickles(interrupted):
     names = {p.name for p in (cfg.run_dir / "checkpoint-12").iterdir()}
     assert names == {ckpt_io.MODEL_FILE, ckpt_io.OPTIMIZER_TENSORS, ckpt_io.OPTIMIZER_GROUPS, ckpt_io.STATE_FILE,
                      ckpt_io.MANIFEST, *ckpt_io.rng_files(0)}
+
+
+@pytest.mark.parametrize("devices", [12, 3])
+def test_cuda_rng_states_are_restored_in_device_order(tmp_path, monkeypatch, devices):
+    """Twelve saved CUDA states go back by device index (as text, torch_cuda_10 sorts before torch_cuda_2),
+    as many as there are devices."""
+    tensors, meta = ckpt_io.capture_rng()
+    tensors.update({f"torch_cuda_{i}": torch.full((16,), i, dtype=torch.uint8) for i in range(12)})
+    ckpt_io.save_rng(tmp_path, 0, (tensors, meta))
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    assert ckpt_io.restore_rng(tmp_path, 0)
+    assert [int(t[0]) for t in restored] == list(range(devices))
 
 
 # ------------------------------------------------------------------------------ separate processes

@@ -418,5 +418,8 @@ def test_teacher_cache_reopens_what_it_wrote_and_refuses_a_truncated_shard(cache
     shutil.copytree(cache.folder, copy)
     with (copy / "shard-00001.logprobs").open("r+b") as f:
         f.truncate(100)
-    with pytest.raises(DataError, match="shard-00001 is missing or not the size"):
+    with pytest.raises(DataError, match=r"shard-00001\.logprobs does not match its manifest: 100 bytes, not \d+"):
+        TeacherCache.open(copy)
+    (copy / "shard-00001.logprobs").unlink()
+    with pytest.raises(DataError, match=r"shard-00001\.logprobs is missing; run cache-teacher again"):
         TeacherCache.open(copy)

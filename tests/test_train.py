@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_gpt2, tiny_run_config
+from conftest import StopTraining, tiny_gpt2, tiny_run_config
+from python3_distillation import checkpoint as ckpt_io
 from python3_distillation.cli import main as cli_main
 from python3_distillation.data import load_blocks
-from python3_distillation.train import StopTraining, latest_checkpoint, lm_loss_fn, lr_lambda, train
+from python3_distillation.train import lm_loss_fn, lr_lambda, train
 
 
 def _blocks(cfg, tokenizer, tmp_path):
@@ -40,7 +41,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tokenizer, text_corpus):
 
     with pytest.raises(StopTraining):
         train(tiny_gpt2(seed=0), lm_loss_fn, blocks, cfg_b, on_step=kill_at_6)
-    assert latest_checkpoint(cfg_b.run_dir).name == "checkpoint-4"
+    assert ckpt_io.newest_valid(cfg_b.run_dir)[0].name == "checkpoint-4"
     # A different init proves the weights come from the checkpoint, not from the seed.
     resumed, result = train(tiny_gpt2(seed=99), lm_loss_fn, blocks, cfg_b, resume=True)
     assert result.step == 8

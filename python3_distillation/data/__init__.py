@@ -9,13 +9,12 @@ sources.py: local files, the embedded ``austen`` corpus or a streamed hub set), 
 """
 
 from python3_distillation.data.blocks import Blocks, MixedBlocks, TokenBlocks, batch_indices
-from python3_distillation.data.documents import is_local_spec, iter_local, split_documents
-from python3_distillation.data.shards import CACHE_VERSION, TokenShards, load_blocks, prepare_tokens, shard_key
-from python3_distillation.data.sources import SPLITS, Plan, Source, held_out, local_source, plan_sources, stream_source
-from python3_distillation.data.tokenizing import auto_num_proc, token_dtype, tokenize_piece, tokenizer_fingerprint
+from python3_distillation.data.documents import iter_local, split_documents
+from python3_distillation.data.shards import CACHE_VERSION, load_blocks, prepare_tokens
+from python3_distillation.data.sources import held_out, stream_source
+from python3_distillation.data.tokenizing import tokenize_piece, tokenizer_fingerprint
 from python3_distillation.errors import DataError
 
-__all__ = ["Blocks", "CACHE_VERSION", "DataError", "MixedBlocks", "Plan", "SPLITS", "Source", "TokenBlocks",
-           "TokenShards", "auto_num_proc", "batch_indices", "held_out", "is_local_spec", "iter_local",
-           "load_blocks", "local_source", "plan_sources", "prepare_tokens", "shard_key", "split_documents",
-           "stream_source", "token_dtype", "tokenize_piece", "tokenizer_fingerprint"]
+__all__ = ["Blocks", "CACHE_VERSION", "DataError", "MixedBlocks", "TokenBlocks", "batch_indices", "held_out",
+           "iter_local", "load_blocks", "prepare_tokens", "split_documents", "stream_source", "tokenize_piece",
+           "tokenizer_fingerprint"]

@@ -2,8 +2,7 @@
 
     python -c "from python3_distillation.data import batch_indices; print(batch_indices(100, 4, 0, seed=0))"
 
-Block ``i`` of a split is ``tokens[i·B:(i+1)·B]``: the whole stream cut evenly, the tail shorter than
-a block unused. The block size is not part of the shard key: one set of shards serves every block size.
+Block ``i`` of a split is ``tokens[i·B:(i+1)·B]`` for any block size ``B`` (README.md, "Data at scale").
 """
 
 from __future__ import annotations
@@ -128,16 +127,11 @@ class MixedBlocks(_Rows):
         self.starts = np.cumsum([0] + self.counts)
         self.n_blocks = int(self.starts[-1])
 
-    def source_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(source, row in that source) of each row of the mixture."""
-        part = np.searchsorted(self.starts, rows, side="right") - 1
-        local = rows - self.starts[part]
-        sizes = np.array([len(p) for p in self.parts])[part]
-        counts = np.array(self.counts)[part]
-        return part, np.where(counts <= sizes, local * sizes // counts, local % sizes)
-
     def _read(self, rows: np.ndarray) -> np.ndarray:
-        part, local = self.source_rows(rows)
+        part = np.searchsorted(self.starts, rows, side="right") - 1  # the source of each row, and its row there
+        local = rows - self.starts[part]
+        sizes, counts = np.array([len(p) for p in self.parts])[part], np.array(self.counts)[part]
+        local = np.where(counts <= sizes, local * sizes // counts, local % sizes)
         out = np.empty((rows.size, self.block_size), dtype=np.int64)
         for k in np.unique(part):
             sel = np.flatnonzero(part == k)

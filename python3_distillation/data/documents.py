@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -12,8 +13,8 @@ from pathlib import Path
 from python3_distillation.config import DataConfig
 from python3_distillation.errors import DataError
 
-TEXT_SUFFIXES = {".txt", ".text", ".md"}
 JSONL_SUFFIXES = {".jsonl", ".json"}
+SUFFIXES = {".txt", ".text", ".md"} | JSONL_SUFFIXES  # the files read from a folder
 
 
 def _file_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -56,7 +57,7 @@ def _documents(lines: Iterable[tuple[int, str]], mode: str) -> Iterator[tuple[st
     elif mode == "paragraph":
         group: list[str] = []
         pending = 0
-        for size, line in lines:
+        for size, line in itertools.chain(lines, [(0, "")]):  # a last empty line ends the last paragraph
             pending += size
             if line == "":
                 doc = "\n".join(group).strip()
@@ -66,9 +67,6 @@ def _documents(lines: Iterable[tuple[int, str]], mode: str) -> Iterator[tuple[st
                 group = []
             else:
                 group.append(line)
-        doc = "\n".join(group).strip()
-        if doc:
-            yield doc, pending
     else:
         pairs = list(lines)
         doc = "\n".join(line for _, line in pairs).strip()
@@ -102,17 +100,15 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
 
 def expand(spec: str) -> list[Path]:
     files: list[Path] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
         path = Path(part).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
             if not found:
                 raise DataError(f"{path}: folder holds no .txt or .jsonl files")
             files.extend(found)
         elif path.is_file():
-            if path.suffix.lower() not in TEXT_SUFFIXES | JSONL_SUFFIXES:
+            if path.suffix.lower() not in SUFFIXES:
                 raise DataError(f"{path}: unsupported file type (use .txt or .jsonl)")
             files.append(path)
         else:
@@ -124,7 +120,7 @@ def is_local_spec(spec: str) -> bool:
     """Local when a part exists, names a .txt/.jsonl file, or is written as a path; else a hub id."""
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         if (Path(part).expanduser().exists() or part.startswith(("/", "./", "../", "~"))
-                or Path(part).suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES):
+                or Path(part).suffix.lower() in SUFFIXES):
             return True
     return False
 

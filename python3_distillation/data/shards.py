@@ -2,19 +2,15 @@
 
     gpt2-distill prepare-data --config teacher          # tokenize ahead of training, print the manifest
 
-The key hashes the tokenizer, the sources' contents and the document settings, so nothing stale is
-reused. Each tokenized piece is appended to the files (raw ids, no header) and committed to the work
-folder's progress record (resumable.py), so a killed preparation resumes from its last piece.
-Processes preparing the same data at once (training ranks) take turns (a file lock).
+Each tokenized piece is appended to the files (raw ids, no header) and committed to the work folder's
+progress record (resumable.py). Explained and measured in README.md, "Data at scale".
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -34,9 +30,9 @@ from python3_distillation.data.sources import SPLITS, Plan, Source, held_out, pl
 from python3_distillation.data.tokenizing import (auto_num_proc, chunk_ids, map_tokenize, quiet_datasets_bars,
                                                   stage_pieces, token_dtype, tokenizer_fingerprint)
 from python3_distillation.errors import DataError
-from python3_distillation.fsio import reporting_disk_full
+from python3_distillation.fsio import reporting_disk_full, sha256_json
 from python3_distillation.paths import data_dir as default_data_dir
-from python3_distillation.resumable import MANIFEST, WorkFolder
+from python3_distillation.resumable import WorkFolder, check_files, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +70,7 @@ class TokenShards:
                   f"fingerprint {tok['fingerprint']}), cache version {m['version']}"),
                  f"  prepared in {m['seconds']:,.1f} s with {processes}"
                  + (" (the last part of a resumed run)" if m.get("resumed") else "")]
-        for split, s in m["sources"].items():
-            lines.append(f"  {split} source: {s}")
+        lines += [f"  {split} source: {s}" for split, s in m["sources"].items()]
         if m.get("holdout"):
             lines.append(f"  validation: a seeded {m['holdout']['fraction']:.1%} of the train documents "
                          f"(seed {m['holdout']['seed']})")
@@ -89,21 +84,19 @@ class TokenShards:
 def _read_manifest(folder: Path) -> dict | None:
     """The manifest of a finished folder whose files have the sizes it records, else None."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        for split in SPLITS:
-            entry = manifest["splits"][split]
-            if (folder / entry["file"]).stat().st_size != entry["bytes"]:
-                log.warning("%s: %s does not have the size its manifest records; preparing it again", folder, entry["file"])
-                return None
-        return manifest
-    except (OSError, ValueError, KeyError):
+        manifest = read_manifest(folder)
+        problem = check_files(folder, {e["file"]: e for e in [manifest["splits"][s] for s in SPLITS]}, ("bytes",))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    if problem:
+        log.warning("%s: %s; preparing it again", folder, problem)
+    return None if problem else manifest
 
 
 def shard_key(plan: Plan, tokenizer, cfg: DataConfig) -> tuple[str, dict]:
     key_src = {"v": CACHE_VERSION, "tok": tokenizer_fingerprint(tokenizer), "data": plan.fingerprint,
                "doc": cfg.document, "field": cfg.text_field}
-    return hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20], key_src
+    return sha256_json(key_src)[:20], key_src
 
 
 @contextlib.contextmanager
@@ -170,9 +163,8 @@ def _cut_back(work: Path, state: dict, key: str, dtype: str) -> bool:
 def _prepare(plan: Plan, cfg: DataConfig, tokenizer, key: str, key_src: dict, work: WorkFolder,
              num_proc: int | None) -> dict:
     dtype = token_dtype(tokenizer)
-    if num_proc is None:
-        num_proc = cfg.num_proc  # 0 = chosen from the CPU count and the data size
-    if not num_proc:
+    num_proc = cfg.num_proc if num_proc is None else num_proc
+    if not num_proc:  # 0: chosen from the CPU count and the data size
         sizes = [s.n_bytes for s in plan.sources.values()]
         num_proc = auto_num_proc(None if None in sizes else sum(sizes))
     t0 = time.perf_counter()
@@ -196,24 +188,17 @@ def _prepare(plan: Plan, cfg: DataConfig, tokenizer, key: str, key_src: dict, wo
         raise
     itemsize = np.dtype(dtype).itemsize
     manifest = {
-        "version": CACHE_VERSION,
-        "key": key,
-        "key_source": key_src,
-        "dtype": dtype,
+        "version": CACHE_VERSION, "key": key, "key_source": key_src, "dtype": dtype,
         "eos_token_id": tokenizer.eos_token_id,
         "tokenizer": {"name": str(getattr(tokenizer, "name_or_path", "")), "vocab_size": len(tokenizer),
                       "fingerprint": key_src["tok"]},
-        "sources": {name: s.describe for name, s in plan.sources.items()},
-        "source_fingerprint": plan.fingerprint,
-        "document": cfg.document,
-        "text_field": cfg.text_field,
+        "sources": {name: s.describe for name, s in plan.sources.items()}, "source_fingerprint": plan.fingerprint,
+        "document": cfg.document, "text_field": cfg.text_field,
         "holdout": {"fraction": plan.holdout[0], "seed": plan.holdout[1]} if plan.holdout else None,
         "splits": {s: {"file": f"{s}.bin", "tokens": c["tokens"], "documents": c["documents"],
                        "bytes": c["tokens"] * itemsize} for s, c in state["splits"].items()},
-        "num_proc": num_proc,
-        "seconds": round(time.perf_counter() - t0, 2),  # of the run that finished it
-        "resumed": resumed,
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "num_proc": num_proc, "seconds": round(time.perf_counter() - t0, 2),  # of the run that finished it
+        "resumed": resumed, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     work.publish(manifest)
     return manifest

@@ -1,6 +1,6 @@
 """Where the documents come from: local files, the embedded corpus or a streamed hub set, and the seeded hold-out.
 
-    python -c "from python3_distillation.config import DataConfig; from python3_distillation.data import \\
+    python -c "from python3_distillation.config import DataConfig; from python3_distillation.data.sources import \\
 plan_sources; print(plan_sources(DataConfig()).fingerprint)"
 """
 

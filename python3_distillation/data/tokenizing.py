@@ -166,6 +166,4 @@ def auto_num_proc(n_bytes: int | None) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    if n_bytes is None:
-        return max(1, cpus)
-    return max(1, min(cpus, n_bytes // BYTES_PER_PROC))
+    return max(1, cpus if n_bytes is None else min(cpus, n_bytes // BYTES_PER_PROC))

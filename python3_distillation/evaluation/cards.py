@@ -44,9 +44,8 @@ def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: di
             how += f" ({init['note']})"
         divergence = "KL" if meta.get("loss", "forward_kl") == "forward_kl" else meta["loss"]
         kd = (f"{divergence} soft targets at T={meta.get('temperature')} (alpha_kd={meta.get('alpha_kd')}, "
-              f"alpha_ce={meta.get('alpha_ce')}, alpha_cos={meta.get('alpha_cos')})")
-        if not meta.get("alpha_kd"):
-            kd = "labels only (CE baseline, alpha_kd=0)"
+              f"alpha_ce={meta.get('alpha_ce')}, alpha_cos={meta.get('alpha_cos')})" if meta.get("alpha_kd")
+              else "labels only (CE baseline, alpha_kd=0)")
         lines.append(f"Student distilled from `{meta.get('teacher')}` with {kd}; {how}.")
     lines += ["", "| | |", "|---|---|", f"| parameters | {meta.get('n_params', 0) / 1e6:.2f}M "
               f"({meta.get('n_layer')} layers × {meta.get('n_embd')}) |"]

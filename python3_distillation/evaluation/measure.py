@@ -27,12 +27,9 @@ EVAL_BATCH = 8
 PROMPT_TOKENS = 16  # length of each prompt cut from the validation text
 
 
-# ------------------------------------------------------------------------------------- size, FLOPs
-
 def weights_bytes(path: str | Path) -> int:
     """Size of the weights file(s) in a model folder (``*.safetensors``, else ``*.bin``)."""
-    path = Path(path)
-    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+    files = list(Path(path).glob("*.safetensors")) or list(Path(path).glob("*.bin"))
     return sum(f.stat().st_size for f in files)
 
 
@@ -67,8 +64,6 @@ def device_label(device: torch.device | str) -> str:
     return f"CPU, {n} thread{'s' if n > 1 else ''} (torch {torch.__version__})"
 
 
-# ------------------------------------------------------------------------------------ quality
-
 def model_device(model) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else next(iter(model.buffers())).device
@@ -88,8 +83,7 @@ def quality(models: dict, blocks: Blocks, reference: str | None = None, batch_si
     states = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
-    # Each model's sums live on its device (fp64, the arithmetic of Python floats) and are read back
-    # once at the end; the reference's log-probabilities move only when a model sits on another device.
+    # fp64 sums (Python floats' arithmetic) on each model's device; reference log-probs move only across devices.
     devices = {k: model_device(m) for k, m in models.items()}
     acc = {k: torch.zeros(3, dtype=torch.float64, device=devices[k]) for k in models}  # loss, top1, kl sums
     targets = positions = 0
@@ -126,15 +120,9 @@ def quality(models: dict, blocks: Blocks, reference: str | None = None, batch_si
 
 def validation_prompts(tokenizer, blocks: Blocks, n: int = 8, n_tokens: int = PROMPT_TOKENS) -> list[str]:
     """``n`` fixed prompts: the first ``n_tokens`` tokens of blocks spread over the validation set."""
-    prompts = []
-    for i in range(n):
-        ids = blocks.ids[i * len(blocks) // n, :n_tokens].tolist()
-        text = tokenizer.decode(ids)
-        prompts.append(text if text.strip() else "It is a truth universally acknowledged")
-    return prompts
+    texts = [tokenizer.decode(blocks.ids[i * len(blocks) // n, :n_tokens].tolist()) for i in range(n)]
+    return [t if t.strip() else "It is a truth universally acknowledged" for t in texts]
 
-
-# -------------------------------------------------------------------------------------- speed
 
 def sync() -> None:
     if torch.cuda.is_available():
@@ -173,12 +161,10 @@ def decode_speed(generators: dict, prompts: dict[int, list[str]] | list[str], ne
     batches = prompts if isinstance(prompts, dict) else {None: prompts}
     counts: dict = {}
 
-    def job(name, bs):
-        def f():
-            out = generators[name].generate(batches[bs], params, truncate=True)
-            counts[name, bs] = sum(c.completion_tokens for c in out)
-        return f
+    def run(name, bs):
+        out = generators[name].generate(batches[bs], params, truncate=True)
+        counts[name, bs] = sum(c.completion_tokens for c in out)
 
-    jobs = {(n, bs): job(n, bs) for bs in batches for n in generators}
+    jobs = {(n, bs): (lambda n=n, bs=bs: run(n, bs)) for bs in batches for n in generators}
     times = interleaved(jobs, rounds)
     return {(k if isinstance(prompts, dict) else k[0]): counts[k] / statistics.median(v) for k, v in times.items()}

@@ -41,24 +41,21 @@ def plot_training_curves(curves: dict[str, list[dict]], out: Path) -> None:
     validation loss against step, one colour per run."""
     plt = _pyplot()
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4.2))
-    drawn = False
     for i, (label, rows) in enumerate(curves.items()):
         color = f"C{i % 10}"
         train = [(r["step"], r.get("ce", r.get("loss"))) for r in rows if r.get("ce", r.get("loss")) is not None]
         val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
         if train:
             ax_t.plot(*zip(*train), color=color, label=label)
-            drawn = True
         if val:
             ax_v.plot(*zip(*val), "o-", color=color, label=label)
-            drawn = True
     for ax, title in ((ax_t, "train cross-entropy (nats/token)"), (ax_v, "validation loss (nats/token)")):
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
-    if not drawn:
+    if not (ax_t.lines or ax_v.lines):
         fig.text(0.5, 0.5, "no training logs found", ha="center", va="center")
     fig.tight_layout()
     _save(fig, out)

@@ -4,16 +4,10 @@
     python -m python3_distillation report --quick               # fewer blocks, tokens and rounds
     python -m python3_distillation report --models teacher,v2,my/folder,alt=other/folder
 
-For every model present: parameters, size of the weights file, validation perplexity on the SAME
-validation blocks (the teacher's data config), fidelity to the teacher (top-1 agreement and mean
-KL(teacher‖model) per position), and greedy generation speed at batch 1 and batch 8 (fixed prompts
-cut from the validation text; every model decodes exactly the same number of tokens; the models'
-timing rounds are interleaved and the median is kept). It states whether KD v2 beat the CE-only
-v2, marks the models on the Pareto front of perplexity against speed and against size, rewrites
-each model folder's README.md card with the measured numbers, and plots the training curves.
-
-A student is only put beside the teacher it was made from: each records its teacher's weights
-hash (lineage.py), and a mismatch (the teacher was retrained after it) is an error naming both.
+Every model is measured on the same validation blocks (the teacher's data config) and timed in
+interleaved rounds; each model folder's README.md card is rewritten with the measured numbers. A
+student is only put beside the teacher it was made from (the teacher weights hash it records).
+Results in README.md, "Results on the embedded default"; design notes: docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -30,7 +24,8 @@ from pathlib import Path
 import torch
 
 from python3_distillation.config import ConfigError, DataConfig, RunConfig, saved_config
-from python3_distillation.data import Blocks
+from python3_distillation.data import Blocks, load_blocks
+from python3_distillation.device_plan import pick_device
 from python3_distillation.evaluation import measure
 from python3_distillation.evaluation.cards import fmt, markdown_table, model_card
 from python3_distillation.evaluation.plots import plot_tradeoffs, plot_training_curves
@@ -40,7 +35,6 @@ from python3_distillation.lineage import process_seconds, weights_sha256
 from python3_distillation.models import (TRAINING_LOG, ModelError, count_parameters, is_model_dir, open_model,
                                          update_model_files)
 from python3_distillation.paths import MODEL_DIRS, display_path, model_dir
-from python3_distillation.precision import pick_device
 
 DEFAULT_MODELS = "teacher,v1,v2,v2_ce,v2_narrow,v1_int8,v2_int8,v2_narrow_int8"
 REQUIRED = ("teacher", "v2")  # without these the report has nothing to compare
@@ -68,9 +62,7 @@ def resolve_models(spec: str) -> tuple[list[tuple[str, Path]], list[str]]:
     ``v2``). A missing teacher or v2 is an error; a missing v1 / v2_ce / other named model is skipped.
     """
     found, notes = [], []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
+    for item in filter(None, map(str.strip, spec.split(","))):
         if "=" in item:
             label, folder = (s.strip() for s in item.split("=", 1))
             path = Path(folder).expanduser()
@@ -83,16 +75,16 @@ def resolve_models(spec: str) -> tuple[list[tuple[str, Path]], list[str]]:
         if not is_model_dir(path):
             if label in REQUIRED:
                 raise ModelError(f"{label} model not found at {path}; train it first with `make run`")
-            if label in MODEL_DIRS:
-                source = label.removesuffix("_int8")
-                if label.endswith("_int8") and is_model_dir(model_dir(source)):
-                    notes.append(f"{label} skipped: no model at {display_path(path)} (make it with `gpt2-distill quantize "
-                                 f"{display_path(model_dir(source))}`)")
-                elif not label.endswith("_int8"):
-                    what = HOW_TO_BUILD.get(label, "")
-                    notes.append(f"{label} skipped: no model at {display_path(path)}" + (f" ({what})" if what else ""))
-                continue
-            raise ModelError(f"{path}: not a model folder (no config.json)")
+            if label not in MODEL_DIRS:
+                raise ModelError(f"{path}: not a model folder (no config.json)")
+            source = model_dir(label.removesuffix("_int8"))
+            if not label.endswith("_int8"):
+                what = HOW_TO_BUILD.get(label)
+                notes.append(f"{label} skipped: no model at {display_path(path)}" + (f" ({what})" if what else ""))
+            elif is_model_dir(source):
+                notes.append(f"{label} skipped: no model at {display_path(path)} (make it with `gpt2-distill quantize "
+                             f"{display_path(source)}`)")
+            continue
         if label in (f[0] for f in found):
             raise ConfigError(f"--models: label {label!r} given twice; use label=folder to tell them apart")
         found.append((label, path))
@@ -135,40 +127,42 @@ def check_lineage(entries: list[Entry]) -> list[str]:
     return notes
 
 
-def eval_data_config(entries: list[Entry]) -> tuple[DataConfig, int]:
-    """The teacher's data config and seed (else the first model's, else the defaults): one set of blocks for all.
-
-    The seed matters when the validation split is a seeded hold-out of the training documents.
-    """
-    for e in sorted(entries, key=lambda e: e.label != "teacher"):
-        if e.cfg is not None:
-            return e.cfg.data, e.cfg.train.seed
-    return DataConfig(), RunConfig().train.seed
-
-
-def validation_blocks(entries: list[Entry], data_cfg: DataConfig, max_blocks: int, seed: int) -> Blocks:
-    """The first ``max_blocks`` validation blocks (0 = all), as training's own evaluation reads them."""
-    from python3_distillation.data import load_blocks
-
-    ref = sorted(entries, key=lambda e: e.label != "teacher")[0]
+def held_out(entries: list[Entry], max_blocks: int | None = None, quick: bool = False) -> tuple[DataConfig, Blocks]:
+    """The validation blocks every model is measured on, as training's own evaluation reads them, and
+    their data config: the teacher's config and seed (else the first model's, else the defaults; the
+    seed matters when the validation split is a seeded hold-out of the training documents). The first
+    ``max_blocks`` (0 = all; default the config's ``max_eval_blocks``, at most 32 when ``quick``)."""
+    teacher_first = sorted(entries, key=lambda e: e.label != "teacher")
+    ref, vocab = teacher_first[0], teacher_first[0].model.config.vocab_size
+    cfg = next((e.cfg for e in teacher_first if e.cfg is not None), RunConfig())
+    data_cfg = cfg.data
     for e in entries:
-        if e.model.config.vocab_size != ref.model.config.vocab_size:
-            raise ModelError(f"{e.label} has a vocabulary of {e.model.config.vocab_size:,}, {ref.label} of "
-                             f"{ref.model.config.vocab_size:,}: perplexities over different vocabularies do not compare")
+        if e.model.config.vocab_size != vocab:
+            raise ModelError(f"{e.label} has a vocabulary of {e.model.config.vocab_size:,}, {ref.label} of {vocab:,}: "
+                             "perplexities over different vocabularies do not compare")
         if data_cfg.block_size > e.model.config.n_positions:
             raise ConfigError(f"validation blocks of {data_cfg.block_size} tokens do not fit {e.label}'s context "
                               f"of {e.model.config.n_positions}")
-    val = load_blocks(data_cfg, ref.tokenizer, seed=seed)["validation"]
-    n = len(val) if not max_blocks else min(max_blocks, len(val))
-    return Blocks(val.ids[:n])
+    if max_blocks is None:
+        max_blocks = min(data_cfg.max_eval_blocks or 32, 32) if quick else data_cfg.max_eval_blocks
+    val = load_blocks(data_cfg, ref.tokenizer, seed=cfg.train.seed)["validation"]
+    return data_cfg, Blocks(val.ids[:max_blocks or len(val)])
 
 
-def measure_perplexities(pairs: list[tuple[str, Path]], max_blocks: int | None = None) -> dict[str, float]:
-    """Validation perplexity of each folder on the same blocks (the teacher's data config)."""
+def measure_side_by_side(pairs: list[tuple[str, Path]], max_blocks: int | None = None, quick: bool = False,
+                         device: torch.device | None = None, progress: str | None = None):
+    """Load the models of ``pairs``, check their lineage, and measure them all on the same ``held_out``
+    blocks (on ``device``, else where they load): perplexity, and with a ``teacher`` among them each
+    model's fidelity to it (``measure.quality``). Returns (entries, data config, blocks, scores, notes)."""
     entries = [load_entry(label, path) for label, path in pairs]
-    data_cfg, seed = eval_data_config(entries)
-    blocks = validation_blocks(entries, data_cfg, data_cfg.max_eval_blocks if max_blocks is None else max_blocks, seed)
-    return {k: q["ppl"] for k, q in measure.quality({e.label: e.model for e in entries}, blocks).items()}
+    notes = check_lineage(entries)
+    data_cfg, blocks = held_out(entries, max_blocks, quick)
+    if device is not None:
+        for e in entries:
+            e.model.to(device)
+    reference = "teacher" if any(e.label == "teacher" for e in entries) else None
+    scores = measure.quality({e.label: e.model for e in entries}, blocks, reference, progress=progress)
+    return entries, data_cfg, blocks, scores, notes
 
 
 def training_log(entry: Entry) -> list[dict]:
@@ -183,8 +177,6 @@ def training_log(entry: Entry) -> list[dict]:
             continue  # a line cut by a kill
     return rows
 
-
-# ------------------------------------------------------------------------------------------ report
 
 def kd_vs_ce(models: dict[str, dict]) -> dict | None:
     """Did the KD student beat the CE-only one, and by how much (perplexity ratio)?"""
@@ -208,19 +200,13 @@ def _init_text(m: dict) -> str:
         return m.get("teacher_init") or "teacher"
     if m.get("stage") == "quantize":
         return f"{m.get('precision_label')} of {m.get('source')}"
-    text = init.get("init", "?")
-    if init.get("layers"):
-        text += f" blocks {init['layers']}"
-    return text
+    return init.get("init", "?") + (f" blocks {init['layers']}" if init.get("layers") else "")
 
 
 def _loss_text(m: dict) -> str:
-    if m.get("stage") == "teacher":
-        return "CE"
-    if m.get("stage") == "quantize":
-        return "none (post-training)"
-    if m.get("stage") == "prune":
-        return "none (pruned, not trained)"
+    by_stage = {"teacher": "CE", "quantize": "none (post-training)", "prune": "none (pruned, not trained)"}
+    if m.get("stage") in by_stage:
+        return by_stage[m["stage"]]
     if not m.get("alpha_kd"):
         return "CE only"
     return f"{m['alpha_kd']}·T²·{m.get('loss') or 'KL'} (T={m.get('temperature')}) + {m.get('alpha_ce')}·CE"
@@ -279,26 +265,17 @@ def render_markdown(report: dict) -> str:
 
 
 def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: int | None = None,
-                 quick: bool = False, notes: list[str] | None = None, update_cards: bool = True) -> dict:
-    """Measure every model side by side and write report.md / report.json / the two plots."""
-    notes = list(notes or [])
+                 quick: bool = False, notes: list[str] | None = None) -> dict:
+    """Measure every model side by side, write report.md / report.json / the two plots, rewrite the cards."""
     device = pick_device()
     print("precision: fp32 — the report measures every model in fp32 (int8 models in their own kernels)",
           file=sys.stderr)
-    entries = [load_entry(label, path) for label, path in pairs]
-    notes += check_lineage(entries)
-    data_cfg, seed = eval_data_config(entries)
-    if max_eval_blocks is None:
-        max_eval_blocks = min(data_cfg.max_eval_blocks or 32, 32) if quick else data_cfg.max_eval_blocks
-    blocks = validation_blocks(entries, data_cfg, max_eval_blocks, seed)
+    entries, data_cfg, blocks, scores, lineage = measure_side_by_side(pairs, max_eval_blocks, quick, device)
+    notes = [*(notes or []), *lineage]
     new_tokens, rounds = (16, 2) if quick else (32, 5)
     ctx = min(e.model.config.n_positions for e in entries)
     new_tokens = max(1, min(new_tokens, ctx - measure.PROMPT_TOKENS))
-
     teacher = next((e for e in entries if e.label == "teacher"), None)
-    for e in entries:
-        e.model.to(device)
-    scores = measure.quality({e.label: e.model for e in entries}, blocks, teacher.label if teacher else None)
     for label, q in scores.items():
         print(f"{label}: validation perplexity {q['ppl']:.2f}", file=sys.stderr)
     gens = {e.label: Generator(e.model, e.tokenizer, device=device, name=e.label) for e in entries}
@@ -311,10 +288,9 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     models: dict[str, dict] = {}
     for e in entries:
         m, meta, q = e.model, e.meta, scores[e.label]
-        quant = meta.get("quantization") or {}
         models[e.label] = {
             "path": str(e.path), "stage": meta.get("stage") or (e.cfg.stage if e.cfg else None),
-            "precision_label": quant.get("scheme", "fp32"), "source": meta.get("source"),
+            "precision_label": (meta.get("quantization") or {}).get("scheme", "fp32"), "source": meta.get("source"),
             "n_layer": m.config.n_layer, "n_embd": m.config.n_embd,
             "n_params": meta.get("n_params") or count_parameters(m),
             "size_mb": measure.weights_bytes(e.path) / 1e6,
@@ -322,19 +298,16 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
             "tok_s_b1": speed[e.label, 1], "tok_s_b8": speed[e.label, 8],
             "flops_per_token": measure.model_flops_per_token(m.config, mean_ctx),
             "init": meta.get("student_init"), "teacher_init": meta.get("init"),
-            "train_steps": meta.get("train_steps"), "train_tokens": meta.get("train_tokens"),
-            "train_seconds": meta.get("train_seconds"), "stage_seconds": meta.get("stage_seconds"),
-            "alpha_kd": meta.get("alpha_kd"),
-            "alpha_ce": meta.get("alpha_ce"), "temperature": meta.get("temperature"), "loss": meta.get("loss"),
+            **{k: meta.get(k) for k in ("train_steps", "train_tokens", "train_seconds", "stage_seconds", "alpha_kd",
+                                        "alpha_ce", "temperature", "loss")},
             "train_precision": (meta.get("precision") or {}).get("label"),
         }
     if teacher is not None:
         t = models["teacher"]
         for row in models.values():
-            row["ppl_x_teacher"] = row["val_ppl"] / t["val_ppl"]
-            row["speedup_b1"] = row["tok_s_b1"] / t["tok_s_b1"]
-            row["speedup_b8"] = row["tok_s_b8"] / t["tok_s_b8"]
-            row["ideal_speedup"] = t["flops_per_token"] / row["flops_per_token"]
+            row.update(ppl_x_teacher=row["val_ppl"] / t["val_ppl"], speedup_b1=row["tok_s_b1"] / t["tok_s_b1"],
+                       speedup_b8=row["tok_s_b8"] / t["tok_s_b8"],
+                       ideal_speedup=t["flops_per_token"] / row["flops_per_token"])
     else:
         notes.append("no teacher in --models: the × teacher and fidelity columns are n/a")
 
@@ -355,18 +328,16 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
     atomic_write_text(out_dir / "report.md", render_markdown(report))
 
-    if update_cards:
-        for e in entries:
-            row = models[e.label]
-            measured = {"size_mb": row["size_mb"], "decode_tok_s_b1": row["tok_s_b1"],
-                        "decode_tok_s_b8": row["tok_s_b8"], "top1_teacher": row["top1_teacher"],
-                        "kl_teacher": row["kl_teacher"], "device": report["device"]}
-            # The card shows this report's perplexity (fp32, the shared blocks), not the training eval.
-            meta = {**e.meta, "val_ppl": row["val_ppl"]}
-            if teacher is not None and e is not teacher:
-                meta["teacher_val_ppl"] = models["teacher"]["val_ppl"]
-            name = e.cfg.name if e.cfg else e.label
-            update_model_files(e.path, card=model_card(name, meta, e.cfg, measured, folder=e.path.name))
+    for e in entries:
+        row = models[e.label]
+        measured = {"size_mb": row["size_mb"], "decode_tok_s_b1": row["tok_s_b1"], "decode_tok_s_b8": row["tok_s_b8"],
+                    "top1_teacher": row["top1_teacher"], "kl_teacher": row["kl_teacher"], "device": report["device"]}
+        # The card shows this report's perplexity (fp32, the shared blocks), not the training eval.
+        meta = {**e.meta, "val_ppl": row["val_ppl"]}
+        if teacher is not None and e is not teacher:
+            meta["teacher_val_ppl"] = models["teacher"]["val_ppl"]
+        name = e.cfg.name if e.cfg else e.label
+        update_model_files(e.path, card=model_card(name, meta, e.cfg, measured, folder=e.path.name))
     return report
 
 
@@ -386,8 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     report = build_report(pairs, Path(args.out), args.max_eval_blocks, args.quick, notes)
-    text = render_markdown(report)
-    print(text.split("\n## KD vs CE-only")[0].rstrip())
+    print(render_markdown(report).split("\n## KD vs CE-only")[0].rstrip())
     print(f"\nwritten: {os.path.join(args.out, 'report.md')}, report.json, training_curves.png, tradeoffs.png")
     return 0
 

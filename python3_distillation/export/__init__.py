@@ -3,12 +3,9 @@
     gpt2-distill export python3_distillation/gpt2_student_v2 --to gguf --type q8_0   # → gpt2_student_v2-q8_0.gguf
     gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx [--int8]      # → gpt2_student_v2_onnx/
 
-The source is any fp32 folder the project writes (teacher, v1, v2, narrow, pruned: transformers'
-GPT-2 ``save_pretrained`` folders). An int8 folder is refused: its weights are already rounded, so a
-GGUF or ONNX made from it would be rounded twice; export the fp32 folder it came from and choose the
-8-bit type of the target (``--type q8_0``, ``--int8``). The int8 folder itself opens in transformers
-(compressed-tensors: see int8.py). Outputs appear complete or not at all (a temp file or folder
-beside them, then one rename). Formats: ``to_gguf.py`` and ``to_onnx.py``.
+An int8 folder is refused: its weights are already rounded, so a GGUF or ONNX made from it would be
+rounded twice; export the fp32 folder it came from and choose the target's 8-bit type (``--type q8_0``,
+``--int8``). Sources, outputs (complete or not at all) and engines: README.md, "Run your student elsewhere".
 """
 
 from __future__ import annotations
@@ -21,36 +18,11 @@ import torch
 
 from python3_distillation.errors import BadInput, ModelError
 from python3_distillation.export.to_gguf import TYPES, write_gguf
-from python3_distillation.export.to_onnx import ONNX_FILE, export_onnx_file, quantize_onnx
-from python3_distillation.fsio import atomic_dir
+from python3_distillation.export.to_onnx import write_onnx
 from python3_distillation.int8 import quantization_config
-from python3_distillation.models import check_vocab, is_model_dir, open_model, write_config
+from python3_distillation.models import check_vocab, is_model_dir, open_model
 
 TARGETS = ("gguf", "onnx")
-
-
-def _load_source(src: Path):
-    """The fp32 model and tokenizer of ``src``, or a one-line ModelError saying why not."""
-    if not is_model_dir(src):
-        raise ModelError(f"{src}: not a model folder (no config.json); train one first (`make run`)")
-    q = quantization_config(src)
-    if q:
-        raise ModelError(f"{src}: a quantized folder ({q.get('quant_method')}); export the fp32 folder it was made "
-                         "from, and pick the 8-bit type there (--type q8_0 for GGUF, --int8 for ONNX)")
-    model, tokenizer, _ = open_model(src, dtype=torch.float32)
-    check_vocab(tokenizer, model)
-    return model, tokenizer
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before the minutes of work when the output's folder cannot be made or written."""
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise BadInput(f"{out}: cannot write there ({parent} is a file, not a folder)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"{out}: cannot write there ({parent} is not writable)")
 
 
 def run_export(src: str | Path, to: str, kind: str | None = None, out: str | Path | None = None) -> Path:
@@ -66,24 +38,27 @@ def run_export(src: str | Path, to: str, kind: str | None = None, out: str | Pat
     out = Path(out) if out else src.with_name(default)
     if out.resolve() == src.resolve():
         raise BadInput("--out must differ from the source folder")
-    _check_writable(out)
-    model, tokenizer = _load_source(src)
+    # Fail before the minutes of work when the output's folder cannot be made or written.
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"{out}: cannot write there ({parent} is a file, not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{out}: cannot write there ({parent} is not writable)")
+    if not is_model_dir(src):
+        raise ModelError(f"{src}: not a model folder (no config.json); train one first (`make run`)")
+    if q := quantization_config(src):
+        raise ModelError(f"{src}: a quantized folder ({q.get('quant_method')}); export the fp32 folder it was made "
+                         "from, and pick the 8-bit type there (--type q8_0 for GGUF, --int8 for ONNX)")
+    model, tokenizer, _ = open_model(src, dtype=torch.float32)
+    check_vocab(tokenizer, model)
     try:  # OS errors while writing (a full disk, a file in the way) as one-line input errors
         if to == "gguf":
             write_gguf(model, tokenizer, out, kind, name=src.name)
             print(f"GGUF ({kind}) written to {out}: {out.stat().st_size / 1e6:.1f} MB")
             return out
-        with atomic_dir(out) as tmp:
-            if kind == "int8":
-                export_onnx_file(model, tmp / "model_fp32.onnx")
-                quantize_onnx(tmp / "model_fp32.onnx", tmp / ONNX_FILE)
-                for f in tmp.glob("model_fp32.onnx*"):
-                    f.unlink()
-            else:
-                export_onnx_file(model, tmp / ONNX_FILE)
-            write_config(tmp, model.config.to_dict())
-            model.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        write_onnx(model, tokenizer, out, int8=kind == "int8")
     except OSError as e:
         what = "GGUF file" if to == "gguf" else "ONNX folder"
         raise BadInput(f"{out}: cannot write the {what} ({e.strerror or e})") from None

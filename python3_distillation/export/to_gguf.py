@@ -3,18 +3,9 @@
     gpt2-distill export python3_distillation/gpt2_student_v2 --to gguf --type q8_0   # → ..._v2-q8_0.gguf
     llama-cli -m python3_distillation/gpt2_student_v2-q8_0.gguf -p "It is a truth" -n 64 --temp 0
 
-The mapping of llama.cpp's ``convert_hf_to_gguf.py`` for its ``gpt2`` architecture: metadata
-``gpt2.context_length`` (``n_positions``), ``embedding_length``, ``block_count``,
-``feed_forward_length`` (the real MLP width, ``n_inner`` or 4·``n_embd``: a pruned or narrow student
-has its own), ``attention.head_count``, ``attention.layer_norm_epsilon``, ``general.file_type``; the
-tokenizer as byte-level BPE (pre-tokenizer ``gpt-2``, every token by id with its type, special tokens
-CONTROL, merges in rank order, bos/eos, ``add_bos_token = false`` as in transformers); tensors by
-``gguf``'s name map, the four ``Conv1D`` weights transposed from [in, out] to GGUF's [out, in] rows.
-The tied LM head is not written: llama.cpp uses ``token_embd`` when ``output.weight`` is absent.
-
-Types: ``f32`` exact; ``f16`` rounds every 2-D weight to half; ``q8_0`` stores every 2-D weight in
-blocks of 32 values with one f16 scale (8.5 bits a value; a row whose length is not a multiple of 32
-falls back to f16, as llama.cpp's converter does). Position embeddings, norms and biases stay f32.
+The mapping of llama.cpp's ``convert_hf_to_gguf.py`` for its ``gpt2`` architecture, in ``f32``, ``f16`` or
+``q8_0``; the tied LM head is not written (llama.cpp uses ``token_embd``). What the file holds: README.md,
+"Run your student elsewhere". Design notes: docs/design/generation.md.
 """
 
 from __future__ import annotations
@@ -33,37 +24,17 @@ TYPES = ("f32", "f16", "q8_0")
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-def check_supported(config) -> None:
-    """Refuse GPT-2 variants llama.cpp's ``gpt2`` graph would run differently (it would load and decode wrongly)."""
-    unsupported = []
-    if config.activation_function not in _GELU_TANH:
-        unsupported.append(f"activation_function={config.activation_function!r} (llama.cpp computes tanh-GELU)")
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        unsupported.append("scale_attn_by_inverse_layer_idx=true")
-    if not getattr(config, "scale_attn_weights", True):
-        unsupported.append("scale_attn_weights=false")
-    if getattr(config, "add_cross_attention", False):
-        unsupported.append("add_cross_attention=true")
-    if unsupported:
-        raise ModelError(f"llama.cpp's gpt2 architecture cannot run this model: {', '.join(unsupported)}")
-
-
 def _vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens by id, their gguf TokenType, merges "a b" in rank order) from a transformers GPT-2 tokenizer."""
     import gguf
 
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     special = set(tokenizer.all_special_ids)
-    added = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in by_id:  # an embedding row no token uses (a padded vocabulary)
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if i in special else
-                         gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}))
+    # An embedding row no token uses (a padded vocabulary): "[PAD<id>]", UNUSED.
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.CONTROL if i in special else
+             gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL for i in range(n_vocab)]
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     if model.get("type") != "BPE":
         raise ModelError(f"the tokenizer is a {model.get('type')} model; GGUF's gpt2 tokenizer is byte-level BPE")
@@ -83,7 +54,7 @@ def _tensors(model) -> list[tuple[str, torch.Tensor]]:
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old transformers' causal-mask buffers, not weights
         if name == "lm_head.weight" and tied:
-            continue  # the token embedding serves as the output (see module docstring)
+            continue  # the token embedding serves as the output
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ModelError(f"no GGUF name for the tensor {name!r}")
@@ -99,8 +70,7 @@ def _encode(name: str, t: torch.Tensor, kind: str):
     import gguf
 
     data = t.numpy().astype(np.float32)
-    keep_f32 = data.ndim < 2 or name == "position_embd.weight"
-    if kind == "f32" or keep_f32:
+    if kind == "f32" or data.ndim < 2 or name == "position_embd.weight":
         return data, None
     if kind == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
         qtype = gguf.GGMLQuantizationType.Q8_0
@@ -115,7 +85,15 @@ def write_gguf(model, tokenizer, out: str | Path, kind: str = "f32", name: str =
     if kind not in TYPES:
         raise ModelError(f"--type {kind!r}: expected one of {', '.join(TYPES)}")
     cfg = model.config
-    check_supported(cfg)
+    # GPT-2 variants llama.cpp's gpt2 graph would run differently (they would load and decode wrongly).
+    unsupported = [why for bad, why in (
+        (cfg.activation_function not in _GELU_TANH,
+         f"activation_function={cfg.activation_function!r} (llama.cpp computes tanh-GELU)"),
+        (getattr(cfg, "scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=true"),
+        (not getattr(cfg, "scale_attn_weights", True), "scale_attn_weights=false"),
+        (getattr(cfg, "add_cross_attention", False), "add_cross_attention=true")) if bad]
+    if unsupported:
+        raise ModelError(f"llama.cpp's gpt2 architecture cannot run this model: {', '.join(unsupported)}")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
     tokens, types, merges = _vocab(tokenizer, cfg.vocab_size)

@@ -3,13 +3,9 @@
     gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx            # → ..._v2_onnx/model.onnx
     gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx --int8     # → ..._v2_onnx_int8/ (ORT int8)
 
-One graph serves the prompt and every next token, with optimum's GPT-2 names: inputs ``input_ids``
-[batch, seq], ``attention_mask`` [batch, past + seq] (left padding works), ``position_ids`` [batch,
-seq] (int64), and per block ``past_key_values.i.key`` / ``.value`` [batch, heads, past, head_dim]
-fp32 (length 0 on the first call); outputs ``logits`` and ``present.i.key`` / ``.value``, the next
-call's past. Made by ``torch.onnx.export(..., dynamo=True)`` from transformers' own GPT-2 forward, the
-cache wrapped in a ``DynamicCache`` inside the traced forward (the TorchScript exporter fails on
-transformers 5's GPT-2: ``aten::diff`` at opset 17). ``--int8``: ONNX Runtime's ``quantize_dynamic``.
+One graph serves the prompt and every next token, the KV cache as inputs and outputs under optimum's
+GPT-2 names (``past_key_values.i.key`` / ``.value`` in, of length 0 on the first call; ``present.i.key`` /
+``.value`` out). Shapes and how it is made: docs/design/generation.md.
 """
 
 from __future__ import annotations
@@ -21,6 +17,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from python3_distillation.fsio import atomic_dir
+from python3_distillation.models import write_config
+
 ONNX_FILE = "model.onnx"
 
 
@@ -30,21 +29,22 @@ class CachedDecoder(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.n_layer = model.config.n_layer
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)])
+    def forward(self, input_ids, attention_mask, position_ids, *past):  # past: key, value of each block
+        cache = DynamicCache(ddp_cache_data=list(zip(past[::2], past[1::2])))
         # transformers 5.25 renamed past_key_values → cache (the old name warns, and goes in 5.40).
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, use_cache=True)
-        present = []
-        for layer in cache.layers:  # updated in place with this call's keys and values
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
+        # The cache was updated in place with this call's keys and values.
+        return (out.logits, *(t for layer in cache.layers for t in (layer.keys, layer.values)))
 
 
-def export_onnx_file(model, path: str | Path) -> Path:
-    """Trace ``model`` (an fp32 GPT2LMHeadModel) into the ONNX decoder at ``path``."""
+def write_onnx(model, tokenizer, out: Path, int8: bool = False) -> Path:
+    """Write the folder ``out``, atomically: ``model`` (an fp32 GPT2LMHeadModel) as the ONNX decoder.
+
+    ``int8``: then ONNX Runtime's ``quantize_dynamic`` (int8 MatMul weights). The config, generation config
+    and tokenizer go beside it.
+    """
     cfg = model.config
     heads, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
     # Example sizes above 1: torch.export fixes a dimension traced at size 0 or 1 to that size.
@@ -62,16 +62,19 @@ def export_onnx_file(model, path: str | Path) -> Path:
     with torch.no_grad():
         program = torch.onnx.export(decoder, (ids, mask, positions, *past), dynamo=True, dynamic_shapes=shapes,
                                     input_names=inputs, output_names=outputs, optimize=True, verbose=False)
-    program.save(str(path))
-    return Path(path)
+    with atomic_dir(out) as tmp:
+        traced = tmp / ("model_fp32.onnx" if int8 else ONNX_FILE)
+        program.save(str(traced))
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
 
-
-def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
-    """ONNX Runtime's dynamic int8 quantization of ``src`` → ``dst`` (int8 MatMul weights)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    return Path(dst)
+            quantize_dynamic(str(traced), str(tmp / ONNX_FILE), weight_type=QuantType.QInt8)
+            for f in tmp.glob("model_fp32.onnx*"):
+                f.unlink()
+        write_config(tmp, model.config.to_dict())
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
 
 
 def session(folder_or_file: str | Path, threads: int = 0):
@@ -88,9 +91,8 @@ def session(folder_or_file: str | Path, threads: int = 0):
 
 def greedy(sess, prompt: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
     """Greedy new tokens for one prompt through the exported decoder: the prompt once, then one token a call."""
-    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    heads, head_dim = past_inputs[0].shape[1], past_inputs[0].shape[3]
-    past = {i.name: np.zeros((1, heads, 0, head_dim), np.float32) for i in past_inputs}
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)  # [batch, heads, past, head_dim]
+            for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
     ids = np.array([prompt], dtype=np.int64)
     done = 0
     out: list[int] = []

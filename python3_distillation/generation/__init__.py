@@ -2,20 +2,9 @@
 
     HF_HUB_OFFLINE=1 python -c "from python3_distillation.generation import Generator, SamplingParams as P; \
 g = Generator.from_pretrained('python3_distillation/gpt2_student_v2'); print(g.generate(['It is'], P(seed=1))[0].text)"
-
-``sampling`` (settings, bounds, the sampler) · ``text`` (UTF-8 and stop strings) · ``decoders``
-(KV-cache forwards) · ``generator`` (``Generator``, ``DecodeBatch``).
 """
 
 from python3_distillation.generation.generator import (  # noqa: F401
-    FINISH_CANCELLED,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Completion,
-    DecodeBatch,
-    Generator,
-    RowInput,
-    StreamEvent,
-    complete_rows,
-)
+    FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Completion, DecodeBatch, Generator, RowInput, StreamEvent,
+    complete_rows)
 from python3_distillation.generation.sampling import GenerationError, SamplingParams  # noqa: F401

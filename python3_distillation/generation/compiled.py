@@ -2,31 +2,12 @@
 
     HF_HUB_OFFLINE=1 DISTILL_COMPILE=1 python python3_distillation/distill_infer_v2.py "Emma"
 
-The server's default on CPU (ServeConfig.compile ``auto``: compiled or loaded before it says ready,
-eager if compiling fails); elsewhere opt-in (``Generator(..., compile=True)``, ``DISTILL_COMPILE=1``).
-``CompiledGPT2Decoder`` is ``GPT2Decoder`` with the same cache layout; prefill
-stays eager, and each ``step`` is one call for the whole batch. Why: at batch 1 the eager step of the
-6 × d256 student is ~640 ATen calls (fp32) / ~870 (int8) from Python, and a third of its time went
-to Python, dispatch and small ops on a 2-core machine.
-
-On CPU the step is compiled ahead of time by AOTInductor (``CompiledStep``, engine ``"aoti"``): the
-weights are frozen in as constants, int8 matmuls use inductor's C++ GEMM template (AMX / AVX-512 /
-AVX2), float linears are prepacked, and the call from Python is one C++ function. On CUDA it is
-``torch.compile`` with ``mode="reduce-overhead"`` (engine ``"dynamo"``, untested here): the step has
-no data-dependent control flow and mutates only the decoder's own tensors, so it is captured as a
-CUDA graph, those tensors marked static. Measured side by side: benchmarks/bench_compiled.py, and
-against llama.cpp: benchmarks/bench_engines.py.
-
-Rows are bucketed (the next power of two ≥ the live rows; padding rows' output is dropped) and the
-cache has a column capacity with a mask; the new key/value is written in place at the current column
-(``index_copy_``). AOTInductor compiles two packages per model, one row and 2+ rows, with dynamic
-columns (and rows past one), so rows joining and the cache growing never compile again; dynamo
-compiles one graph per (rows, columns) bucket.
-
-Exactness: fp32 logits equal the eager step's to fp32 rounding, so greedy tokens equal transformers'
-``generate``. int8 logits are bfloat16 products (int8.py); the C++ GEMM sums in another order than
-ATen's int8 kernel and may round a logit one bfloat16 step the other way, which changes a greedy token
-only where the int8 model's own forward has two logits tied within that step.
+``CompiledGPT2Decoder`` is ``GPT2Decoder`` with the same cache layout; prefill stays eager, and each
+``step`` is one call for the whole batch (``CompiledStep``: AOTInductor on CPU, ``torch.compile`` on
+CUDA). Rows and columns are bucketed to powers of two, so that rows joining and the cache growing
+compile nothing new past their bucket. fp32 logits equal the eager step's to fp32 rounding; an int8
+logit may round one bfloat16 step the other way. When it is used and what it gains: README.md, "Serving"
+and "Benchmarks". Design notes: docs/design/generation.md.
 """
 
 from __future__ import annotations
@@ -46,7 +27,7 @@ import torch._inductor
 import torch._inductor.config
 import torch.nn.functional as F
 
-from python3_distillation.generation.decoders import GPT2Decoder, additive, float_logits, module_spec
+from python3_distillation.generation.decoders import GPT2Decoder, additive, float_logits, gpt2_shape, module_spec
 from python3_distillation.fsio import atomic_dir
 from python3_distillation.int8 import int8_kernel_works
 from python3_distillation.paths import data_dir
@@ -78,28 +59,22 @@ def cpp_compiler() -> str | None:
 
 def bucket(n: int, least: int = 1) -> int:
     """The smallest power of two ≥ ``max(n, least)``."""
-    n = max(n, least, 1)
-    return 1 << (n - 1).bit_length()
-
-
-# ------------------------------------------------------------------------------------ the graph
+    return 1 << (max(n, least, 1) - 1).bit_length()
 
 
 class StepGraph(torch.nn.Module):
-    """GPT-2's decode step as one function of tensors, for ``torch.compile``.
+    """GPT-2's decode step as one function of tensors.
 
-    ``forward(tokens [B], pos [B], col [1], valid [B, C] bool, *cache)`` → float32 logits [B, V];
-    ``cache`` is one [B, 2, n_head, C, head dim] tensor per layer, written at column ``col``; the
-    step also sets ``valid[:, col]`` and advances ``pos`` (in place: fewer calls outside the graph). The
-    weights are buffers ``{module}_{i}`` sharing the model's storage (no copy), so inductor sees them as constants.
+    ``forward(tokens [B], pos [B], col [1], valid [B, C] bool, *cache)`` → float32 logits [B, V]; ``cache``
+    is one [B, 2, n_head, C, head dim] tensor per layer, written at column ``col``; the step also sets
+    ``valid[:, col]`` and advances ``pos`` (in place: fewer calls outside the graph). The weights are
+    buffers ``{module}_{i}`` sharing the model's storage (no copy), so inductor sees them as constants.
     """
 
     def __init__(self, model, head_t: torch.Tensor | None = None):
         super().__init__()
-        cfg, tr = model.config, model.transformer
-        self.n_head, self.d = cfg.n_head, cfg.n_embd
-        self.dh = self.d // self.n_head
-        self.max_pos = cfg.n_positions - 1
+        tr = model.transformer
+        self.n_head, self.d, self.dh, self.max_pos = gpt2_shape(model.config)
         self.eps = tr.ln_f.eps  # GPT-2's layer norms all take config.layer_norm_epsilon
         self.scales = [float(b.attn.scaling) for b in tr.h]
         embed, norm, proj = ("embed", "int8_embed"), ("ln",), ("addmm", "linear", "int8")
@@ -119,8 +94,7 @@ class StepGraph(torch.nn.Module):
             self.kinds[name] = spec[0]
             for j, t in enumerate(spec[1]):
                 self.register_buffer(f"{name}_{j}", t, persistent=False)
-        # decoders.cpu_head_t: the float head transposed, for batch 1 (a gemv on the stored weight
-        # runs at a fraction of memory speed on CPU).
+        # decoders.cpu_head_t: the float head transposed, for batch 1.
         self.register_buffer("head_t", head_t if self.kinds["head"] == "linear" else None, persistent=False)
 
     def _ln(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -174,27 +148,23 @@ class StepGraph(torch.nn.Module):
         return self._head(self._ln("ln_f", h))
 
 
-# ------------------------------------------------------------------------------- compiled step
+def package_key(graph: torch.nn.Module, options: dict) -> str:
+    """A digest of what a compiled package depends on.
 
-
-def weights_digest(graph: torch.nn.Module, *extra: str) -> str:
-    """A digest of a graph's buffers (names and bytes) and ``extra`` strings."""
+    ``options``, torch's version and this CPU's instruction set (inductor compiles for the CPU it runs on;
+    a package built elsewhere could fault here), this file, and the graph's buffers (names and bytes).
+    """
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    machine = f"{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|{platform.machine()}|{flags}"
     h = hashlib.blake2b(digest_size=16)
-    for part in extra:
+    for part in (repr(sorted(options.items())), machine, Path(__file__).read_text()):
         h.update(part.encode())
     for name, t in graph.named_buffers():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def machine_tag() -> str:
-    """What a compiled step's machine code depends on: torch's version and this CPU's instruction set
-    (inductor compiles for the CPU it runs on; a package built elsewhere could fault here)."""
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    return f"{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|{platform.machine()}|{flags}"
 
 
 # int8 models on CPU: inductor's C++ GEMM template (AMX / AVX-512 / AVX2 micro-kernels, the scale
@@ -206,25 +176,21 @@ CPU_FLOAT_OPTIONS = {"freezing": True}
 
 
 class CompiledStep:
-    """One model's ``StepGraph``, compiled: ``step(tokens, pos, col, valid, cache) → logits``.
+    """One model's ``StepGraph``, compiled: ``step(tokens, pos, col, valid, cache) → logits``. Engines:
 
-    Two engines (``engine``):
-
-    * ``"aoti"``, the default on CPU: AOTInductor. The graph is exported (``torch.export``) and
-      compiled ahead of time into a package, called from Python as one C++ function: no dynamo guards
-      and no Python between kernels, which were ~0.2 ms of a 0.75 ms int8 step at batch 1 on 2 cores.
-      Two packages per model: 1 row (static: inductor's GEMMs pick their blocking for it; int8 batch
-      1: 0.53 ms a step against 0.77 with the rows dynamic) and 2 or more rows (dynamic); columns are
-      dynamic in both, so the cache growing never compiles. Packages are kept in
-      ``<data dir>/compiled/`` under a digest of the weights, the options, this file and the machine
-      (``machine_tag``): a restart loads them in ~0.1 s instead of compiling (~10–20 s each).
+    * ``"aoti"``, the default on CPU: AOTInductor, the exported graph compiled ahead of time into a package
+      called as one C++ function: no dynamo guards and no Python between kernels (~0.2 ms of a 0.75 ms int8
+      step at batch 1 on 2 cores). Two packages per model: 1 row (static, so inductor's GEMMs pick their
+      blocking for it: int8 batch 1 0.53 against 0.77 ms a step with the rows dynamic) and 2 or more rows
+      (dynamic); columns are dynamic in both. Kept in ``<data dir>/compiled/`` under ``package_key``: a
+      restart loads each in ~0.1 s instead of compiling (~10–20 s).
     * ``"dynamo"``, the default on CUDA: ``torch.compile`` per (rows, columns) bucket; on CUDA
-      ``mode="reduce-overhead"`` captures the step as a CUDA graph, the tensors it mutates marked
-      static. It also runs on CPU (tests keep it honest there).
+      ``mode="reduce-overhead"`` captures the step (no data-dependent control flow) as a CUDA graph, the
+      tensors it mutates marked static. It also runs on CPU (tests keep it honest).
 
-    ``options`` are inductor's (defaults: ``CPU_INT8_OPTIONS`` / ``CPU_FLOAT_OPTIONS`` for AOTInductor,
-    none for dynamo); ``compile_seconds`` records what each bucket's first call took (compile or load
-    + one run): keyed by rows for AOTInductor (``1`` or ``"2+"``), by (rows, columns) for dynamo.
+    ``options``: inductor's (defaults ``CPU_*_OPTIONS`` for AOTInductor, none for dynamo).
+    ``compile_seconds``: each bucket's first call (compile or load + one run), keyed by rows for
+    AOTInductor (``1`` or ``"2+"``), by (rows, columns) for dynamo.
     """
 
     def __init__(self, model, head_t: torch.Tensor | None = None, engine: str | None = None,
@@ -245,8 +211,7 @@ class CompiledStep:
         self._lock = threading.Lock()
         if self.engine == "aoti":
             self.cache_dir = Path(cache_dir) if cache_dir is not None else data_dir() / "compiled"
-            self.key = weights_digest(self.graph, repr(sorted(self.options.items())), machine_tag(),
-                                      Path(__file__).read_text())
+            self.key = package_key(self.graph, self.options)
             return
         self.mode = "reduce-overhead" if self.device.type == "cuda" and not self.options else None
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -327,8 +292,7 @@ class CompiledStep:
 
     @torch.inference_mode()
     def warm(self, rows: list[int], columns: int = 2 * MIN_COLUMNS) -> dict:
-        """Compile (or load) the buckets of ``rows`` ahead of use, on zero inputs; returns ``compile_seconds``.
-        ``columns`` matters to dynamo only (AOTInductor's columns are dynamic)."""
+        """Compile (or load) the buckets of ``rows`` (``columns``: dynamo's only) ahead of use → ``compile_seconds``."""
         g = self.graph
         dtype = g.ln_f_0.dtype
         for n in rows:
@@ -343,15 +307,12 @@ class CompiledStep:
         return dict(self.compile_seconds)
 
 
-# ------------------------------------------------------------------------------------- decoder
-
-
 class CompiledGPT2Decoder(GPT2Decoder):
     """``GPT2Decoder`` whose steps run ``CompiledStep``; prefill, joining and leaving are unchanged.
 
-    The cache storage is always a bucket: rows and columns powers of two (columns ≥ MIN_COLUMNS),
-    grown only when a step needs it (not reserved ahead: every step attends over the whole column
-    capacity, so unused columns cost), with a quarter of the need as headroom.
+    The cache storage is always a bucket: rows and columns powers of two (columns ≥ MIN_COLUMNS), grown
+    only when a step needs it (not reserved ahead: every step attends over the whole column capacity, so
+    unused columns cost), with a quarter of the need as headroom.
     """
 
     def __init__(self, model, head_t: torch.Tensor | None = None, compiled: CompiledStep | None = None):

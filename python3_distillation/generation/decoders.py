@@ -2,12 +2,10 @@
 
     HF_HUB_OFFLINE=1 python -m pytest tests/generation/test_decoders.py -q
 
-Interface (used by generator.py): ``add(ids, mask, room)`` prefills new, LEFT padded rows into the
-batch and returns their next-token logits [k, V]; ``step(tokens)`` takes one token per row and
-returns [n, V]; ``remove(rows)`` drops batch positions and returns the new order as old positions
-(None: cannot). ``GPT2Decoder`` is GPT-2's forward written out over the HF model's own modules with
-a preallocated, growable cache; ``HFDecoder`` is any causal LM through its own forward and cache.
-Both are checked token for token against ``generate``.
+Interface (generator.py's): ``add(ids, mask, room)`` prefills new, LEFT padded rows → their next-token
+logits [k, V]; ``step(tokens)``, one token per row → [n, V]; ``remove(rows)`` drops batch positions → the
+new order as old positions (None: cannot). ``GPT2Decoder`` writes GPT-2's forward out over the model's own
+modules with a growable cache; ``HFDecoder`` runs any causal LM's own. Both match ``generate`` token for token.
 """
 
 from __future__ import annotations
@@ -28,14 +26,12 @@ from python3_distillation.int8 import Int8Embedding, Int8Linear, Int8LMHead
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
-# ------------------------------------------------------------------------------- module factories
-
-
 def module_spec(module) -> tuple[str, tuple] | None:
     """What a module computes, as (kind, its tensors) for the kinds written out here, else None.
 
-    ``GPT2Decoder`` calls the float kinds directly and any other module itself; ``StepGraph``
-    (compiled.py) runs every kind inside its graph, the int8 ones through the same kernel."""
+    ``GPT2Decoder`` calls the float kinds directly and any other module itself; ``StepGraph`` (compiled.py)
+    runs every kind inside its graph, the int8 ones through the same kernel.
+    """
     def plain(t) -> bool:  # None, or a float tensor that is not a subclass (e.g. a quantized one)
         return t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype.is_floating_point)
 
@@ -59,20 +55,19 @@ def module_spec(module) -> tuple[str, tuple] | None:
 
 
 def fast(module: torch.nn.Module) -> Fn:
-    """The module as one callable chosen once: a float ``Conv1D`` as ``addmm``, a float ``nn.Embedding``
-    as ``F.embedding``, a ``LayerNorm`` as ``F.layer_norm``, GPT-2's ``gelu_new`` as PyTorch's fused
-    tanh GELU (the same function in one kernel instead of eight; rounding differs by ~1e-7, checked token
-    for token against ``generate`` in the tests); any other module (e.g. an int8 one) is simply called."""
+    """The module as one callable chosen once.
+
+    The float kinds of ``module_spec`` in their functional form, GPT-2's ``gelu_new`` as PyTorch's fused
+    tanh GELU (one kernel instead of eight; rounding differs by ~1e-7, checked token for token against
+    ``generate``); any other module (e.g. an int8 one) as it is.
+    """
     kind, t = module_spec(module) or ("", ())
     if kind == "addmm":
-        w, b = t
-        return lambda x: torch.addmm(b, x, w)
+        return lambda x, w=t[0], b=t[1]: torch.addmm(b, x, w)
     if kind == "embed":
-        (table,) = t
-        return lambda ids: F.embedding(ids, table)
+        return lambda ids, table=t[0]: F.embedding(ids, table)
     if kind == "ln":
-        args = (module.normalized_shape, *t, module.eps)
-        return lambda x: F.layer_norm(x, *args)
+        return lambda x, args=(module.normalized_shape, *t, module.eps): F.layer_norm(x, *args)
     if kind == "gelu":
         return lambda x: F.gelu(x, approximate="tanh")
     return module
@@ -86,9 +81,9 @@ def plain_head(model) -> torch.Tensor | None:  # the weight of a float, bias-fre
 def cpu_head_t(model) -> torch.Tensor | None:
     """The lm-head weight transposed ([d, vocab], contiguous) for a standard head on CPU, else None.
 
-    On CPU, MKL's product of one row with the vocab×d weight (a gemv, what ``F.linear`` does at
-    batch 1) runs at a fraction of memory speed, while ``x @ Wᵀ`` with ``Wᵀ`` stored contiguous
-    runs near it (benchmarks/bench_generate.py); batch 1 is the latency case, so it gets a copy.
+    MKL's product of one row with the vocab×d weight (a gemv, ``F.linear`` at batch 1) runs at a fraction
+    of memory speed, ``x @ Wᵀ`` with ``Wᵀ`` contiguous near it (benchmarks/bench_generate.py); batch 1 is
+    the latency case, so it gets a copy.
     """
     w = plain_head(model)
     return w.detach().t().contiguous() if w is not None and w.device.type == "cpu" else None
@@ -106,11 +101,18 @@ def head(model, head_t: torch.Tensor | None) -> Fn:
 
 
 def float_logits(h: torch.Tensor, w: torch.Tensor, head_t: torch.Tensor | None) -> torch.Tensor:
-    """``h [n, d] @ wᵀ`` as float32: one row through ``head_t`` (``cpu_head_t``); several rows a real
-    gemm, fastest with the weight as stored (measured), then rows made contiguous."""
+    """``h [n, d] @ wᵀ`` as float32.
+
+    One row through ``head_t`` (``cpu_head_t``); several as a gemm with ``w`` as stored (measured fastest).
+    """
     if head_t is not None and h.shape[0] == 1:
         return torch.mm(h, head_t).float()
     return torch.mm(w, h.t()).t().contiguous().float()
+
+
+def gpt2_shape(config) -> tuple[int, int, int, int]:
+    """GPT-2's (heads, width, head width, last position id), shared by the eager and the compiled step."""
+    return config.n_head, config.n_embd, config.n_embd // config.n_head, config.n_positions - 1
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -118,30 +120,22 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-# ----------------------------------------------------------------------------------- GPT-2 decoder
-
-
 class GPT2Decoder:
     """GPT-2's forward over the HF model's own modules, for decoding, with a cache rows can join.
 
-    Same maths as ``GPT2LMHeadModel`` with SDPA attention (layer norms, the projections, the model's
-    attention scaling, its GELU fused), minus the per-step work of the general forward: building a
-    4-D mask, growing the cache by concatenation, keyword plumbing.
-
-    The cache of each layer is one tensor [rows, 2 (k/v), heads, columns, head dim]. Rows share the
-    column axis: every row's newest token is in column ``t - 1``, its older tokens to the left, its
-    first real token at ``first[row]`` (left of it: other rows' history, masked out). A joining row's
-    prompt is written right-aligned to ``t``; the cache grows by reallocation (rows and columns) and
-    columns no live row can see are cut off the left. Everything is zero-initialised: masked
-    columns still enter the attention product, and garbage there could be NaN (NaN · 0 = NaN).
+    The maths of ``GPT2LMHeadModel`` with SDPA attention (its GELU fused), minus the per-step work of the
+    general forward (building a 4-D mask, growing the cache by concatenation, keyword plumbing). Each layer's
+    cache is one tensor [rows, 2 (k/v), heads, columns, head dim]. Rows share the column axis: every row's
+    newest token is in column ``t - 1``, its older tokens to the left, its first real token at ``first[row]``
+    (left of it: other rows' history, masked out). A joining row's prompt is written right-aligned to ``t``;
+    the cache grows by reallocation (rows and columns) and columns no live row can see are cut off the left.
+    Everything is zero-initialised: masked columns still enter the attention product, and garbage there
+    could be NaN (NaN · 0 = NaN).
     """
 
     def __init__(self, model, head_t: torch.Tensor | None = None):
-        cfg = model.config
         tr = model.transformer
-        self.n_head, self.d = cfg.n_head, cfg.n_embd
-        self.dh = self.d // self.n_head
-        self.max_pos = cfg.n_positions - 1
+        self.n_head, self.d, self.dh, self.max_pos = gpt2_shape(model.config)
         self.wte, self.wpe, self.ln_f = fast(tr.wte), fast(tr.wpe), fast(tr.ln_f)
         self.dtype, self.device = tr.ln_f.weight.dtype, tr.ln_f.weight.device
         self.head = head(model, head_t)
@@ -162,12 +156,8 @@ class GPT2Decoder:
             return False
         if getattr(cfg, "add_cross_attention", False) or getattr(cfg, "reorder_and_upcast_attn", False):
             return False
-        # A float Linear head with a bias would be skipped by plain_head's fast path; any other head
-        # module is called as it is.
-        head = model.lm_head
-        return not (type(head) is torch.nn.Linear and head.bias is not None)
-
-    # -------------------------------------------------------------------------------- storage
+        # A float Linear head with a bias would be skipped by plain_head's fast path; any other head is called.
+        return not (type(model.lm_head) is torch.nn.Linear and model.lm_head.bias is not None)
 
     @property
     def capacity(self) -> tuple[int, int]:
@@ -180,8 +170,7 @@ class GPT2Decoder:
                  for _ in self.layers]
         valid = torch.zeros(rows, cols, dtype=torch.bool, device=self.device)
         pos = torch.zeros(rows, dtype=torch.long, device=self.device)
-        n = self.n
-        if n:
+        if n := self.n:
             for new, old in zip(cache, self.cache):
                 new[:n, :, :, lo + shift:self.t + shift] = old[:n, :, :, lo:self.t]
             valid[:n, lo + shift:self.t + shift] = self.valid[:n, lo:self.t]
@@ -204,12 +193,10 @@ class GPT2Decoder:
         return (rows if rows <= cap_rows else max(rows, cap_rows + cap_rows // 2),
                 cols if cols <= cap_cols else max(cols, cap_cols + cap_cols // 2))
 
-    # ------------------------------------------------------------------------------- forward
-
     def _blocks(self, h: torch.Tensor, rows: slice, w0: int, w1: int, a0: int, mask: torch.Tensor) -> torch.Tensor:
-        """Run the blocks on ``h`` [b, q, d] of cache ``rows``: write columns w0:w1, attend over a0:w1.
+        """Run the blocks on ``h`` [b, q, d] of cache ``rows``.
 
-        ``mask`` is additive, [b, 1, q or 1, w1 - a0].
+        They write columns w0:w1 and attend over a0:w1 (``mask`` additive, [b, 1, q or 1, w1 - a0]).
         """
         b, q, d = h.shape
         for kv, (ln1, qkv_proj, out_proj, scale, ln2, fc, proj, act) in zip(self.cache, self.layers):
@@ -279,25 +266,20 @@ class GPT2Decoder:
         return order[:n_keep]
 
 
-# -------------------------------------------------------------------------------------- HF decoder
-
-
 class HFDecoder:
-    """Any causal LM through its own forward: ``past_key_values``/``cache`` with ``use_cache=True``.
+    """Any causal LM through its own forward (``past_key_values``/``cache``, ``use_cache=True``).
 
-    Rows join by a separate prefill whose cache is then padded on the left and concatenated to the
-    running one; that needs transformers' ``DynamicCache`` of plain layers. With another cache type
-    ``can_add`` is False once rows are decoding, and new rows wait for the batch to drain.
+    Rows join by a separate prefill whose cache is padded on the left and concatenated to the running one;
+    that needs a ``DynamicCache`` of plain layers. Otherwise ``can_add`` is False once rows are decoding.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, context_length: int):
         self.model = model
         sig = inspect.signature(model.forward).parameters
         # transformers 5.x renamed past_key_values → cache (the old name is deprecated).
         self.cache_kw = "cache" if "cache" in sig else "past_key_values"
         self.logits_to_keep = "logits_to_keep" in sig
-        cfg = model.config
-        self.max_pos = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings")) - 1
+        self.max_pos = context_length - 1
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [n, T] long
         self.pos: torch.Tensor | None = None  # [n, 1]
@@ -323,28 +305,25 @@ class HFDecoder:
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
         extra = {"logits_to_keep": 1} if self.logits_to_keep else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
-        cache = self._out_cache(out)
+        cache, pos = self._out_cache(out), pos[:, -1:] + 1
         if self.n == 0:
-            self.cache, self.mask, self.pos = cache, mask, pos[:, -1:] + 1
-        else:
-            self._merge(cache, mask, pos[:, -1:] + 1)
+            self.cache, self.mask, self.pos = cache, mask, pos
+        else:  # both caches zero-padded on the left to the wider one, then stacked
+            ours, theirs = self._layers(self.cache), self._layers(cache)
+            if ours is None or theirs is None:
+                raise RuntimeError("this model's cache type cannot take rows into a running batch")
+            width = max(self.mask.shape[1], mask.shape[1])
+
+            def left_pad(x: torch.Tensor, dim: int = 2) -> torch.Tensor:  # zeros before the columns (dim)
+                return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (width - x.shape[dim], 0))
+
+            for a, b in zip(ours, theirs):
+                a.keys = torch.cat([left_pad(a.keys), left_pad(b.keys)], 0)
+                a.values = torch.cat([left_pad(a.values), left_pad(b.values)], 0)
+            self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], 0)
+            self.pos = torch.cat([self.pos, pos], 0)
         self.n += ids.shape[0]
         return out.logits[:, -1].float()
-
-    def _merge(self, cache, mask: torch.Tensor, pos: torch.Tensor) -> None:
-        ours, theirs = self._layers(self.cache), self._layers(cache)
-        if ours is None or theirs is None:
-            raise RuntimeError("this model's cache type cannot take rows into a running batch")
-        width = max(self.mask.shape[1], mask.shape[1])
-
-        def left_pad(x: torch.Tensor, dim: int = 2) -> torch.Tensor:  # zeros before the columns (dim)
-            return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (width - x.shape[dim], 0))
-
-        for a, b in zip(ours, theirs):
-            a.keys = torch.cat([left_pad(a.keys), left_pad(b.keys)], 0)
-            a.values = torch.cat([left_pad(a.values), left_pad(b.values)], 0)
-        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], 0)
-        self.pos = torch.cat([self.pos, pos], 0)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,10 @@
     HF_HUB_OFFLINE=1 python -c "from python3_distillation.generation import Generator, SamplingParams as P; \
 g = Generator.from_pretrained('python3_distillation/gpt2_student_v2'); print(g.generate(['It is'], P(seed=1))[0].text)"
 
-How it decodes (``DecodeBatch``): each ``step`` runs one forward for the rows already decoding,
-prefills the rows joining at that step (LEFT padded, with per-row ``position_ids``, written into the
-same cache), then picks one token for every row. Finished rows are dropped from the batch (and the
-cache) a few at a time, so they stop costing compute. ``Generator.stream_batch`` is one batch whose
-rows all join at the first step; the server's batcher feeds rows in as requests arrive.
-
-Isolation: a row whose own data makes a step fail (its prefill, its sampling, its text) fails alone,
-with an error event; only a failing forward of the whole batch fails every row.
+``DecodeBatch.step`` runs one forward for the rows decoding, prefills the rows joining (LEFT padded,
+per-row ``position_ids``, into the same cache) and picks one token per row; finished rows leave a few at
+a time. A row whose own data fails a step (its prefill, sampling or text) fails alone, with an error
+event; a failing forward of the whole batch fails every row. Continuous batching: README.md, "Serving".
 """
 
 from __future__ import annotations
@@ -26,14 +22,13 @@ from typing import Any
 
 import torch
 
-from python3_distillation.device_plan import resolve_dtype
+from python3_distillation.device_plan import pick_device, resolve_dtype
 from python3_distillation.generation.compiled import ENV, CompiledGPT2Decoder, CompiledStep, bucket, env_wants_compile
 from python3_distillation.generation.decoders import GPT2Decoder, HFDecoder, cpu_head_t
 from python3_distillation.generation.sampling import GenerationError, Knobs, SamplingParams, choose, new_rng
 from python3_distillation.generation.text import RowText, token_byte_table
 from python3_distillation.int8 import is_int8_dir
 from python3_distillation.models import open_model
-from python3_distillation.precision import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +53,8 @@ class Completion:
 class StreamEvent:
     """New text of one row; ``completion`` is set on the row's last event (``finished=True``).
 
-    ``row`` is the key the row was given (its index for ``stream_batch``). A row that failed ends
-    with ``finished=True``, ``completion=None`` and the exception in ``error``.
+    ``row`` is the row's key (its index for ``stream_batch``). A row that failed ends with ``finished=True``,
+    ``completion=None`` and the exception in ``error``.
     """
 
     row: Any
@@ -114,15 +109,13 @@ class Generator:
         self.n_params = sum(p.numel() for p in params)
         self.context_length = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings"))
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(cfg, "eos_token_id", None)
-        self.eos_token_id: int | None = eos
-        self.pad_token_id = eos if eos is not None else 0
+        self.eos_token_id, self.pad_token_id = eos, eos if eos is not None else 0
         if backend not in {"auto", "gpt2", "hf"}:
             raise GenerationError(f"unknown backend {backend!r}; expected auto, gpt2 or hf")
         if backend == "gpt2" and not GPT2Decoder.supports(model):
             raise GenerationError(f"backend 'gpt2' needs a plain GPT2LMHeadModel, got {type(model).__name__}")
         self.backend = "gpt2" if backend in {"auto", "gpt2"} and GPT2Decoder.supports(model) else "hf"
-        head = model.get_output_embeddings()
-        weight = getattr(head, "weight", None)
+        weight = getattr(model.get_output_embeddings(), "weight", None)
         self.vocab_size = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else int(cfg.vocab_size)
         self.meta = meta or {}
         # What the weights are stored in: the quantization scheme of the folder's lineage, else the dtype.
@@ -146,11 +139,10 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, compile: bool | None = None) -> Generator:
-        """A saved model folder (``models.open_model``) on ``device``, else ``precision.pick_device``'s.
+        """A saved model folder (``models.open_model``) on ``device``, else ``pick_device``'s.
 
-        ``dtype`` None/``auto`` keeps the folder's weights as saved (an int8 folder runs its int8
-        layers); a dtype given for an int8 folder dequantizes it once, at load, into a plain GPT-2 in
-        that dtype (what the server does on CUDA: device_plan.serving_dtype).
+        ``dtype`` None/``auto`` keeps the weights as saved (an int8 folder runs its int8 layers); a dtype
+        given for an int8 folder dequantizes it at load (what the server does on CUDA: device_plan.serving_dtype).
         """
         path = Path(model_dir).expanduser()
         if not path.is_dir():
@@ -169,8 +161,6 @@ class Generator:
         if is_int8_dir(path) and torch_dtype is not None:
             gen.precision = f"{DTYPE_NAMES.get(torch_dtype, str(torch_dtype))} (int8 dequantized at load)"
         return gen
-
-    # ------------------------------------------------------------------------------------- prompts
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; safe to call from several threads."""
@@ -198,16 +188,13 @@ class Generator:
             raise GenerationError(f"prompt cannot be tokenized: {type(e).__name__}: {str(e)[:200]}") from None
         if len(ids) > room:
             if not truncate:
-                raise GenerationError(
-                    f"prompt is {len(ids)} tokens; with max_new_tokens {params.max_new_tokens} that is "
-                    f"{len(ids) + params.max_new_tokens}, more than the model's context of "
-                    f"{self.context_length} tokens")
+                raise GenerationError(f"prompt is {len(ids)} tokens; with max_new_tokens {params.max_new_tokens} "
+                                      f"that is {len(ids) + params.max_new_tokens}, more than the model's context "
+                                      f"of {self.context_length} tokens")
             log.warning("prompt is %d tokens; keeping its last %d so that %d new tokens fit the context of %d",
                         len(ids), room, params.max_new_tokens, self.context_length)
             ids = ids[-room:]
         return ids
-
-    # ---------------------------------------------------------------------------------- generation
 
     def generate(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams],
                  truncate: bool = False) -> list[Completion]:
@@ -224,8 +211,7 @@ class Generator:
         """One batched decode with per-row params, yielding each row's new text as it is produced.
 
         Inputs are checked here, before the first event, so a bad prompt raises at the call.
-        ``cancelled(row)`` is asked before every forward; a row it answers True for finishes with
-        ``finish_reason="cancelled"``.
+        ``cancelled(row)`` is asked before every forward (``DecodeBatch.step``'s ``stop``).
         """
         if isinstance(prompts, str):
             raise GenerationError("prompts must be a list of strings, not one string")
@@ -262,34 +248,31 @@ class Generator:
         return cpu_head_t(self.model)
 
     def use_compiled_step(self, max_rows: int) -> float:
-        """Switch to the compiled decode step and compile (or load) it for 1 … ``max_rows`` rows now;
-        seconds taken. Raises GenerationError when this model has no compiled form, and whatever
-        compiling raised (no C++ compiler…), leaving the generator eager."""
+        """Switch to the compiled decode step, compiled (or loaded) for 1 … ``max_rows`` rows now; seconds taken.
+
+        Raises GenerationError where the model has no compiled form, and what compiling raised; it then stays eager.
+        """
         if self._step is None:
             self._step = self._compiled_step(True)
         t0 = time.perf_counter()
         try:
             self._step.warm([1 << i for i in range(bucket(max_rows).bit_length())])
         except Exception:
-            self._step = None
+            self._step, self.compile = None, False
             raise
-        finally:
-            self.compile = self._step is not None
+        self.compile = True
         return time.perf_counter() - t0
 
     def new_decoder(self):
         if self.backend != "gpt2":
-            return HFDecoder(self.model)
+            return HFDecoder(self.model, self.context_length)
         if self._step is not None:
             return CompiledGPT2Decoder(self.model, self.head_t, self._step)
         return GPT2Decoder(self.model, self.head_t)
 
 
 def complete_rows(generator: Generator, rows: Sequence[RowInput]) -> dict[Any, Completion]:
-    """Decode ``rows`` (token-id prompts) in one batch: {row key: Completion}; a failing row raises.
-
-    Token ids go in as they are, so a prompt cut from the token stream is not re-tokenized.
-    """
+    """Decode ``rows`` in one batch from their token ids (not re-tokenized): {row key: Completion}; failures raise."""
     return _finished(generator._run(list(rows), None))
 
 
@@ -300,8 +283,7 @@ def _finished(events: Iterator[StreamEvent]) -> dict[Any, Completion]:
 class DecodeBatch:
     """Rows decoding together: they join at any step and leave when finished.
 
-    ``step(new, stop)`` → the events of one decode step. ``stop(key)`` is asked for every row before
-    the step; a row it answers True for finishes with ``finish_reason="cancelled"``.
+    ``step(new, stop)`` → one decode step's events; ``stop(key)``, asked for every row first, finishes it ``cancelled``.
     """
 
     # Drop finished rows from the cache once this share of the batch is finished (each drop copies).
@@ -348,11 +330,8 @@ class DecodeBatch:
                 log.exception("decode step failed")
                 events += [StreamEvent(r.key, "", True, error=e) for r in self.rows if not r.done]
                 self._reset()
-        if joining:
-            joined, more = self._join(joining)
-            events += more
-            if joined is not None:
-                logits.append(joined)
+        if joining and (joined := self._join(joining, events)) is not None:
+            logits.append(joined)
         if not self.rows:
             return events
         events += self._advance(torch.cat(logits) if len(logits) > 1 else logits[0])
@@ -360,28 +339,24 @@ class DecodeBatch:
             self._reset()
         return events
 
-    # ----------------------------------------------------------------------------------- joining
-
     def _row(self, inp: RowInput) -> _Row:
         return _Row(inp.key, inp.prompt, list(inp.ids), inp.params, RowText(inp.params.stop), new_rng(inp.params),
                     time.perf_counter())
 
-    def _join(self, inputs: list[RowInput]) -> tuple[torch.Tensor | None, list[StreamEvent]]:
+    def _join(self, inputs: list[RowInput], events: list[StreamEvent]) -> torch.Tensor | None:
         """Prefill ``inputs`` into the batch; a group that fails is retried row by row, failing only culprits."""
         rows = [self._row(inp) for inp in inputs]
         room = max([r.remaining for r in rows] + [r.remaining for r in self.rows if not r.done])
-        events: list[StreamEvent] = []
         if len(rows) > 1:
             try:
-                return self._prefill(rows, room), events
+                return self._prefill(rows, room)
             except Exception:
                 pass  # retried row by row below
         logits = [x for x in self._alone(rows, lambda j, r: self._prefill([r], room), events, "join") if x is not None]
-        return (torch.cat(logits) if logits else None), events
+        return torch.cat(logits) if logits else None
 
     def _alone(self, rows: list[_Row], fn: Callable[[int, _Row], Any], events: list[StreamEvent], what: str) -> list:
-        """``fn(row)`` of each row alone, after the batch's call failed, so that only the rows at fault fail
-        (their result None, an error event each)."""
+        """``fn(j, row)`` of each row alone, after the batch's call failed: only the rows at fault fail (None)."""
         out = []
         for j, r in enumerate(rows):
             try:
@@ -398,11 +373,9 @@ class DecodeBatch:
 
     def _prefill(self, rows: list[_Row], room: int) -> torch.Tensor:
         width = max(len(r.ids) for r in rows)
-        ids = torch.full((len(rows), width), self.gen.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for j, r in enumerate(rows):  # LEFT padded
-            ids[j, width - len(r.ids):] = torch.tensor(r.ids, dtype=torch.long)
-            mask[j, width - len(r.ids):] = True
+        pads = [width - len(r.ids) for r in rows]  # LEFT padded
+        ids = torch.tensor([[self.gen.pad_token_id] * p + r.ids for p, r in zip(pads, rows)], dtype=torch.long)
+        mask = torch.tensor([[False] * p + [True] * len(r.ids) for p, r in zip(pads, rows)], dtype=torch.bool)
         logits = self.dec.add(ids.to(self.gen.device), mask.to(self.gen.device), room)
         self.rows += rows
         self.tokens += [self.gen.pad_token_id] * len(rows)  # replaced by their first token below
@@ -411,7 +384,6 @@ class DecodeBatch:
             self._extend_seen(rows)
         return logits
 
-    @torch.inference_mode()
     def _extend_seen(self, rows: list[_Row]) -> None:
         """Which tokens each row has seen (prompt and output), for the repetition penalty."""
         fresh = rows if self.seen is not None else self.rows
@@ -421,8 +393,6 @@ class DecodeBatch:
             seen[j, torch.tensor(ids, dtype=torch.long, device=seen.device)] = True
         self.seen = seen if self.seen is None else torch.cat([self.seen, seen])
 
-    # ---------------------------------------------------------------------------------- stepping
-
     def _advance(self, logits: torch.Tensor) -> list[StreamEvent]:
         """Pick every row's next token from ``logits`` [n, V] and turn it into events."""
         if self.knobs is None:
@@ -431,8 +401,11 @@ class DecodeBatch:
         try:
             tokens = choose(logits, self.knobs, self.seen, [r.rng for r in self.rows])
         except Exception:  # sample each row alone: only the row at fault fails
-            alone = self._alone(self.rows, lambda j, r: self._choose_alone(logits, j, r), events, "sample")
-            tokens = [-1 if t is None else t for t in alone]
+            def one(j: int, r: _Row) -> int:
+                seen = self.seen[j:j + 1] if self.seen is not None else None
+                return choose(logits[j:j + 1], Knobs.build([r.params], self.gen.device), seen, [r.rng])[0]
+
+            tokens = [-1 if t is None else t for t in self._alone(self.rows, one, events, "sample")]
         table, eos = self.gen.token_bytes, self.gen.eos_token_id
         for r, tok in zip(self.rows, tokens):
             if r.done:
@@ -459,10 +432,6 @@ class DecodeBatch:
         self.tokens = [t if t >= 0 else self.gen.pad_token_id for t in tokens]
         return events
 
-    def _choose_alone(self, logits: torch.Tensor, j: int, r: _Row) -> int:
-        seen = self.seen[j:j + 1] if self.seen is not None else None
-        return choose(logits[j:j + 1], Knobs.build([r.params], self.gen.device), seen, [r.rng])[0]
-
     def _finish(self, row: _Row, reason: str, delta: str = "") -> StreamEvent:
         row.done = True
         delta += row.text.finish()
@@ -471,20 +440,15 @@ class DecodeBatch:
                        seconds=time.perf_counter() - row.started, token_ids=row.token_ids)
         return StreamEvent(row.key, delta, True, c)
 
-    # ---------------------------------------------------------------------------------- leaving
-
     def _prune(self, force: bool) -> None:
         """Drop finished rows when enough have finished, or when rows join (the batch changes anyway)."""
         done = [j for j, r in enumerate(self.rows) if r.done]
-        if not done:
-            return
-        if len(done) == len(self.rows):
+        if done and len(done) == len(self.rows):
             self._reset()
             return
-        if not self.can_prune or not (force or len(done) >= max(1, self.PRUNE_SHARE * len(self.rows))):
+        if not done or not self.can_prune or not (force or len(done) >= max(1, self.PRUNE_SHARE * len(self.rows))):
             return
-        order = self.dec.remove(done)
-        if order is None:
+        if (order := self.dec.remove(done)) is None:
             self.can_prune = False
             return
         self.rows = [self.rows[j] for j in order]

@@ -17,23 +17,15 @@ from python3_distillation.tokenizer import bytes_to_unicode
 def token_byte_table(tokenizer, size: int) -> list[bytes]:
     """UTF-8 bytes of every token id, so text can be assembled token by token without half characters.
 
-    Exact for byte-level BPE (GPT-2: each token's characters map back to bytes); for other tokenizers
-    an approximation from decoding each id alone.
+    Exact for byte-level BPE (GPT-2); for other tokenizers an approximation from decoding each id alone.
     """
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     n = min(size, len(tokenizer))
     pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
     special = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    table: list[bytes] = []
-    for i, piece in enumerate(pieces):
-        if piece is None:
-            table.append(b"")
-        elif piece in special:
-            table.append(piece.encode("utf-8"))
-        elif all(c in byte_of for c in piece):
-            table.append(bytes(byte_of[c] for c in piece))
-        else:
-            table.append(tokenizer.decode([i]).encode("utf-8"))
+    table = [b"" if piece is None else piece.encode("utf-8") if piece in special
+             else bytes(byte_of[c] for c in piece) if all(c in byte_of for c in piece)
+             else tokenizer.decode([i]).encode("utf-8") for i, piece in enumerate(pieces)]
     # Ids past the tokenizer (a model whose vocab was padded) have no text.
     return table + [b""] * (size - n)
 
@@ -55,8 +47,7 @@ class RowText:
 
     def finish(self) -> str:
         """The row ended: flush a dangling partial character (as U+FFFD, like ``decode``) and release held text."""
-        delta = "" if self.stopped else self._settle(self.decoder.decode(b"", final=True))
-        return delta if self.stopped else delta + self._emit(len(self.text))
+        return self._settle(self.decoder.decode(b"", final=True)) + self._emit(len(self.text))  # "" once stopped
 
     def _settle(self, new: str) -> str:
         if self.stopped:
@@ -75,8 +66,7 @@ class RowText:
     def _held(self) -> int:
         """Length of the longest tail of the unsent text that is a proper prefix of a stop string.
 
-        Only unsent text is looked at (what was sent already can no longer be held), which bounds the
-        work per token by the stop strings' length (at most MAX_STOP_CHARS each), not the row's text.
+        Only unsent text can be held: the work per token is bounded by the stops' length (MAX_STOP_CHARS each).
         """
         pending = len(self.text) - self.emitted
         hold = 0

@@ -2,17 +2,10 @@
 
     HF_HUB_OFFLINE=1 python -m pytest tests/serving/test_batching.py -q
 
-Each model gets one worker thread, the only thread that runs that model. Request threads validate
-and tokenize their input first (admission.py), then ``submit`` a ``Job`` to the model's bounded
-waiting line and read the job's event queue. The worker loops over decode steps; before each step
-it takes jobs from the line (oldest first) while their rows fit into ``max_rows``, and they join the
-running ``DecodeBatch`` at that step. So a request waits for one step, not for a whole batch.
-Finished rows leave the batch; a row stops early when its job is cancelled (client gone) or its
-deadline passes. A full line refuses new jobs at once (``LineFull`` → 429); jobs whose deadline
-passes while they wait fail with ``JobTimeout`` (→ 504).
-
-``continuous=False`` is static batching, kept for the side-by-side benchmark: jobs wait until the
-running batch has finished, then the waiting ones start together.
+One worker thread per model, the only thread that runs it; request threads ``submit`` a ``Job`` to its
+bounded waiting line and read the job's event queue. ``continuous=False`` is static batching (new jobs
+wait for the running batch), kept for the benchmark. Explained and measured in README.md, "Serving"
+(continuous batching). Design notes: docs/design/serving.md.
 """
 
 from __future__ import annotations
@@ -108,11 +101,8 @@ class Job:
             raise JobFailed(RuntimeError(f"unexpected {kind} before start"))
 
     def events(self, grace: float = 10.0):
-        """Yield ``(row, StreamEvent)`` until every row finished.
-
-        Rows stop at the deadline by themselves; ``grace`` only bounds the wait when a single
-        decode step hangs far beyond it.
-        """
+        """Yield ``(row, StreamEvent)`` until every row finished; rows stop at the deadline by themselves,
+        ``grace`` only bounds the wait when one decode step hangs far beyond it."""
         while True:
             kind, payload = self._get(self.deadline - time.monotonic() + grace)
             if kind == DONE:
@@ -237,9 +227,7 @@ class Batcher:
             jobs = self._take(len(batch), batch.accepts_rows)
             if jobs is None:
                 return
-            new: list[RowInput] = []
-            joining: list[Job] = []
-            now = time.monotonic()
+            new, joining, now = [], [], time.monotonic()
             for job in jobs:
                 if job.cancelled:
                     job.put(FAILED, JobTimeout("cancelled before it started"))

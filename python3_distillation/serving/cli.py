@@ -2,8 +2,7 @@
 
     python python3_distillation/distill_api_server_v2.py --port 6006 --compare python3_distillation/gpt2_teacher
 
-The same server as the Docker images: gunicorn, one worker, threads (settings in gunicorn_conf.py),
-started here in process with the app built from the options below.
+Gunicorn started in process (settings in gunicorn_conf.py) with the app built from the options below.
 """
 
 from __future__ import annotations
@@ -14,14 +13,11 @@ import os
 import sys
 
 from python3_distillation.device_plan import SERVING_DTYPES
-from python3_distillation.errors import BadInput, ModelError
+from python3_distillation.errors import BadInput
 from python3_distillation.paths import model_arg, model_dir
 from python3_distillation.serving.settings import ServeConfig
 
 log = logging.getLogger(__name__)
-
-WSGI_APP = "python3_distillation.serving.wsgi:app"
-GUNICORN_CONFIG = "python:python3_distillation.serving.gunicorn_conf"
 
 
 def build_parser(default_model: str) -> argparse.ArgumentParser:
@@ -34,7 +30,8 @@ def build_parser(default_model: str) -> argparse.ArgumentParser:
                         help="model folder, or a model name such as v2_int8 or teacher (default: %(default)s)")
     parser.add_argument("--compare", action="append", default=[], metavar="DIR",
                         help="another model folder to serve side by side (repeatable), e.g. the teacher")
-    parser.add_argument("--backend", metavar="URL", default=os.environ.get("DISTILL_BACKEND_URL"),
+    # Options whose dest is a ServeConfig field become that field (config_from).
+    parser.add_argument("--backend", dest="backend_url", metavar="URL", default=os.environ.get("DISTILL_BACKEND_URL"),
                         help="answer from this OpenAI-compatible server (e.g. vLLM at http://127.0.0.1:8000) "
                              "instead of loading models; default $DISTILL_BACKEND_URL")
     parser.add_argument("--host", default=d.host, help="bind address (default %(default)s; 0.0.0.0 to expose)")
@@ -44,7 +41,7 @@ def build_parser(default_model: str) -> argparse.ArgumentParser:
                         help="weights' dtype: auto = bf16 on GPUs with native bf16, fp16 on older ones, fp32 on CPU; "
                              "int8 folders stay int8 on CPU and are dequantized once on CUDA (default %(default)s, "
                              "$DISTILL_DTYPE)")
-    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+    parser.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
                         help="accept this Host header too (repeatable; '*' accepts any)")
     parser.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows,
                         help="rows decoding together (default %(default)s)")
@@ -52,7 +49,8 @@ def build_parser(default_model: str) -> argparse.ArgumentParser:
                         help="requests waiting for a place before 429s (default %(default)s)")
     parser.add_argument("--max-prompts", type=int, default=d.max_prompts,
                         help="rows per request, prompts x n (default %(default)s)")
-    parser.add_argument("--time-limit", type=float, default=d.time_limit_s, help="seconds, default %(default)s")
+    parser.add_argument("--time-limit", dest="time_limit_s", metavar="TIME_LIMIT", type=float, default=d.time_limit_s,
+                        help="seconds, default %(default)s")
     parser.add_argument("--batching", choices=["continuous", "static"], default=d.batching,
                         help="static: new requests wait for the running batch (default %(default)s)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default=os.environ.get("DISTILL_COMPILE") or "auto",
@@ -62,12 +60,9 @@ def build_parser(default_model: str) -> argparse.ArgumentParser:
 
 
 def config_from(args: argparse.Namespace) -> ServeConfig:
-    dirs = [str(model_arg(args.model)), *(str(model_arg(c)) for c in args.compare)]
-    return ServeConfig(model_dirs=[] if args.backend else dirs, host=args.host,
-                       port=args.port, device=args.device, dtype=args.dtype, max_batch_rows=args.max_batch_rows,
-                       max_queue=args.max_queue, max_prompts=args.max_prompts, time_limit_s=args.time_limit,
-                       batching=args.batching, allowed_hosts=args.allowed_host, backend_url=args.backend,
-                       compile=args.compile)
+    values = vars(args).copy()
+    dirs = [str(model_arg(d)) for d in [values.pop("model"), *values.pop("compare")]]
+    return ServeConfig(**values, model_dirs=[] if args.backend_url else dirs)
 
 
 def main(argv: list[str] | None = None, default_model: str = "v2") -> int:
@@ -75,10 +70,7 @@ def main(argv: list[str] | None = None, default_model: str = "v2") -> int:
     args = build_parser(default_model).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = config_from(args)
-        missing = [d for d in config.model_dirs if not os.path.isdir(d)]
-        if missing:
-            raise ModelError(f"model folder(s) not found: {', '.join(missing)} (train them first: `make run`)")
+        config = config_from(args).check_model_dirs()
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status

@@ -40,6 +40,11 @@ def invalid(message: str, param: str | None = None) -> ApiError:
     return ApiError(422, message, "invalid_request_error", param)
 
 
+def not_ready(body: dict[str, Any]) -> ApiError:
+    """503 for a probe's ``{"status", "reason"}``, which the error body carries beside the error object."""
+    return ApiError(503, body["reason"], "not_ready", headers={"Retry-After": "5"}, extra=body)
+
+
 def error_response(err: ApiError) -> Response:
     g.error_type = err.type if err.type in ERROR_TYPES else "http_error"
     response = jsonify(err.body())

@@ -3,11 +3,8 @@
     gunicorn --config python:python3_distillation.serving.gunicorn_conf --bind 127.0.0.1:6006 \\
         python3_distillation.serving.wsgi:app
 
-One worker (the models are loaded once and one batcher sees every request) with threads: each
-request decoding or waiting in the line holds a thread, so there are as many as the batch and the
-line can hold, plus spares that keep /health, /metrics and 429s answering under full load
-(``ServeConfig.server_threads``, from ``DISTILL_MAX_BATCH_ROWS`` and ``DISTILL_MAX_QUEUE``).
-Command line options override these.
+One gthread worker with ``ServeConfig.server_threads`` threads; why: README.md, "Serving". Command line
+options override these.
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 
     curl -s localhost:6006/metrics
 
-Label values come from closed sets only: routes are the app's URL rules (anything else is
-"other"), methods the standard ones (anything else is "other"), statuses and error types those the
-app answers with, models those it loaded, finish reasons the decoder's. So no request can add
-series. The values are per process: run one gunicorn worker (the production command does).
+Label values come from closed sets only, so no request can add series. The values are per process: run
+one gunicorn worker (the production command does). Design notes: docs/design/serving.md.
 """
 
 from __future__ import annotations

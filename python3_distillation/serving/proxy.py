@@ -3,11 +3,8 @@
     vllm serve python3_distillation/gpt2_student_v2 --port 8000
     DISTILL_BACKEND_URL=http://127.0.0.1:8000 python python3_distillation/distill_api_server_v2.py
 
-The browser only ever talks to this server (same origin, same Host and Content-Type guards); this
-server forwards ``POST /v1/completions`` (validated by the same schema first, then sent as is, a
-stream passed through chunk by chunk) and ``GET /v1/models``, and builds ``/api/info`` from the
-backend's model list. A client that disconnects closes the backend connection, which stops the
-backend's generation. ``/health`` is this process; ``/ready`` asks the backend.
+What it forwards: README.md, "Serving" (another engine behind the page). Design notes:
+docs/design/serving.md.
 """
 
 from __future__ import annotations
@@ -15,15 +12,14 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import socket
 import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
-from python3_distillation.serving.admission import SSE_HEADERS, limits, read_completions, sse
+from python3_distillation.serving.api import SSE_HEADERS, limits, read_completions, sse, state
 from python3_distillation.serving.errors import ApiError
 from python3_distillation.serving.metrics import ServerMetrics
 from python3_distillation.serving.settings import ServeConfig
@@ -56,7 +52,7 @@ class Backend:
                 headers["Content-Type"] = "application/json"
             conn.request(method, self.base + path, body=body, headers=headers)
             return conn, conn.getresponse()
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:  # socket.timeout too
             conn.close()
             raise ApiError(504, "the OpenAI-compatible backend did not answer in time", "timeout") from None
         except OSError as e:
@@ -108,10 +104,6 @@ class ProxyState:
 
     def close(self) -> None:
         pass  # nothing runs in the background
-
-
-def state() -> ProxyState:
-    return current_app.extensions["distill"]
 
 
 @bp.get("/v1/models")

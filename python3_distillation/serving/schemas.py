@@ -3,12 +3,9 @@
     python -c "from python3_distillation.serving.schemas import parse, CompletionRequest; \
 print(parse(CompletionRequest, b'{\"prompt\": \"Hi\", \"max_tokens\": 4}'))"
 
-Every field has a bound (string lengths, counts, finite numbers in a range); strings must be valid
-Unicode (no lone surrogates, which tokenizers refuse). Bodies are parsed and validated in one pass
-(pydantic's JSON parser: nesting deeper than its recursion limit and integers of any length are
-errors, not crashes). Model-dependent bounds (the context, ``top_k`` ≤ the vocabulary, prompts per
-request) are checked where the model is known. Errors become :class:`SchemaError` with the field
-(``param``) at fault: 400 for a body that is not JSON, 422 for JSON that breaks the schema.
+Errors are :class:`SchemaError` naming the field (``param``) at fault: 400 for a body that is not JSON, 422
+for JSON that breaks the schema. Bounds that depend on the model are checked where it is known. The bounds:
+README.md, "Serving" (limits). Design notes: docs/design/serving.md.
 """
 
 from __future__ import annotations
@@ -20,18 +17,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, Validati
 
 from python3_distillation.errors import SchemaError
 from python3_distillation.generation.sampling import SamplingParams
-from python3_distillation.validation import (
-    NewTokens,
-    Penalty,
-    Seed,
-    Stop,
-    Temperature,
-    Text,
-    TopK,
-    TopP,
-    first_error,
-    valid_unicode,
-)
+from python3_distillation.validation import (NewTokens, Penalty, Seed, Stop, Temperature, Text, TopK, TopP,
+                                              first_error, valid_unicode)
 
 MAX_PROMPTS = 256  # per request before the server's own (smaller, configurable) limit applies
 MAX_NAME_CHARS = 256  # model names, user ids

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Setting
 from pydantic_settings.sources.utils import parse_env_vars
 
 from python3_distillation.device_plan import SERVING_DTYPES
-from python3_distillation.errors import ConfigError
+from python3_distillation.errors import ConfigError, ModelError
 from python3_distillation.paths import model_dir
 from python3_distillation.validation import one_line
 
@@ -113,6 +113,14 @@ class ServeConfig(BaseSettings):
                              "a request's rows join the batch together")
         return self
 
+    def check_model_dirs(self) -> ServeConfig:
+        """``self``, once every model folder exists (ModelError otherwise: fail before claiming to be up)."""
+        missing = [d for d in self.model_dirs if not os.path.isdir(d)]
+        if missing:
+            raise ModelError(f"model folder(s) not found: {', '.join(missing)} "
+                             "(train them first: `make run`, or pass --model / DISTILL_MODEL_DIR)")
+        return self
+
     @property
     def server_threads(self) -> int:
         """Threads the production server needs: one per request decoding or waiting, plus spares."""
@@ -120,8 +128,7 @@ class ServeConfig(BaseSettings):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServeConfig:
-        """``DISTILL_<FIELD>`` of ``env`` (default ``os.environ``); models from ``DISTILL_MODEL_DIR`` (default v2)
-        and ``DISTILL_COMPARE_DIRS`` (comma separated), none when ``DISTILL_BACKEND_URL`` answers instead."""
+        """The settings of ``env`` (default ``os.environ``), as the module docstring says."""
         env = os.environ if env is None else env
         values = _Environment(cls, env)()
         dirs = [env.get(f"{ENV_PREFIX}MODEL_DIR") or str(model_dir("v2"))]

@@ -2,11 +2,7 @@
 
     curl -s localhost:6006/health; curl -s localhost:6006/ready
 
-``/health`` is liveness: 200 while the process can serve (models loading or loaded, every batcher
-thread alive); 503 with the reason when loading failed or a batcher thread died, so a container
-health check turns unhealthy and the orchestrator restarts it. ``/ready`` is 200 once every model is
-loaded and its batcher runs, else 503 saying why (still loading, and for how long; failed; stopped).
-Reasons never show filesystem paths.
+What ``/health`` and ``/ready`` answer, and that no reason shows a filesystem path: README.md, "Serving" (health).
 """
 
 from __future__ import annotations
@@ -23,13 +19,12 @@ from typing import Any
 
 import torch
 
-from python3_distillation.device_plan import serving_dtype
+from python3_distillation.device_plan import pick_device, serving_dtype
 from python3_distillation.generation import Generator
 from python3_distillation.generation.compiled import cpp_compiler
 from python3_distillation.int8 import is_int8_dir
-from python3_distillation.precision import pick_device
 from python3_distillation.serving.batching import Batcher
-from python3_distillation.serving.errors import ApiError, invalid
+from python3_distillation.serving.errors import ApiError, invalid, not_ready
 from python3_distillation.serving.metrics import ServerMetrics
 from python3_distillation.serving.settings import ServeConfig
 
@@ -63,13 +58,17 @@ class ServingState:
         """Load every configured model once (the slow part: runs in a thread when backgrounded)."""
         try:
             generators = {}
-            for d in self.config.model_dirs:
-                dtype, why = self.weights_dtype(Path(d))
+            for d in map(Path, self.config.model_dirs):
+                dtype, why = self.weights_dtype(d)
                 gen = Generator.from_pretrained(d, device=self.config.device, dtype=dtype, compile=False)
                 gen.dtype_reason = why
-                log.info("%s: dtype %s — %s", Path(d).name, gen.precision, why)
-                self.compile_step(gen, Path(d).name)
-                generators[self._unique(generators, gen.name or Path(d).name)] = (gen, Path(d))
+                log.info("%s: dtype %s — %s", d.name, gen.precision, why)
+                self.compile_step(gen, d.name)
+                name = key = gen.name or d.name
+                i = 2
+                while key in generators:  # two models of one name: name, name-2, ...
+                    key, i = f"{name}-{i}", i + 1
+                generators[key] = (gen, d)
             self.install(generators)
         except Exception as e:
             self.load_error = public(f"model loading failed: {type(e).__name__}: {e}")
@@ -119,13 +118,6 @@ class ServingState:
         self.metrics.ready.set(1)
         log.info("serving %s", ", ".join(f"{n} ({i['n_params']:,} params)" for n, i in self.info.items()))
 
-    @staticmethod
-    def _unique(taken: Mapping[str, Any], name: str) -> str:
-        candidate, i = name, 2
-        while candidate in taken:
-            candidate, i = f"{name}-{i}", i + 1
-        return candidate
-
     def close(self) -> None:
         """Stop every batcher thread (unfinished requests fail with 503). Safe to call twice."""
         for b in self.batchers.values():
@@ -160,8 +152,7 @@ class ServingState:
     def require_ready(self) -> None:
         status, body = self.readiness()
         if status != 200:
-            raise ApiError(503, body["reason"], "not_ready", headers={"Retry-After": "5"},
-                           extra={"status": body["status"], "reason": body["reason"]})
+            raise not_ready(body)
 
     def model(self, name: str | None) -> tuple[str, Generator, Batcher]:
         self.require_ready()
@@ -183,7 +174,8 @@ def describe(name: str, gen: Generator, folder: Path | None) -> dict[str, Any]:
     return {"id": name, "n_params": int(gen.n_params), "size_bytes": int(size), "size": human_bytes(size),
             "disk_bytes": disk, "context_length": int(gen.context_length), "device": str(gen.device),
             "precision": gen.precision, "precision_reason": getattr(gen, "dtype_reason", None),
-            "decode_step": "compiled" if gen.compile else "eager", "n_layer": getattr(gen.model.config, "n_layer", None)}
+            "decode_step": "compiled" if gen.compile else "eager",
+            "n_layer": getattr(gen.model.config, "n_layer", None)}
 
 
 def human_bytes(n: float) -> str:

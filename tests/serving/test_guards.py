@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from python3_distillation.serving.guards import host_name
+from python3_distillation.serving.app import host_name
 
 from .helpers import FAST, assert_error
 

@@ -1,13 +1,13 @@
-"""The request side of generation, shared by the blueprints (native_api, openai_api, proxy).
+"""The JSON APIs and the request side of generation they share with proxy.py.
 
-    HF_HUB_OFFLINE=1 python -m pytest tests/serving/test_hostile_input.py -q
+    curl -s localhost:6006/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "It is a truth universally acknowledged", "max_tokens": 20, "temperature": 0}'
+    curl -s localhost:6006/api/generate -H 'Content-Type: application/json' \\
+         -d '{"prompts": ["It is a truth", "Emma"], "max_new_tokens": 20, "temperature": 0}'
 
-The body read against its schema, rows checked and tokenized on the request's own thread, the
-waiting line, a job's outcome turned into an answer, and the limits ``/api/info`` states.
-
-Everything a request's own data can break (tokenizing, the context, ``top_k`` against the
-vocabulary) happens here, before the model's worker sees it: a bad request fails alone with a 4xx
-and never touches its neighbours' decode.
+Native ``/api/generate`` and ``/api/info``; OpenAI's ``/v1/completions`` and ``/v1/models``. Rows are checked
+and tokenized on the request's own thread, so a bad request fails alone with a 4xx before the model's worker
+sees it. Routes and the fields accepted: README.md, "Serving". Design notes: docs/design/serving.md.
 """
 
 from __future__ import annotations
@@ -16,25 +16,30 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from python3_distillation import validation
 from python3_distillation.generation import Completion, GenerationError, Generator, RowInput, SamplingParams
 from python3_distillation.serving import schemas
 from python3_distillation.serving.batching import Batcher, BatcherStopped, Job, JobFailed, JobTimeout, LineFull
 from python3_distillation.serving.errors import ApiError, invalid
+from python3_distillation.serving.schemas import GenerateRequest
 from python3_distillation.serving.settings import ServeConfig
 from python3_distillation.serving.state import ServingState
+from python3_distillation.validation import SEED_LIMIT
 
 log = logging.getLogger(__name__)
+bp = Blueprint("api", __name__)
 # A stream must reach the client event by event: no caching, no proxy buffering (nginx).
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def state() -> ServingState:
+    """The app's state: ``ServingState``, or ``proxy.ProxyState`` with a backend."""
     return current_app.extensions["distill"]
 
 
@@ -173,3 +178,115 @@ def usage(completions: list[Completion], prompt_rows: list[int] | None = None) -
     p = sum(c.prompt_tokens for c in counted)
     c = sum(c.completion_tokens for c in completions)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+@bp.post("/api/generate")
+def generate() -> Response:
+    """``{"prompt" | "prompts", "model"?, sampling fields}`` → completions + timings."""
+    st = state()
+    req: GenerateRequest = read(GenerateRequest)
+    name, gen, batcher = st.model(req.model)
+    prompts = req.prompt_list()
+    key = "prompt" if req.prompt is not None else "prompts"
+    if len(prompts) > st.config.max_prompts:
+        raise invalid(f"{len(prompts)} prompts in one request; the limit is {st.config.max_prompts}", key)
+    params = req.params()
+    rows = rows_for(gen, prompts, [params] * len(prompts), key)
+    t0 = time.monotonic()
+    admitted = submit(st, batcher, rows)
+    done = collect(admitted)
+    job = admitted.job
+    total = time.monotonic() - t0
+    out = [{"index": i, "prompt": c.prompt, "text": c.text, "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens, "finish_reason": job.finish_reason(c),
+            "seconds": round(c.seconds, 4),
+            "tokens_per_second": round(c.completion_tokens / c.seconds, 2) if c.seconds > 0 else None}
+           for i, c in enumerate(done)]
+    return jsonify({"model": name, "completions": out, "usage": usage(done),
+                    "timings": {"queue_seconds": round((job.started or t0) - job.submitted, 4),
+                                "total_seconds": round(total, 4), "batch_rows": job.batch_rows}})
+
+
+@bp.get("/api/info")
+def info() -> Response:
+    st = state()
+    status, ready = st.readiness()
+    return jsonify({"ready": status == 200, "error": ready.get("reason") if ready["status"] == "failed" else None,
+                    "default": st.default, "backend": None, "models": list(st.info.values()),
+                    "limits": limits(st.config)})
+
+
+@bp.post("/v1/completions")
+def completions() -> Response:
+    st = state()
+    req = read_completions(st.config.max_prompts)
+    name, gen, batcher = st.model(req.model)
+    prompts, n = list(req.prompt), req.n or 1
+    base = req.params()
+    if base.max_new_tokens >= gen.context_length:  # said here in OpenAI's terms, not the generator's
+        raise invalid(f"max_tokens is {base.max_new_tokens} but the model's context is {gen.context_length} tokens, "
+                      "which leaves no room for the prompt", "max_tokens")
+    if base.top_k > gen.vocab_size:
+        raise invalid(f"top_k must be at most the vocabulary size {gen.vocab_size}, got {base.top_k}", "top_k")
+    # Choice i*n + j is prompt i's j-th sample; with a seed each sample gets its own so they differ.
+    samples = [base if base.seed is None or j == 0
+               else base.model_copy(update={"seed": (base.seed + j) % SEED_LIMIT}) for j in range(n)]
+    row_prompts = [p for p in prompts for _ in range(n)]
+    rows = rows_for(gen, row_prompts, [samples[j] for _ in prompts for j in range(n)])
+    first_rows = list(range(0, len(row_prompts), n))
+    admitted = submit(st, batcher, rows)
+    job = admitted.job
+    cid, created, echo = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), bool(req.echo)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def choice(i: int, text: str, c: Completion | None = None) -> dict[str, Any]:
+        """Choice ``i`` with ``text``; finished when its completion ``c`` is given."""
+        reason = job.finish_reason(c) if c is not None else None
+        if reason in {"time_limit", "cancelled"}:  # OpenAI knows stop/length only
+            reason = "length"
+        return {"text": text, "index": i, "logprobs": None, "finish_reason": reason}
+
+    if not req.stream:
+        done = collect(admitted)
+        return jsonify({"id": cid, "object": "text_completion", "created": created, "model": name,
+                        "system_fingerprint": None,
+                        "choices": [choice(i, (c.prompt if echo else "") + c.text, c) for i, c in enumerate(done)],
+                        "usage": usage(done, first_rows)})
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        obj = {"id": cid, "object": "text_completion", "created": created, "model": name, "choices": choices}
+        if include_usage:
+            obj["usage"] = None
+        obj.update(extra)
+        return sse(obj)
+
+    def events() -> Iterator[str]:
+        done: list[Completion | None] = [None] * len(row_prompts)
+        if echo:
+            yield chunk([choice(i, p) for i, p in enumerate(row_prompts)])
+        try:
+            for row, event in job.events():
+                if event.finished:
+                    done[row] = event.completion
+                    yield chunk([choice(row, event.text, event.completion)])
+                elif event.text:
+                    yield chunk([choice(row, event.text)])
+        except (JobFailed, JobTimeout) as e:
+            yield sse(job_error(e).body())
+        else:
+            if include_usage and all(done):
+                yield chunk([], usage=usage(done, first_rows))  # type: ignore[arg-type]
+        yield "data: [DONE]\n\n"
+
+    return stream_response(events(), admitted)
+
+
+@bp.get("/v1/models")
+def models() -> Response:
+    st = state()
+    st.require_ready()
+    created = int(time.time())
+    return jsonify({"object": "list", "data": [
+        {"id": n, "object": "model", "created": created, "owned_by": "python3_distillation",
+         "n_params": i["n_params"], "context_length": i["context_length"], "precision": i["precision"]}
+        for n, i in st.info.items()]})
