@@ -4,10 +4,8 @@ cut from the training text, and each continuation is appended to a JSONL file wi
     gpt2-distill augment --out runs/augment/teacher_samples.jsonl --n-samples 512 --temperature 1.0 --top-p 0.95
     gpt2-distill distill --config v2 data.train=austen,runs/augment/teacher_samples.jsonl "data.mix=[0.75, 0.25]"
 
-Each JSONL line's ``text`` (prompt + continuation) is what training reads (``data.text_field``). The
-same command run again after a kill checks what is there (same teacher, data and settings), drops a
-torn last line and continues: no sample is written twice; ``--n-samples`` may grow between runs.
-Line format and seeding: docs/design/evaluation.md.
+Run again after a kill, it continues where it stopped; the line format, seeding and resuming:
+docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -126,9 +124,8 @@ def run_augment(cfg: RunConfig, out: str | Path, s: AugmentSettings,
             bar.update(len(rows))
             if on_batch is not None:
                 on_batch(indices[-1] + 1)
-    seconds = time.perf_counter() - t0
-    print(f"{out}: {s.n_samples} samples ({s.n_samples - done} new, {new_tokens:,} tokens sampled in {seconds:.0f} s)",
-          file=sys.stderr)
+    print(f"{out}: {s.n_samples} samples ({s.n_samples - done} new, {new_tokens:,} tokens sampled in "
+          f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return out
 
 
@@ -137,15 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", action="append", default=None, metavar="FILE",
                    help="YAML config naming the teacher (teacher.path), the data and train.seed; repeatable")
     p.add_argument("--out", required=True, metavar="FILE", help="JSONL file to append to (resumed when it exists)")
-    d = AugmentSettings()
-    p.add_argument("--n-samples", type=int, default=d.n_samples, help=f"samples in the file (default {d.n_samples})")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens,
-                   help=f"prompt length, cut from a training block (default {d.prompt_tokens})")
-    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help=f"tokens per continuation (default {d.new_tokens})")
-    p.add_argument("--temperature", type=float, default=d.temperature, help=f"(default {d.temperature})")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"(default {d.top_p})")
-    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"rows decoded together (default {d.batch_size})")
+    for name, what in (("n_samples", "samples in the file"),
+                       ("prompt_tokens", "prompt length, cut from a training block"),
+                       ("new_tokens", "tokens per continuation"), ("temperature", ""), ("top_p", ""),
+                       ("top_k", "0 = off"), ("batch_size", "rows decoded together")):
+        default = getattr(AugmentSettings(), name)
+        p.add_argument(AugmentSettings.label(name), type=type(default), default=default,
+                       help=f"{what} (default {default})".strip())
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. teacher.path=my/teacher")
     args = p.parse_args(argv)
     cfg = load_config(args.config or [], args.overrides)

@@ -2,10 +2,7 @@
 
     python -m python3_distillation.checkpoint runs/v2/checkpoint-200     # verify one, print its state
 
-A checkpoint folder holds the weights, the optimizer state, each process's RNG states
-(``rng-<rank>.*``), ``trainer_state.json`` and, written last, ``manifest.json`` (size and sha256 of
-every other file). Explained in README.md, "Precision, resume and reproducibility"; design notes:
-docs/design/data.md.
+Explained in README.md, "Precision, resume and reproducibility"; design notes: docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -38,14 +35,9 @@ def rng_files(rank: int) -> tuple[str, str]:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """``checkpoint-N`` folders of a run, oldest first (temp folders of an interrupted write excluded)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-[0-9]+", p.name)]
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-[0-9]+", p.name)]
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
-
-# ------------------------------------------------------------------------------------- writing
 
 def save_model_weights(model: torch.nn.Module, folder: Path) -> None:
     save_model(model, str(Path(folder) / MODEL_FILE))  # drops tied duplicates (lm_head = wte)
@@ -54,13 +46,9 @@ def save_model_weights(model: torch.nn.Module, folder: Path) -> None:
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Per-parameter state as tensors ``"<param index>.<name>"``; param groups and scalars as JSON."""
     sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, state in sd["state"].items():
-        for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
+    items = {f"{pid}.{name}": value for pid, state in sd["state"].items() for name, value in state.items()}
+    tensors = {key: v.detach().cpu().contiguous() for key, v in items.items() if torch.is_tensor(v)}
+    scalars = {key: v for key, v in items.items() if not torch.is_tensor(v)}
     save_file(tensors, str(Path(folder) / OPTIMIZER_TENSORS))
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     (Path(folder) / OPTIMIZER_GROUPS).write_text(json.dumps({"param_groups": groups, "scalars": scalars}))
@@ -73,9 +61,8 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
         tensors.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": [version, list(state), gauss],
-            "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]}
-    return tensors, meta
+    return tensors, {"python": [version, list(state), gauss],
+                     "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]}
 
 
 def save_rng(folder: Path, rank: int, states: tuple[dict[str, torch.Tensor], dict]) -> None:
@@ -91,8 +78,6 @@ def write_state(folder: Path, state: dict) -> dict:
     return {"format": FORMAT, "files": file_entries(folder)}
 
 
-# ------------------------------------------------------------------------------------- reading
-
 def verify(folder: Path) -> dict:
     """Check every file against the manifest; returns the trainer state. Raises CheckpointError."""
     folder = Path(folder)
@@ -102,8 +87,7 @@ def verify(folder: Path) -> dict:
         raise CheckpointError(f"{folder}: no {MANIFEST} (the write did not finish)") from None
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({e})") from None
-    problem = check_files(folder, listed, complete=True)
-    if problem:
+    if problem := check_files(folder, listed, complete=True):
         raise CheckpointError(f"{folder}: {problem}")
     try:
         state = json.loads((folder / STATE_FILE).read_text())

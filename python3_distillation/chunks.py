@@ -3,8 +3,7 @@
     python -c "import torch; from python3_distillation.chunks import map_chunks; \
 print(map_chunks(lambda i, j: (i, j), 10, 4, torch.device('cpu')))"
 
-Used by the chunked KD loss (losses.py). Keeping the process-wide pool here keeps the loss module
-free of state: the pool, its lock and its after-fork reset live in this one place.
+Used by the chunked KD loss (losses.py); design notes: docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -55,14 +54,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def map_chunks(fn: Callable[[int, int], object], n: int, chunk_rows: int, device: torch.device) -> list:
-    """``[fn(i, j) for each chunk [i, j) of range(n)]``, in chunk order.
-
-    On CPU, on ``torch.get_num_threads()`` workers rather than each op split across OpenMP threads: a
-    16-row chunk costs ~16 ops, each an OpenMP region ending in a barrier, and on cores shared with
-    other processes a barrier can wait a scheduler slice (ms) for a descheduled thread (2 cores at load
-    5: 1024 GPT-2 rows in 2-11 s instead of ~1 s). Each chunk is computed single-threaded into disjoint
-    rows, so results depend neither on scheduling nor on the thread count. CUDA tensors run inline.
-    """
+    """``[fn(i, j) for each chunk [i, j) of range(n)]``, in chunk order: on CPU on ``torch.get_num_threads()``
+    single-threaded workers (why: docs/design/data.md), so results depend neither on scheduling nor on the
+    thread count; CUDA tensors run inline."""
     bounds = [(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
 
     def run(part: list[tuple[int, int]]) -> list:

@@ -69,14 +69,8 @@ def cmd_stage(argv: list[str], stage: str, default_config: str | None) -> int:
     cfg = _load(args, default_config)
     if cfg.stage != stage:
         raise ConfigError(f"config is for stage {cfg.stage!r}, this command is {stage!r}")
-    if stage == "teacher":
-        from python3_distillation.teacher import run_teacher
-
-        run_teacher(cfg, resume=args.resume)
-    else:
-        from python3_distillation.distill import run_distill
-
-        run_distill(cfg, resume=args.resume)
+    module = "python3_distillation.teacher" if stage == "teacher" else "python3_distillation.distill"
+    getattr(importlib.import_module(module), f"run_{stage}")(cfg, resume=args.resume)  # run_teacher, run_distill
     return 0
 
 

@@ -236,12 +236,7 @@ PATH_KEYS = [(None, "tokenizer"), ("data", "train"), ("data", "validation"), ("t
 
 def _portable(path: str) -> str:
     p = Path(path.strip()).expanduser()
-    if not p.is_absolute():
-        return path.strip()
-    try:
-        return str(p.relative_to(Path.cwd()))
-    except ValueError:
-        return path.strip()
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else path.strip()
 
 
 def _check(ok: bool, message: str) -> None:
@@ -273,11 +268,9 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} does not exist") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
+    return data or {}
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: RunConfig | None = None) -> RunConfig:
@@ -331,12 +324,9 @@ def _own_folders(cfg: RunConfig, named: RunConfig, overrides: list[str]) -> None
         canonical = "\n".join(sorted(o.lstrip("-").strip() for o in overrides))
         cfg.name = f"{named.name}-{hashlib.sha256(canonical.encode()).hexdigest()[:6]}"
     if own_output:
-        kind = "teacher" if cfg.stage == "teacher" else "student"
-        folder = f"{PACKAGE_DIR.name}/gpt2_{'' if cfg.name.startswith(kind) else kind + '_'}{cfg.name}"
-        if cfg.stage == "teacher":
-            cfg.teacher.path = folder
-        else:
-            cfg.student.output_dir = folder
+        kind, key = out_key.split(".")  # the section ("teacher" or "student") and its output key
+        prefix = "" if cfg.name.startswith(kind) else kind + "_"
+        setattr(getattr(cfg, kind), key, f"{PACKAGE_DIR.name}/gpt2_{prefix}{cfg.name}")
 
 
 def _resolve(path: Path) -> Path:

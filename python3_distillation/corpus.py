@@ -2,9 +2,7 @@
 
     DISTILL_DATA_DIR=./data gpt2-distill assets     # builds it; DISTILL_AUSTEN_DEB=FILE.deb reads a local .deb
 
-The novels are public domain. The .deb's R lazy-load database is read in pure Python (no R) into
-``<data dir>/austen/{train,validation}.txt``, one paragraph per line, UTF-8 (*Persuasion*, a whole
-held-out novel, is validation), and ``manifest.json``. Design notes: docs/design/data.md.
+The novels are public domain; read in pure Python (no R). Design notes: docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -51,7 +49,6 @@ class CorpusError(AssetError):
     """The Austen corpus could not be fetched, read or built (message says which file and why)."""
 
 
-# -- getting the .deb --------------------------------------------------------------------------
 def fetch_austen_deb(download_dir: Path) -> Path:
     """Path of the r-cran-janeaustenr .deb: ``$DISTILL_AUSTEN_DEB``, else ``fetch_deb``'s."""
     env = os.environ.get("DISTILL_AUSTEN_DEB")
@@ -70,7 +67,6 @@ def fetch_deb(package: str, download_dir: Path, alternative: str, error: type[As
                     f"run `apt-get update` (as root) and retry, or {alternative}", error, timeout=600)
 
 
-# -- reading the .deb --------------------------------------------------------------------------
 def _ar_members(data: bytes, name: str) -> dict[str, bytes]:
     """The members of an ar archive (a .deb's outer layer): 60-byte headers, even-padded bodies."""
     if not data.startswith(b"!<arch>\n"):
@@ -139,19 +135,14 @@ def read_austen_books(deb_path: Path) -> dict[str, list[str]]:
     return books
 
 
-# -- lines → paragraphs ------------------------------------------------------------------------
-def _clean(text: str) -> str:
-    # Underscores mark italics (_very_) in three of the six transcriptions only; they are markup,
-    # not text, and would teach the student a typographic habit at ~1 token per mark.
-    return " ".join(text.replace("_", "").split())
-
-
 def to_paragraphs(lines: list[str]) -> list[str]:
     """Join wrapped lines into paragraphs (a blank line ends one), collapse whitespace, strip the
     italics underscores, and drop what is not the novel's text: the title block before the first
     heading (prose there, such as Northanger Abbey's advertisement, is kept), chapter/volume
     headings, "* * *" dividers, transcribers' volume notes, and everything from THE END/FINIS on."""
-    paragraphs = [_clean(" ".join(group))
+    # Underscores mark italics (_very_) in three of the six transcriptions only; they are markup,
+    # not text, and would teach the student a typographic habit at ~1 token per mark.
+    paragraphs = [" ".join(" ".join(group).replace("_", "").split())
                   for blank, group in itertools.groupby(lines, key=lambda line: not line.strip()) if not blank]
     out: list[str] = []
     in_front_matter = True
@@ -169,7 +160,6 @@ def to_paragraphs(lines: list[str]) -> list[str]:
     return out
 
 
-# -- the build ---------------------------------------------------------------------------------
 def _manifest_ok(out_dir: Path, deb_sha: str | None) -> dict | None:
     """The manifest when it describes the files on disk (and ``deb_sha``'s .deb, if given)."""
     try:

@@ -3,7 +3,6 @@
     python -m python3_distillation.device_plan        # prints this machine's plan, one line per decision
 
 Each stage logs its plan at its start (``precision: bf16 — why``, then compile, then the device).
-Precision ``auto`` follows the GPU's capability on CUDA and a timed bf16-against-fp32 probe on CPU.
 Explained in README.md, "Precision, resume and reproducibility" and "On a GPU: one device plan, and
 `make gpu-check`". Design notes: docs/design/training.md.
 """
@@ -39,8 +38,7 @@ GPT2_VOCAB = 50257
 
 
 def pick_device(device: str | torch.device | None = None, *, cpu: bool = False) -> torch.device:
-    """The device a stage runs on: ``device`` when given; else CUDA when available and ``cpu``
-    (``train.cpu``) is not set; else the CPU. Every stage asks here."""
+    """Every stage's device: ``device`` when given; else CUDA when available and ``cpu`` (``train.cpu``) unset."""
     if device:  # None or "" (an unset setting): the rule below
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
@@ -114,9 +112,7 @@ def probe_cpu_bf16() -> float:
     try:
         with torch.no_grad():
             small = ratio(128, 256, 256, 3)
-            if small < SLOW_PATH:
-                return small
-            return ratio(512, 768, 768, 16)
+            return small if small < SLOW_PATH else ratio(512, 768, 768, 16)
     finally:
         torch.set_num_threads(threads)
 
@@ -131,9 +127,8 @@ def native_bf16(device: torch.device | str) -> bool:
     a T4 or V100 (7.x), where bf16 is far slower than fp16; and it asks about the current device.
     """
     major, _ = torch.cuda.get_device_capability(device)
-    if getattr(torch.version, "hip", None):  # ROCm: torch knows per GPU architecture
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    return major >= 8 and bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    rocm = bool(getattr(torch.version, "hip", None))  # ROCm: torch knows per GPU architecture
+    return (rocm or major >= 8) and bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def gpu_choice(device: torch.device) -> Precision:
@@ -146,8 +141,7 @@ def gpu_choice(device: torch.device) -> Precision:
     return Precision("no", f"{name} (compute capability {major}.{minor}) has neither bf16 nor fp16 tensor cores")
 
 
-def decide(requested: str = "auto", device: torch.device | str | None = None,
-           probe: Callable[[], float] | None = None,
+def decide(requested: str = "auto", device: torch.device | str | None = None, probe: Callable[[], float] | None = None,
            cuda_choice: Callable[[torch.device], Precision] | None = None) -> Precision:
     """The precision for ``requested`` (``auto``/``bf16``/``fp16``/``no``) on ``device``.
 
@@ -159,14 +153,12 @@ def decide(requested: str = "auto", device: torch.device | str | None = None,
     if requested not in ("auto", "bf16", "fp16", "no"):
         raise ValueError(f"mixed_precision {requested!r}: expected auto, bf16, fp16 or no")
     device = pick_device(device)
-    if device.type == "cuda":
-        if requested != "auto":
-            return Precision(requested, "set explicitly", requested)
+    if device.type == "cuda" and requested == "auto":
         return dataclasses.replace((cuda_choice or gpu_choice)(device), requested="auto")
-    if device.type != "cpu":
+    if device.type not in ("cuda", "cpu"):
         return Precision("no" if requested == "auto" else requested,
                          f"{device.type}: no autocast measurement for this device", requested)
-    if requested in ("no", "fp16"):
+    if device.type == "cuda" or requested in ("no", "fp16"):
         return Precision(requested, "set explicitly", requested)
     if probe is None and _CPU_PROBE is None:
         _CPU_PROBE = probe_cpu_bf16()
@@ -214,13 +206,9 @@ def _has_triton() -> bool:
 
 def decide_compile(requested: str, device: torch.device | str,
                    has_triton: Callable[[], bool] = _has_triton) -> tuple[bool, str]:
-    """(compile?, why) for ``train.compile``. ``auto`` is a rule, not a measurement:
+    """(compile?, why) for ``train.compile``. ``auto`` is a rule, not a measurement (docs/design/training.md).
 
-    - CPU → off: inductor needs a C++ compiler at run time and compiles for minutes on a small CPU,
-      and a third of a distillation step here is the KL (~2 s of 7.7 s for 12L → 6L d768), which runs
-      in the chunk pool outside any graph. The README's CPU numbers are eager.
-    - CUDA, compute capability ≥ 7.0, triton importable → on, block by block (``compile_blocks``).
-    - CUDA without triton or below 7.0 → off (inductor's GPU kernels are triton kernels).
+    On for CUDA of compute capability ≥ 7.0 with triton importable (block by block: ``compile_blocks``), else off.
     """
     if requested not in ("auto", "on", "off"):
         raise ValueError(f"train.compile {requested!r}: expected auto, on or off")
@@ -272,9 +260,6 @@ class DevicePlan:
     def kd_chunk_elements(self) -> int:
         return kd_chunk_elements(self.device)
 
-    def compile_line(self) -> str:
-        return f"compile: {'on' if self.compile else 'off'} — {self.compile_reason}"
-
     def device_line(self, log_every: int | None = None) -> str:
         rows = max(1, self.kd_chunk_elements // GPT2_VOCAB)
         parts = [f"KL in chunks of {rows:,} rows of a {GPT2_VOCAB:,}-token vocabulary"]
@@ -286,7 +271,8 @@ class DevicePlan:
 
     def lines(self, log_every: int | None = None) -> list[str]:
         """What a stage logs at its start: the precision line, then compile, then the device line."""
-        return [self.precision.line(), self.compile_line(), self.device_line(log_every)]
+        return [self.precision.line(), f"compile: {'on' if self.compile else 'off'} — {self.compile_reason}",
+                self.device_line(log_every)]
 
     def apply(self) -> None:
         """Process-wide switches this plan needs (TF32 on CUDA; nothing on CPU)."""

@@ -113,9 +113,7 @@ def make_distill_loss(teacher: torch.nn.Module | None, dc: DistillConfig, tokeni
     are looked up by the batch's ``block_index`` (``teacher`` may then be None).
     """
     if cache is None:
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher.eval().requires_grad_(False)
     need_hidden = dc.alpha_cos > 0
     beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": dc.jsd_beta}[dc.loss]  # kd_loss's beta
     on_policy = OnPolicySampler(tokenizer, dc, seed) if dc.on_policy_fraction > 0 else None
@@ -160,8 +158,8 @@ def load_pruned_student(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
     field set to something else is an error rather than silently ignored."""
     sc = cfg.student
     student, _, meta = open_model(sc.from_dir)
-    shape = {"n_layer": student.config.n_layer, "n_embd": student.config.n_embd, "n_head": student.config.n_head,
-             "n_inner": student.config.n_inner or 4 * student.config.n_embd}
+    c = student.config
+    shape = {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_inner": c.n_inner or 4 * c.n_embd}
     for key, have in shape.items():
         asked = getattr(sc, key)
         if asked and asked != have:
@@ -169,16 +167,14 @@ def load_pruned_student(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
                               f"{key}={have}: with student.init=pruned the shape is the folder's (set student.{key}=0)")
     if sc.layers:
         raise ConfigError("student.layers picks teacher blocks; with student.init=pruned the blocks are the folder's")
-    info = {"init": "pruned", "from": display_path(sc.from_dir), "n_layer": shape["n_layer"], "n_inner": shape["n_inner"]}
-    for key in ("layers", "target", "block_params_removed"):
-        if key in (meta.get("student_init") or {}):
-            info[key] = meta["student_init"][key]
-    return student, info
+    info = {"init": "pruned", "from": display_path(sc.from_dir), "n_layer": c.n_layer, "n_inner": shape["n_inner"]}
+    pruned = meta.get("student_init") or {}
+    return student, info | {k: pruned[k] for k in ("layers", "target", "block_params_removed") if k in pruned}
 
 
 def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
     """Build the student from the teacher, distil it, save it to ``cfg.student.output_dir``."""
-    teacher_dir = Path(cfg.teacher.path)
+    sc, dc, teacher_dir = cfg.student, cfg.distill, Path(cfg.teacher.path)
     teacher, teacher_tok, teacher_meta = open_model(teacher_dir, tokenizer=cfg.tokenizer)
     tokenizer = stage_tokenizer(cfg, "distill")
     if not teacher_dir.is_dir():  # a hub teacher is its own base checkpoint
@@ -186,10 +182,9 @@ def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
 
     base = None
     inputs = {"teacher": weights_sha256(teacher)}
-    if cfg.student.init == "base" and teacher_meta.get("base_checkpoint"):
+    if sc.init == "base" and teacher_meta.get("base_checkpoint"):
         base = open_model(teacher_meta["base_checkpoint"]).model
         inputs["base"] = weights_sha256(base)
-    sc = cfg.student
     if sc.init == "pruned":
         student, init_info = load_pruned_student(cfg)
         inputs["student_init"] = weights_sha256(student)
@@ -201,7 +196,7 @@ def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
     check_same_vocab(teacher, student, teacher_tok, tokenizer)
     check_vocab(tokenizer, student, "student")
     check_block_size(cfg, student.config.n_positions, "student")
-    if cfg.distill.alpha_cos > 0 and student.config.n_embd != teacher.config.n_embd:
+    if dc.alpha_cos > 0 and student.config.n_embd != teacher.config.n_embd:
         # A learned projection would add weights trained only for the loss and thrown away after;
         # for a narrower student the KL and CE terms carry the signal, so the cosine term is refused.
         raise ModelError(f"distill.alpha_cos compares hidden states of equal width, but the student is "
@@ -211,27 +206,26 @@ def run_distill(cfg: RunConfig, resume: bool = False, **train_kwargs) -> Path:
     log.info("student: %d layers, init %s", student.config.n_layer, init_info)
 
     cache = None
-    if cfg.distill.teacher_cache.strip():
-        cache = TeacherCache.open(cfg.distill.teacher_cache).check(
+    if dc.teacher_cache.strip():
+        cache = TeacherCache.open(dc.teacher_cache).check(
             teacher_sha256=inputs["teacher"], data=inputs["data"], n_blocks=len(blocks["train"]),
-            temperature=cfg.distill.temperature, top_k=cfg.distill.cache_top_k)
+            temperature=dc.temperature, top_k=dc.cache_top_k)
         inputs["teacher_cache"] = cache.key  # a re-made cache (other k, T, teacher) is another input
         teacher = base = None  # the student is built: from here on the cache stands in for the teacher
-    loss_fn = make_distill_loss(teacher, cfg.distill, tokenizer, seed=cfg.train.seed, cache=cache)
-    if cfg.distill.on_policy_fraction > 0:
-        OnPolicySampler(tokenizer, cfg.distill, cfg.train.seed).prompt_length(cfg.data.block_size)  # fail before step 1
+    loss_fn = make_distill_loss(teacher, dc, tokenizer, seed=cfg.train.seed, cache=cache)
+    if dc.on_policy_fraction > 0:
+        OnPolicySampler(tokenizer, dc, cfg.train.seed).prompt_length(cfg.data.block_size)  # fail before step 1
     student, result = train(student, loss_fn, blocks, cfg, resume=resume, inputs=inputs,
                             extra_modules=[teacher] if teacher is not None else [], **train_kwargs)
     if not result.main:  # another process of a multi-process launch: the main one saves the model
-        return Path(cfg.student.output_dir)
-    dc = cfg.distill
+        return Path(sc.output_dir)
     meta = trained_meta(student, result, cfg, stage="distill", teacher=display_path(teacher_dir),
                         student_init=init_info, temperature=dc.temperature, alpha_kd=dc.alpha_kd,
                         alpha_ce=dc.alpha_ce, alpha_cos=dc.alpha_cos, loss=loss_name(dc),
                         teacher_val_ppl=teacher_meta.get("val_ppl"), teacher_sha256=inputs["teacher"])
     if cache is not None:  # offline KD: the kd term came from this cache, not from the live teacher
         meta["teacher_cache"] = {"key": cache.key, "top_k": cache.top_k, "temperature": cache.temperature}
-    out = save_model(student, tokenizer, cfg.student.output_dir, cfg, meta, model_card(cfg.name, meta, cfg),
+    out = save_model(student, tokenizer, sc.output_dir, cfg, meta, model_card(cfg.name, meta, cfg),
                      training_log_text(cfg.run_dir))
     print(f"student saved to {out}: {meta['n_params'] / 1e6:.1f}M parameters, {meta['n_layer']} layers, "
           f"validation perplexity {result.val_ppl:.2f}")

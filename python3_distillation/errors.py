@@ -2,10 +2,8 @@
 
     python -c "from python3_distillation.errors import BadInput; e = BadInput('top_p: too big', param='top_p'); print(e.status, e.exit_status)"
 
-Every input edge (configs, environment settings, request bodies, CLI files, sampling parameters,
-model and data folders) raises a :class:`BadInput`; commands catch it once (``cli.run_guarded``),
-the server once (``serving/errors.py``). Kept free of torch and transformers so a command can answer
-``--help`` or a typo in a config key without loading the heavy libraries.
+Caught once by commands (``cli.run_guarded``) and the server (``serving/errors.py``). Design notes:
+docs/design/training.md.
 """
 
 from __future__ import annotations

@@ -3,10 +3,8 @@
     python -m python3_distillation.experiments                 # every question; run again after a kill to resume
     python -m python3_distillation.experiments --only losses   # one question
 
-Three questions (pruning, augmentation, losses); every variant is a config diff in ``configs/exp_*.yaml``
-with the same student recipe, steps and seed, every stage resumes, and the models are measured as the
-report measures them. Results in README.md, "Experiments: pruning, teacher-generated data, the loss
-family"; which config answers what: docs/design/evaluation.md.
+Results in README.md, "Experiments: pruning, teacher-generated data, the loss family"; the three
+questions, which config answers what, and how stages resume: docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -95,15 +93,8 @@ def prune_stage(teacher_dir: Path, out: Path, target: float, batches: int) -> Pa
     return run_prune(teacher_dir, target, out, n_batches=batches, batch_size=4)
 
 
-def same_size_overrides(pruned_dir: Path) -> list[str]:
-    """The pruned model's shape, for the student that gets it without pruning."""
-    c = AutoConfig.from_pretrained(pruned_dir)
-    return [f"student.n_layer={c.n_layer}", f"student.n_inner={mlp_width(c)}"]
-
-
 def measure_models(teacher_dir: Path, models: dict[str, Path], eval_blocks: int) -> tuple[dict, dict]:
-    """Validation perplexity, top-1 agreement and KL(teacher ‖ ·) of every model, by the report's
-    ``measure_side_by_side`` (the lineage of every model checked against this teacher)."""
+    """Perplexity, top-1 agreement and KL(teacher ‖ ·) of every model, by the report's ``measure_side_by_side``."""
     entries, data_cfg, blocks, scores, _ = measure_side_by_side([("teacher", teacher_dir), *models.items()],
                                                                 eval_blocks, progress="measuring")
     results = {}
@@ -117,9 +108,8 @@ def measure_models(teacher_dir: Path, models: dict[str, Path], eval_blocks: int)
             "train_seconds": e.meta.get("train_seconds"), "loss": e.meta.get("loss"), "data": e.meta.get("data"),
             "init": e.meta.get("student_init"), "stage": e.meta.get("stage"),
         }
-    settings = {"data": data_cfg.train, "block_size": data_cfg.block_size, "eval_blocks": len(blocks),
-                "eval_tokens": blocks.n_tokens}
-    return results, settings
+    return results, {"data": data_cfg.train, "block_size": data_cfg.block_size, "eval_blocks": len(blocks),
+                     "eval_tokens": blocks.n_tokens}
 
 
 def _equal_steps(rows: list[dict]) -> str:
@@ -163,9 +153,8 @@ def render(results: dict, settings: dict, questions: list[str], out_dir: Path, m
                   "has the pruned model's shape, built from evenly spread teacher blocks and each block's largest "
                   "neurons by weight norm. Recovery and the same-size student are trained "
                   f"{_equal_steps([results[k] for k in results if 'KD recovery' in k or 'same-size' in k])}.", ""]
-        lines += markdown_table(["model", "blocks × MLP", "block params", "removed", "training", "val ppl", "top-1",
-                         "KL(teacher‖·)"], rows)
-        lines += ["", "![pruning](experiments_pruning.png)", ""]
+        lines += [*markdown_table(["model", "blocks × MLP", "block params", "removed", "training", "val ppl", "top-1",
+                                   "KL(teacher‖·)"], rows), "", "![pruning](experiments_pruning.png)", ""]
     if "augmentation" in questions:
         real, aug = results["forward_kl (real text)"], results["forward_kl (real + teacher samples)"]
         rows = [[label, f"`{r['data']}`", str(r["train_steps"]), *_fidelity(r)]
@@ -178,8 +167,8 @@ def render(results: dict, settings: dict, questions: list[str], out_dir: Path, m
                   f"Both {_equal_steps([real, aug])}. The augmented run draws {meta.get('mix', '')} of its blocks "
                   f"from {meta.get('augment_samples', 'n/a')} teacher continuations of training-text prompts "
                   f"(`gpt2-distill augment`: {meta.get('augment_settings', '')}).", ""]
-        lines += markdown_table(["model", "data", "steps", "val ppl", "top-1", "KL(teacher‖·)"], rows)
-        lines += ["", "![augmentation](experiments_augmentation.png)", ""]
+        lines += [*markdown_table(["model", "data", "steps", "val ppl", "top-1", "KL(teacher‖·)"], rows), "",
+                  "![augmentation](experiments_augmentation.png)", ""]
     if "losses" in questions:
         labels = ["forward_kl (real text)", "reverse_kl", "jsd (beta 0.5)", "forward_kl, on-policy 0.5"]
         rows = [[label, f"`{results[label]['loss']}`", str(results[label]["train_steps"]),
@@ -191,9 +180,8 @@ def render(results: dict, settings: dict, questions: list[str], out_dir: Path, m
         lines += ["## 3. The divergence, and on-policy batches", "",
                   f"Same student (v2's: 6 teacher blocks), same α and T, {_equal_steps([results[k] for k in labels])}; "
                   "only `distill.loss` / `distill.on_policy_fraction` differ.", ""]
-        lines += markdown_table(["model", "distill.loss", "steps", "train s", "val ppl", "top-1", "KL(teacher‖·)"],
-                                rows)
-        lines += ["", "![losses](experiments_losses.png)", ""]
+        lines += [*markdown_table(["model", "distill.loss", "steps", "train s", "val ppl", "top-1", "KL(teacher‖·)"],
+                                  rows), "", "![losses](experiments_losses.png)", ""]
     return "\n".join(lines)
 
 
@@ -212,10 +200,8 @@ def run_experiments(only: list[str] | None = None, root: Path = DEFAULT_ROOT, ou
     samples = root / "teacher_samples.jsonl"
     chosen = [v for v in variants(root) if set(v.questions) & set(questions)]
 
-    stages: list[tuple[str, object]] = []
-    for pct, t in TARGETS.items() if "pruning" in questions else ():
-        stages.append((f"prune{pct}",
-                       lambda t=t, pct=pct: prune_stage(teacher_dir, root / f"pruned{pct}", t, prune_batches)))
+    stages = [(f"prune{pct}", lambda t=t, pct=pct: prune_stage(teacher_dir, root / f"pruned{pct}", t, prune_batches))
+              for pct, t in TARGETS.items() if "pruning" in questions]
     if "augmentation" in questions:
         # appends what is missing, checks what is there
         stages.append(("augment", lambda: run_augment(base, samples, augment)))
@@ -224,8 +210,9 @@ def run_experiments(only: list[str] | None = None, root: Path = DEFAULT_ROOT, ou
     for v in chosen:
         def train_variant(v=v):
             extra = list(v.overrides)
-            if v.config.startswith("exp_same"):
-                extra += same_size_overrides(root / f"pruned{v.config.removeprefix('exp_same')}")
+            if v.config.startswith("exp_same"):  # the pruned model's shape, without pruning
+                c = AutoConfig.from_pretrained(root / f"pruned{v.config.removeprefix('exp_same')}")
+                extra += [f"student.n_layer={c.n_layer}", f"student.n_inner={mlp_width(c)}"]
             if v.config == "exp_kd_augmented":
                 extra.append(mixed_data)
             return run_distill(_cfg(v.config, root, list(overrides), extra), resume=True)

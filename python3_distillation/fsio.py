@@ -2,9 +2,7 @@
 
     python -c "from python3_distillation.fsio import atomic_write_text; atomic_write_text('x.txt', 'hi')"
 
-Every writer in the project goes through these functions (resumable.py builds its work folders on
-them), so a kill at any moment leaves the old content or the new one, never a mix, and a folder
-being replaced is never missing. Design notes: docs/design/data.md.
+Every writer in the project goes through these functions. Design notes: docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -39,15 +37,6 @@ def _fsync_path(path: Path) -> None:
             os.close(fd)
 
 
-def fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under ``folder`` (and itself), so a rename publishes durable data."""
-    folder = Path(folder)
-    for root, dirs, files in os.walk(folder):
-        for name in files + dirs:
-            _fsync_path(Path(root) / name)
-    _fsync_path(folder)
-
-
 def _libc():
     with contextlib.suppress(OSError):
         name = ctypes.util.find_library("c")
@@ -62,8 +51,7 @@ def _exchange(a: Path, b: Path) -> bool:
     fn = getattr(_LIBC, "renameat2", None)
     if fn is None:
         return False
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV):
@@ -77,41 +65,27 @@ def _umask() -> int:
     return umask
 
 
-def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder; give it the modes a plain mkdir/write would (umask), so another
-    user (a container's non-root user, a server account) can read what was written."""
-    umask = _umask()
-    os.chmod(folder, 0o777 & ~umask)
-    for f in folder.rglob("*"):
-        if not f.is_symlink():
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-
-
 def publish_dir(tmp: Path, dest: Path) -> None:
     """Make the finished folder ``tmp`` appear at ``dest`` (replacing any old one) in one step."""
     tmp, dest = Path(tmp), Path(dest)
-    _make_readable(tmp)
-    fsync_tree(tmp)
-    if dest.exists() or dest.is_symlink():
-        if dest.is_dir() and not dest.is_symlink() and _exchange(tmp, dest):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old content
-        else:
-            old = dest.with_name(f".{dest.name}-old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+    # The modes a plain mkdir/write would give (umask; mkdtemp makes 0700), so another user (a container's
+    # non-root user, a server account) can read it all; fsynced, so the rename publishes durable data.
+    umask = _umask()
+    for f in [*tmp.rglob("*"), tmp]:
+        if not f.is_symlink():
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+        _fsync_path(f)
+    if dest.is_dir() and not dest.is_symlink() and _exchange(tmp, dest):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old content
+    elif dest.exists() or dest.is_symlink():
+        old = dest.with_name(f".{dest.name}-old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)
     _fsync_path(dest.parent)
-
-
-def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # safetensors (a Rust I/O error) and torch's stream writer report the OS error only in the message.
-    text = str(e)
-    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
 
 
 def _size(n: float) -> str:
@@ -130,7 +104,10 @@ def reporting_disk_full(what: str, where: str | Path, need: int | None = None,
     try:
         yield
     except BaseException as e:
-        if not (_is_disk_full(e) or isinstance(e, DiskFullError)):  # the outermost report knows what is intact
+        # safetensors (a Rust I/O error) and torch's stream writer report the OS error only in the message.
+        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+                or any(s in str(e) for s in ("No space left on device", "StorageFull", "Disk quota exceeded")))
+        if not (full or isinstance(e, DiskFullError)):  # the outermost report knows what is intact
             raise
         where = Path(where)
         probe = next((p for p in (where, *where.parents) if p.exists()), Path("."))
@@ -175,8 +152,7 @@ def atomic_file(dest: str | Path, what: str = "a file", need: int | None = None)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     _fsync_path(dest.parent)
 
 
@@ -208,12 +184,8 @@ def sha256_json(obj) -> str:
 
 def read_rows(path: str | Path, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``out[i]`` = row ``rows[i]`` of a file of fixed-size rows (one row: ``out[0]``'s bytes), read with
-    ``readinto`` at the row's offset, one read when the rows are consecutive; returns ``out``.
-
-    Not a memory map: mapped pages count in the process's RSS while mapped, and with the kernel's
-    large page-cache folios one fault maps far more than the row asked for (measured: a 64-row
-    gather from a per-batch ``np.memmap`` raised RSS by ~60 MB). The page cache serves repeats.
-    """
+    ``readinto`` at the row's offset, one read when the rows are consecutive; returns ``out``. Not a
+    memory map (why: docs/design/data.md)."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     row_bytes = out.nbytes // max(1, len(out))
     consecutive = rows.size > 0 and bool(np.all(np.diff(rows) == 1))

@@ -204,14 +204,12 @@ def completed(gen, teacher, items: list[Item], size: int):
 def streamed(gen, items: list[Item]):
     """Like :func:`completed`, one prompt at a time, writing each prompt and its text to stdout as it comes."""
     for k, it in enumerate(items):
-        sys.stdout.write(("\n" if k else "") + it.prompt)
-        sys.stdout.flush()
+        print(("\n" if k else "") + it.prompt, end="", flush=True)
         c = None
         for ev in gen.stream_batch([it.prompt], it.params, truncate=True):
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
+            print(ev.text, end="", flush=True)
             c = ev.completion or c
-        sys.stdout.write("\n")
+        print()
         yield it, c, None
 
 
@@ -222,8 +220,7 @@ def run_file(args, gen, teacher, items: list[Item], out: IO[str]) -> None:
             rec = record(c)
             if t is not None:
                 rec["teacher"] = {k: v for k, v in record(t).items() if k != "prompt"}
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            out.flush()
+            print(json.dumps(rec, ensure_ascii=False), file=out, flush=True)
             bar.update()
 
 
@@ -311,14 +308,13 @@ def main(argv: list[str] | None = None, default_model: str = "v2", prog: str | N
         args = add_arguments(p, default_model).parse_args(argv)
     except SystemExit as e:  # --help, or a one-line usage error
         return int(e.code or 0)
-    gen_log = logging.getLogger("python3_distillation.generation")
-    level = gen_log.level
-    # The CLI prints its own truncation warnings, naming the prompt; silence the library's copy.
-    gen_log.setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
-    # Keep stderr to our lines and the batch bar: no loading bars or notices from transformers.
-    hf_verbosity, hf_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    gen_log = logging.getLogger("python3_distillation.generation")
+    level, hf_verbosity, hf_bars = gen_log.level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    # The CLI prints its own truncation warnings, naming the prompt: silence the library's copy. Keep stderr
+    # to our lines and the batch bar: no loading bars or notices from transformers.
+    gen_log.setLevel(logging.ERROR)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:

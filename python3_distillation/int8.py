@@ -3,11 +3,8 @@
     HF_HUB_OFFLINE=1 python -m pytest tests/test_quantize.py -q
 
 ``W ≈ scale[:, None] * q`` with ``scale = max|W_row| / 127`` for every block matmul and the tied token
-embedding / LM head (stored once); the rest stays fp32. The kernel is PyTorch's
-``aten._weight_int8pack_mm`` (dequantized per call where it is missing). On disk: compressed-tensors'
-``int-quantized`` folder, which plain transformers opens too; older ``gpt2_distill_int8`` folders
-still load. This module imports nothing from the project. Measured and explained in README.md,
-"Smaller and faster: int8 and narrow students"; the file layout: docs/design/training.md.
+embedding / LM head (stored once); the rest stays fp32. Imports nothing from the project. README.md, "Smaller
+and faster: int8 and narrow students"; the kernel and the file layout: docs/design/training.md.
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: returns (q int8 [rows, cols], scale fp32 [rows]) with ``w ≈ scale[:, None] * q``."""
     w = w.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
-    return q, scale
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale
 
 
 _KERNEL_OK: dict[str, bool] = {}
@@ -144,17 +140,12 @@ class Int8LMHead(nn.Module):
         return self.table(h)
 
 
-def _swap(model, name: str, new: nn.Module) -> None:
-    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    setattr(parent, name.rsplit(".", 1)[-1], new)
-
-
 def _to_int8(model, head: bool, make) -> GPT2LMHeadModel:
     """Every block matmul (and, with ``head``, the tied embedding + LM head) replaced by ``make(module)``."""
-    for i in range(model.config.n_layer):
+    for block in model.transformer.h:
         for proj in BLOCK_PROJECTIONS:
-            name = f"transformer.h.{i}.{proj}"
-            _swap(model, name, make(model.get_submodule(name)))
+            part, attr = proj.split(".")
+            setattr(block.get_submodule(part), attr, make(block.get_submodule(proj)))
     if head:
         table = make(model.lm_head)
         table.bias = None
@@ -265,10 +256,8 @@ def load_int8(path: str | Path) -> GPT2LMHeadModel:
     config = json.loads((path / "config.json").read_text())
     qcfg = config.pop("quantization_config")
     legacy = qcfg.get("quant_method") == LEGACY_METHOD
-    if legacy:
-        head = any(m.startswith("wte") for m in qcfg.get("modules", []))
-    else:
-        head = _TABLE_TARGET in next(iter(qcfg["config_groups"].values()))["targets"]
+    head = (any(m.startswith("wte") for m in qcfg.get("modules", [])) if legacy
+            else _TABLE_TARGET in next(iter(qcfg["config_groups"].values()))["targets"])
     weights_file = LEGACY_WEIGHTS_FILE if legacy else WEIGHTS_FILE
     if not (path / weights_file).exists():
         raise ValueError(f"{path}: an int8 folder without {weights_file}")

@@ -3,10 +3,7 @@
     python -c "from python3_distillation.models import open_model; from python3_distillation.lineage import weights_sha256; \
 print(weights_sha256(open_model('python3_distillation/gpt2_teacher').model))"
 
-Each saved model records ``weights_sha256`` (a hash of its own tensors) and ``fingerprint``:
-``{"inputs": {...}, "config": {...}}``: the hashes of what it was made from (the teacher's weights, a
-base checkpoint, the data) and the resolved config minus ``VOLATILE``. Explained in README.md,
-"Precision, resume and reproducibility".
+Explained in README.md, "Precision, resume and reproducibility"; design notes: docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -59,25 +56,14 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def tensor_sha256(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        _hash_tensor(h, t)
-    return h.hexdigest()
-
-
-def fingerprint_config(cfg: RunConfig) -> dict:
+def stage_fingerprint(cfg: RunConfig, inputs: dict) -> dict:
     d = yaml.safe_load(cfg.to_yaml())  # paths as saved: relative to the working directory
     for path in VOLATILE:
         node = d
         for key in path[:-1]:
             node = node.get(key, {})
         node.pop(path[-1], None)
-    return d
-
-
-def stage_fingerprint(cfg: RunConfig, inputs: dict) -> dict:
-    return {"inputs": dict(inputs), "config": fingerprint_config(cfg)}
+    return {"inputs": dict(inputs), "config": d}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -105,7 +91,9 @@ def _short(v) -> str:
 
 def data_fingerprint(blocks: dict) -> str:
     """The token data's identity: the cache key when the blocks carry one, else a hash of the tokens."""
-    key = getattr(blocks["train"], "fingerprint", None)
-    if key:
+    if key := getattr(blocks["train"], "fingerprint", None):
         return str(key)
-    return tensor_sha256(*(torch.as_tensor(blocks[s].ids[:]) for s in ("train", "validation")))
+    h = hashlib.sha256()
+    for split in ("train", "validation"):
+        _hash_tensor(h, torch.as_tensor(blocks[split].ids[:]))
+    return h.hexdigest()

@@ -86,15 +86,8 @@ class _ChunkedKD(torch.autograd.Function):
     """Sum over ``rows`` (None = all) of ``T² · D(p_t, p_s)`` / N; backward recomputes softmaxes per chunk."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        student: Tensor,
-        teacher: Tensor,
-        rows: Tensor | None,
-        temperature: float,
-        beta: float,
-        chunk_rows: int,
-    ) -> Tensor:
+    def forward(ctx, student: Tensor, teacher: Tensor, rows: Tensor | None,  # type: ignore[override]
+                temperature: float, beta: float, chunk_rows: int) -> Tensor:
         n = student.shape[0] if rows is None else rows.numel()
         dtype = _compute_dtype(student.dtype)
         # Per-row constant the gradient needs: KL(p_s‖p_t) for β = 1, Σ p_s·g for 0 < β < 1.
@@ -168,19 +161,11 @@ def _flat_rows(mask: Tensor | None, lead_shape: torch.Size, device: torch.device
     if mask.shape != lead_shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape {tuple(lead_shape)}")
     keep = mask.reshape(-1).to(device) != 0
-    if bool(keep.all()):
-        return None
-    return keep.nonzero().squeeze(1)
+    return None if bool(keep.all()) else keep.nonzero().squeeze(1)
 
 
-def kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 2.0,
-    chunk_rows: int | None = None,
-    beta: float = 0.0,
-) -> Tensor:
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 2.0,
+            chunk_rows: int | None = None, beta: float = 0.0) -> Tensor:
     """Soft-target loss over (..., V) logits, averaged over positions where ``mask`` (leading shape) is nonzero.
 
     ``beta=0``: ``F.kl_div(F.log_softmax(s/T, -1), F.softmax(t/T, -1), reduction="batchmean") * T**2``.
@@ -190,10 +175,8 @@ def kd_loss(
     ``default_chunk_rows(V, device)`` (16 rows of GPT-2's vocabulary on CPU, 1,024 on CUDA).
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-            "must have the same shape (same vocabulary size)"
-        )
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape (same vocabulary size)")
     chunk_rows = _checked_chunk_rows(student_logits, temperature, chunk_rows)
     vocab = student_logits.shape[-1]
     if not 0.0 <= beta <= 1.0:
@@ -275,15 +258,8 @@ def _bucket_log_probs(z: Tensor, ids: Tensor, lse: Tensor, log_tail: Tensor, i: 
     return torch.cat([z_named - log_total[:, None], log_rest[:, None]], dim=-1)
 
 
-def cached_kd_loss(
-    student_logits: Tensor,
-    top_ids: Tensor,
-    top_logprobs: Tensor,
-    tail_logprob: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 2.0,
-    chunk_rows: int | None = None,
-) -> Tensor:
+def cached_kd_loss(student_logits: Tensor, top_ids: Tensor, top_logprobs: Tensor, tail_logprob: Tensor,
+                   mask: Tensor | None = None, temperature: float = 2.0, chunk_rows: int | None = None) -> Tensor:
     """``T² · KL(P ‖ Q)`` against a cached teacher, averaged over the non-masked positions (fp32 scalar).
 
     The teacher is, per position, k distinct token ids (``top_ids``), their ``log softmax(t/T)``
@@ -303,8 +279,7 @@ def cached_kd_loss(
     k = top_ids.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k = {k} cached tokens per position; must be in [1, {vocab}]")
-    dtype = _compute_dtype(student_logits.dtype)
-    device = student_logits.device
+    dtype, device = _compute_dtype(student_logits.dtype), student_logits.device
     logp = torch.cat([top_logprobs.detach().to(device, dtype), tail_logprob.detach().to(device, dtype)[..., None]], -1)
     logp = (logp - torch.logsumexp(logp, dim=-1, keepdim=True)).reshape(-1, k + 1)
     ids = top_ids.detach().to(device, torch.int64).reshape(-1, k)
@@ -325,21 +300,18 @@ def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     targets = F.pad(labels[..., 1:], (0, 1), value=ignore_index).reshape(-1)
     flat = logits.reshape(-1, logits.shape[-1]).float()
     total = F.cross_entropy(flat, targets, ignore_index=ignore_index, reduction="sum")
-    count = (targets != ignore_index).sum().clamp(min=1)
-    return total / count
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def hidden_cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean over non-masked positions of ``1 − cos(s, t)`` (DistilBERT's hidden-state term), fp32 (0 if none)."""
     if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
-        raise ValueError(
-            f"hidden widths differ: student {student_hidden.shape[-1]} vs teacher {teacher_hidden.shape[-1]}; "
-            "cosine loss needs equal widths (add a linear projection of the student states)"
-        )
+        raise ValueError(f"hidden widths differ: student {student_hidden.shape[-1]} vs teacher "
+                         f"{teacher_hidden.shape[-1]}; cosine loss needs equal widths (add a linear projection of "
+                         "the student states)")
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"hidden shapes differ: {tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}")
-    cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.detach().float(), dim=-1)
-    per_pos = 1.0 - cos
+    per_pos = 1.0 - F.cosine_similarity(student_hidden.float(), teacher_hidden.detach().float(), dim=-1)
     if mask is None:
         return per_pos.mean()
     if mask.shape != per_pos.shape:

@@ -2,10 +2,8 @@
 
     python -c "from python3_distillation.models import open_model as o; print(o('python3_distillation/gpt2_teacher').meta)"
 
-Every model is ``transformers``' own ``GPT2LMHeadModel`` saved with ``save_pretrained``
-(safetensors), so it opens in ``AutoModelForCausalLM``, ``pipeline()`` and vLLM. ``open_model`` is
-the one way the project opens a model for use: fp32 and int8 folders (int8.py) alike, with the
-folder's tokenizer and lineage.
+``open_model`` is the one way the project opens a model for use: fp32 and int8 folders (int8.py) alike, with
+the folder's tokenizer and lineage. Design notes: docs/design/training.md.
 """
 
 from __future__ import annotations
@@ -154,8 +152,7 @@ def build_student(teacher: GPT2LMHeadModel, n_layer: int = 0, init: str = "teach
     fresh init (from ``seed``). Returns the model and a description of the init for the report.
     """
     n_teacher, d_teacher = teacher.config.n_layer, teacher.config.n_embd
-    n_layer = n_layer or n_teacher
-    n_embd = n_embd or d_teacher
+    n_layer, n_embd = n_layer or n_teacher, n_embd or d_teacher
     head_size = d_teacher // teacher.config.n_head
     n_head = n_head or (teacher.config.n_head if n_embd == d_teacher else max(1, n_embd // head_size))
     if n_embd > d_teacher:
@@ -294,8 +291,7 @@ def write_config(folder: str | Path, config: dict) -> None:
     config = dict(config)
     if "n_positions" in config:
         config.setdefault("n_ctx", config["n_positions"])
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    (Path(folder) / "config.json").write_text(text, encoding="utf-8")
+    (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def save_model(model, tokenizer, out_dir: str | Path, cfg: RunConfig | None = None, meta: dict | None = None,
@@ -321,14 +317,12 @@ def save_model(model, tokenizer, out_dir: str | Path, cfg: RunConfig | None = No
         for name in (CONFIG_FILE, TRAINING_LOG) if copy_from else ():
             if (Path(copy_from) / name).exists():
                 shutil.copy2(Path(copy_from) / name, tmp / name)
-        if cfg is not None:
-            (tmp / CONFIG_FILE).write_text(cfg.to_yaml((meta or {}).get("precision")), encoding="utf-8")
-        if meta is not None:
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
-        if training_log:
-            (tmp / TRAINING_LOG).write_text(training_log, encoding="utf-8")
+        texts = {CONFIG_FILE: None if cfg is None else cfg.to_yaml((meta or {}).get("precision")),
+                 META_FILE: None if meta is None else json.dumps(meta, indent=2, ensure_ascii=False),
+                 "README.md": card, TRAINING_LOG: training_log or None}
+        for name, text in texts.items():
+            if text is not None:  # None: not given (the copied config and training log stay)
+                (tmp / name).write_text(text, encoding="utf-8")
     return out_dir
 
 

@@ -21,8 +21,7 @@ def data_dir() -> Path:
     """Tokenizer, corpus, token shards, teacher caches: ``$DISTILL_DATA_DIR`` if set; else the
     checkout's ``data/`` when the package runs from a checkout (so `make` and a shell command, from
     any folder, share one copy); else ``$XDG_CACHE_HOME/python3_distillation`` (``~/.cache/…``)."""
-    env = os.environ.get("DISTILL_DATA_DIR")
-    if env:
+    if env := os.environ.get("DISTILL_DATA_DIR"):
         return Path(env).expanduser()
     try:  # a source checkout: the folder above the package holds the project's pyproject.toml
         project = (PACKAGE_DIR.parent / "pyproject.toml").read_text(encoding="utf-8")
@@ -77,9 +76,7 @@ def model_dir(name: str) -> Path:
     except KeyError:
         raise ValueError(f"unknown model name {name!r}; expected one of {sorted(MODEL_DIRS)}") from None
     local = Path.cwd() / PACKAGE_DIR.name / path.name
-    if path.parent == PACKAGE_DIR and local.is_dir():
-        return local
-    return path
+    return local if path.parent == PACKAGE_DIR and local.is_dir() else path
 
 
 def default_model_path(name: str) -> str:

@@ -4,10 +4,8 @@ share of the block parameters; recovered afterwards by distillation from the unp
     gpt2-distill prune python3_distillation/gpt2_teacher --target 0.5   # → python3_distillation/gpt2_teacher_pruned50
     gpt2-distill distill --config exp_prune50 student.from_dir=python3_distillation/gpt2_teacher_pruned50
 
-Only what a stock ``GPT2Config`` expresses goes: MLP neurons (one ``n_inner`` for every block) and
-whole blocks, measured on seeded training blocks; every kept weight is copied unchanged into a plain
-GPT-2 folder. Explained in README.md, "Experiments: pruning, teacher-generated data, the loss family";
-design notes: docs/design/evaluation.md.
+Explained in README.md, "Experiments: pruning, teacher-generated data, the loss family"; what can go
+and how it is chosen: docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -133,19 +131,14 @@ def block_importance(model: GPT2LMHeadModel, batches: list[torch.Tensor], seed: 
     """The loss increase (nats/token) on ``batches`` when each block alone is skipped."""
     n_layer, full = model.config.n_layer, torch.arange(mlp_width(model.config))
     base = _loss(model, batches)
-    out = []
-    for skip in tqdm(range(n_layer), desc="block importance", leave=False):
-        kept = [i for i in range(n_layer) if i != skip]
-        out.append(_loss(shrink(model, kept, [full] * len(kept), seed), batches) - base)
-    return out
+    kept = [[i for i in range(n_layer) if i != skip] for skip in range(n_layer)]  # each block skipped in turn
+    return [_loss(shrink(model, k, [full] * len(k), seed), batches) - base
+            for k in tqdm(kept, desc="block importance", leave=False)]
 
 
 def prune_model(model: GPT2LMHeadModel, target: float, importance_batches: list[torch.Tensor],
                 choice_batches: list[torch.Tensor], seed: int = 0) -> tuple[GPT2LMHeadModel, dict]:
-    """Prune ``model`` to remove at least ``target`` of its block parameters (docs/design/evaluation.md).
-
-    Returns the pruned model and what was measured and chosen.
-    """
+    """Remove at least ``target`` of ``model``'s block parameters; returns it and what was measured and chosen."""
     if not 0.0 < target < 1.0:
         raise ConfigError(f"the pruning target must be a fraction in (0, 1), got {target}")
     shapes = candidate_shapes(model, target)
@@ -204,22 +197,19 @@ def run_prune(model_dir: str | Path, target: float, out: str | Path | None = Non
     out = Path(out) if out else model_dir.with_name(f"{model_dir.name}_pruned{round(target * 100)}")
     source_sha = weights_sha256(model)
     from_teacher = source_meta.get("stage", "teacher") == "teacher"
-    meta = {
-        "stage": "prune", "source": display_path(model_dir), "source_sha256": source_sha,
-        # The teacher this model's lineage answers to: the source itself when it is a teacher.
-        "teacher": display_path(model_dir) if from_teacher else source_meta.get("teacher"),
-        "teacher_sha256": source_sha if from_teacher else source_meta.get("teacher_sha256"),
-        "student_init": {"init": "pruned", "from": display_path(model_dir), "layers": info["layers"],
-                         "n_inner": info["n_inner"], "target": target,
-                         "block_params_removed": round(info["block_params_removed"], 4)},
-        "n_params": count_parameters(pruned), "n_layer": pruned.config.n_layer, "n_embd": pruned.config.n_embd,
-        "n_inner": info["n_inner"],
-        "prune": {**info, "importance_blocks": n_batches * batch_size, "choice_blocks": n_batches * batch_size,
-                  "block_size": cfg.data.block_size, "data": cfg.data.train, "split": "train"},
-        "val_loss": None, "val_ppl": None, "seed": seed, "weights_sha256": weights_sha256(pruned),
-    }
-    out_cfg = copy.deepcopy(cfg)
-    out_cfg.name = out.name  # its own run name: no training log of the source is shown as this model's
+    meta = {"stage": "prune", "source": display_path(model_dir), "source_sha256": source_sha,
+            # The teacher this model's lineage answers to: the source itself when it is a teacher.
+            "teacher": display_path(model_dir) if from_teacher else source_meta.get("teacher"),
+            "teacher_sha256": source_sha if from_teacher else source_meta.get("teacher_sha256"),
+            "student_init": {"init": "pruned", "from": display_path(model_dir), "layers": info["layers"],
+                             "n_inner": info["n_inner"], "target": target,
+                             "block_params_removed": round(info["block_params_removed"], 4)},
+            "n_params": count_parameters(pruned), "n_layer": pruned.config.n_layer, "n_embd": pruned.config.n_embd,
+            "n_inner": info["n_inner"],
+            "prune": {**info, "importance_blocks": n_batches * batch_size, "choice_blocks": n_batches * batch_size,
+                      "block_size": cfg.data.block_size, "data": cfg.data.train, "split": "train"},
+            "val_loss": None, "val_ppl": None, "seed": seed, "weights_sha256": weights_sha256(pruned)}
+    out_cfg = cfg.model_copy(update={"name": out.name})  # its own run name: the source's training log is not its
     save_model(pruned, tokenizer, out, out_cfg, meta, model_card(out.name, meta, None, folder=out.name))
     print(f"pruned model saved to {out}: {info['n_layer']} blocks × {info['n_inner']} MLP neurons (kept blocks "
           f"{info['layers']}), {info['block_params_removed']:.1%} of the block parameters removed, "

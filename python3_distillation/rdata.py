@@ -2,10 +2,8 @@
 
     python -m python3_distillation.rdata path/to/Rdata.rdx path/to/Rdata.rdb
 
-R packages ship their ``data/`` this way; Debian's r-cran-janeaustenr holds one character vector
-per novel. Only what such data uses is read; anything else, and every malformed input, raises
-:class:`RDataError` (nesting, lengths and decompressed sizes are capped). Design notes:
-docs/design/data.md.
+R packages ship their ``data/`` this way. Types such data does not use, and every malformed input,
+raise :class:`RDataError`. Design notes: docs/design/data.md.
 """
 
 from __future__ import annotations

@@ -2,11 +2,7 @@
 
     python -c "from python3_distillation.resumable import jsonl_rows; print(jsonl_rows('runs/v2/metrics.jsonl')[-1])"
 
-:class:`WorkFolder` is how the token shards, the teacher cache and every checkpoint are written: the
-files go into ``.<name>.partial/`` beside the destination with a progress record (``progress.json``)
-a killed run resumes from, and the finished folder, its manifest written last, replaces the
-destination in one step. Every ``manifest.json`` is written, read and checked here. :func:`jsonl_rows`
-reads append-only JSONL (the training log, augmentation's samples), cutting off a torn last line.
+Every ``manifest.json`` is written, read and checked here. Design notes: docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -35,8 +31,7 @@ class WorkFolder:
         self.path = self.dest.with_name(f".{self.dest.name}.partial")
 
     def resume(self, accept: Callable[[dict], bool]) -> dict | None:
-        """The progress record of an interrupted run when ``accept`` takes it; otherwise None, and the
-        folder is made afresh (empty)."""
+        """The progress record of an interrupted run when ``accept`` takes it; else None, and an empty folder."""
         try:
             record = json.loads((self.path / PROGRESS).read_text())
         except (OSError, ValueError):
@@ -52,8 +47,7 @@ class WorkFolder:
         self.path.mkdir(parents=True)
 
     def commit(self, record: dict, sync: Iterable[Path] = ()) -> None:
-        """Record progress. The files in ``sync`` are synced first, so the record never claims more than
-        is on disk."""
+        """Record progress; the files in ``sync`` are synced first, so the record never claims more than is on disk."""
         for path in sync:
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
@@ -77,8 +71,7 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def read_manifest(folder: Path) -> dict:
-    """``folder``'s manifest. FileNotFoundError when there is none; ValueError or TypeError when it is not
-    a JSON object."""
+    """``folder``'s manifest: FileNotFoundError when there is none, ValueError or TypeError when not a JSON object."""
     manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
     if not isinstance(manifest, dict):
         raise TypeError(f"{MANIFEST} is not a JSON object")
@@ -98,8 +91,7 @@ def check_files(folder: Path, files: dict[str, dict], keys=("bytes", "sha256"), 
     (reads every byte). ``complete``: anything in the folder that is not listed is a mismatch too.
     """
     folder = Path(folder)
-    extra = sorted({p.name for p in folder.iterdir() if p.name != MANIFEST} - set(files)) if complete else []
-    if extra:
+    if complete and (extra := sorted({p.name for p in folder.iterdir() if p.name != MANIFEST} - set(files))):
         return f"files not in its manifest: {', '.join(extra)} (tampered with?)"
     for name, entry in files.items():
         path = folder / name

@@ -3,11 +3,8 @@
     gpt2-distill cache-teacher --config v2                                # → <data dir>/teacher_cache/v2
     gpt2-distill distill --config v2 distill.teacher_cache=data/teacher_cache/v2   # no teacher in memory
 
-``cache-teacher`` keeps, at every position of every training block, the teacher's
-``distill.cache_top_k`` most likely tokens (int32 ids, fp16 ``log softmax(t/T)``) and the log of the
-mass of all others (fp32 tail) in ``shard-NNNNN.{logprobs,ids,tail}`` files and a ``manifest.json``;
-training looks rows up by block index. Explained and measured in README.md, "Cached teacher logits
-(offline KD)"; design notes: docs/design/data.md.
+Explained and measured in README.md, "Cached teacher logits (offline KD)"; design notes:
+docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -52,12 +49,6 @@ def bytes_per_position(k: int) -> int:
     return k * (2 + 4) + 4
 
 
-def default_dir(cfg) -> Path:
-    """Where the cache of ``cfg`` goes: ``distill.teacher_cache``, else ``<data dir>/teacher_cache/<name>``."""
-    return Path(cfg.distill.teacher_cache).expanduser() if cfg.distill.teacher_cache.strip() \
-        else data_dir() / "teacher_cache" / cfg.name
-
-
 @torch.no_grad()
 def teacher_buckets(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log-probabilities (..., k) fp16, ids (..., k) int32, tail (...) fp32) of logits (..., V) at T.
@@ -70,13 +61,6 @@ def teacher_buckets(logits: torch.Tensor, k: int, temperature: float) -> tuple[t
     top = logp.topk(k, dim=-1)
     tail = torch.logsumexp(logp.scatter(-1, top.indices, -math.inf), dim=-1)
     return top.values.to(torch.float16), top.indices.to(torch.int32), tail
-
-
-def cache_key(teacher_sha256: str, data: str, n_blocks: int, block_size: int, top_k: int, temperature: float) -> str:
-    """The cache's identity: what decides every stored number (not the precision it ran in)."""
-    src = {"format": FORMAT, "teacher": teacher_sha256, "data": data, "n_blocks": n_blocks, "block_size": block_size,
-           "top_k": top_k, "temperature": float(temperature)}
-    return sha256_json(src)[:20]
 
 
 def _shard_file(s: int, name: str) -> str:
@@ -126,8 +110,7 @@ class TeacherCache:
         if fmt != FORMAT:
             raise DataError(f"{folder}: teacher cache format {fmt}, this version reads {FORMAT}; run cache-teacher again")
         for s, (a, b) in enumerate(_shards(n_blocks, per_shard)):
-            problem = _shard_problem(folder, s, b - a, block, k)
-            if problem:
+            if problem := _shard_problem(folder, s, b - a, block, k):
                 raise DataError(f"{folder}: {problem}; run cache-teacher again")
         return cls(folder, manifest)
 
@@ -172,13 +155,10 @@ class TeacherCache:
                 chunk_rows: int | None = None) -> torch.Tensor:
         """``losses.cached_kd_loss`` of the student's logits for the rows of ``block_index`` (T of the cache)."""
         device = student_logits.device
-
-        def to_device(t: torch.Tensor) -> torch.Tensor:
-            # Read from disk into pageable memory: a non_blocking copy from there is synchronous, so
-            # on CUDA the rows are pinned first (then the copy is queued and the host moves on).
-            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-        ids, logp, tail = (to_device(t) for t in self.rows(block_index))
+        # Read from disk into pageable memory: a non_blocking copy from there is synchronous, so
+        # on CUDA the rows are pinned first (then the copy is queued and the host moves on).
+        ids, logp, tail = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+                           for t in self.rows(block_index))
         return cached_kd_loss(student_logits, ids, logp, tail, mask, self.temperature, chunk_rows)
 
     def summary(self) -> str:
@@ -194,11 +174,15 @@ class TeacherCache:
 def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = None, shard_blocks: int | None = None,
                   on_shard: Callable[[int], None] | None = None) -> TeacherCache:
     """Store the top-k cache of ``cfg``'s teacher over its training blocks in ``out`` (default:
-    ``default_dir(cfg)``), resuming an interrupted run. Tests set ``shard_blocks`` and ``on_shard(s)``."""
+    ``distill.teacher_cache``, else ``<data dir>/teacher_cache/<name>``), resuming an interrupted run.
+    Tests set ``shard_blocks`` and ``on_shard(s)``."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would write the same shards
         raise ConfigError("cache-teacher runs in one process; start it with python or gpt2-distill, not a "
                           "multi-process launcher (training from the cache may use several)")
-    dest = Path(out).expanduser() if out else default_dir(cfg)
+    if out or cfg.distill.teacher_cache.strip():
+        dest = Path(out or cfg.distill.teacher_cache).expanduser()
+    else:
+        dest = data_dir() / "teacher_cache" / cfg.name
     teacher = open_model(cfg.teacher.path).model  # the teacher and blocks as run_distill loads them
     tokenizer = stage_tokenizer(cfg, "distill")
     check_vocab(tokenizer, teacher, "teacher")
@@ -212,17 +196,17 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
     n_blocks, block = len(train_blocks), train_blocks.ids.shape[1]
     teacher_sha = weights_sha256(teacher)
     data = data_fingerprint(blocks)
-    key = cache_key(teacher_sha, data, n_blocks, block, k, temperature)
+    # The cache's identity: what decides every stored number (not the precision it ran in).
+    key = sha256_json({"format": FORMAT, "teacher": teacher_sha, "data": data, "n_blocks": n_blocks,
+                       "block_size": block, "top_k": k, "temperature": float(temperature)})[:20]
 
     if (dest / MANIFEST).is_file():
         try:
-            existing = TeacherCache.open(dest)
+            if (existing := TeacherCache.open(dest)).key == key:
+                print(f"{dest}: up to date (same teacher, data, T and k)", file=sys.stderr)
+                return existing
         except DataError as e:
             log.warning("%s; making it again", e)
-            existing = None
-        if existing is not None and existing.key == key:
-            print(f"{dest}: up to date (same teacher, data, T and k)", file=sys.stderr)
-            return existing
         print(f"{dest}: holds a cache of other inputs (teacher, data, T or k changed); replacing it", file=sys.stderr)
     elif dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise DataError(f"{dest} exists and is not a teacher cache; choose another distill.teacher_cache or remove it")
@@ -245,8 +229,7 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
     plan.apply()
     for line in plan.lines():
         print(f"cache-teacher: {line}", file=sys.stderr)
-    precision = plan.precision
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.mode)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision.mode)
     teacher.to(device)
     batch_size = batch_size or cfg.train.batch_size
     t0 = time.perf_counter()
@@ -268,8 +251,7 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
                                                          enabled=autocast is not None):
                         logits = teacher(input_ids=ids).logits
                     for row in range(ids.shape[0]):  # one block at a time: one (T, V) fp32 temporary
-                        logp, top, tail = teacher_buckets(logits[row], k, temperature)
-                        for n, t in (("logprobs", logp), ("ids", top), ("tail", tail)):
+                        for n, t in zip(ARRAYS, teacher_buckets(logits[row], k, temperature)):  # logprobs, ids, tail
                             files[n].write(t.cpu().numpy().astype(ARRAYS[n], copy=False).tobytes())
                     bar.update(ids.shape[0])
             if on_shard is not None:
@@ -281,7 +263,7 @@ def cache_teacher(cfg, out: str | Path | None = None, batch_size: int | None = N
         "data": data, "n_blocks": n_blocks, "block_size": block, "top_k": k, "temperature": temperature,
         "vocab_size": vocab, "dtypes": {n: np.dtype(d).name for n, d in ARRAYS.items()},
         "blocks_per_shard": per_shard, "shards": len(shards), "bytes": total, "bytes_per_token": bytes_per_position(k),
-        "precision": precision.label,
+        "precision": plan.precision.label,
         "seconds": round(time.perf_counter() - t0, 2),  # of the run that finished it
         "resumed": bool(done), "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }

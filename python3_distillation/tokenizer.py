@@ -2,10 +2,7 @@
 
     python -m python3_distillation assets        # builds it (and the corpus) under the data dir
 
-A spec such as ``"gpt2"`` or ``"path/to/dir"`` is (1) a local folder holding a saved tokenizer;
-(2) a hub id, when the hub is reachable (``HF_HUB_OFFLINE`` honoured); (3) for ``gpt2`` only:
-rebuilt offline from GPT-2's BPE ranks in the openai-whisper source archive, cached under
-``<data dir>/tokenizer/gpt2``. Design notes: docs/design/data.md.
+Design notes (how a spec is resolved): docs/design/data.md.
 """
 
 from __future__ import annotations
@@ -81,11 +78,6 @@ def ranks_to_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], 
     return vocab, merges
 
 
-def read_tiktoken(data: bytes) -> dict[bytes, int]:
-    pairs = (line.split() for line in data.splitlines() if line.strip())
-    return {base64.b64decode(tok): int(rank) for tok, rank in pairs}
-
-
 def download_whisper_archive(download_dir: Path) -> Path:
     """The openai-whisper source archive in ``download_dir``, fetched with pip (no install, no dependencies)."""
     spec = f"openai-whisper=={WHISPER_VERSION}"
@@ -108,10 +100,10 @@ def build_gpt2_tokenizer(out_dir: Path, archive: Path | None = None) -> Path:
             data = tar.extractfile(TIKTOKEN_MEMBER).read()
     except (OSError, KeyError, tarfile.TarError) as e:
         raise AssetError(f"{archive}: cannot read {TIKTOKEN_MEMBER} ({e})") from e
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != TIKTOKEN_SHA256:
+    if (digest := hashlib.sha256(data).hexdigest()) != TIKTOKEN_SHA256:
         raise AssetError(f"{archive}: gpt2.tiktoken has sha256 {digest}, expected {TIKTOKEN_SHA256}")
-    vocab, merges = ranks_to_vocab_and_merges(read_tiktoken(data))
+    pairs = (line.split() for line in data.splitlines() if line.strip())
+    vocab, merges = ranks_to_vocab_and_merges({base64.b64decode(tok): int(rank) for tok, rank in pairs})
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")

@@ -78,9 +78,8 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Decay matrices only (GPT-2/nanoGPT convention): biases and LayerNorm gains keep their scale.
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     try:  # fused AdamW is ~3× faster than the for-each one on CPU (torch ≥ 2.4) and on CUDA
         return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -142,9 +141,8 @@ def evaluate_loss(model, blocks: Blocks, batch_size: int, max_blocks: int, accel
             count += tokens
     model.train(was_training)
     if world > 1:
-        sums = accelerator.reduce(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]),
-                                  reduction="sum")
-        total, count = sums.tolist()
+        count = torch.tensor(float(count), dtype=torch.float64, device=device)
+        total, count = accelerator.reduce(torch.stack([total, count]), reduction="sum").tolist()
     return float(total) / max(1, count)
 
 
@@ -170,13 +168,11 @@ def _resume_point(run_dir: Path, fingerprint: dict, world: int, max_steps: int,
             say(f"{run_dir}: no checkpoint verifies; starting this stage afresh")
         return None, None
     old = state.get("fingerprint") or {}
-    changed_inputs = differences(old.get("inputs", {}), fingerprint["inputs"])
-    if changed_inputs:
+    if changed_inputs := differences(old.get("inputs", {}), fingerprint["inputs"]):
         say(f"{run_dir}: what this stage is built from changed since {ckpt.name} "
               f"({'; '.join(changed_inputs)}); starting it afresh")
         return None, None
-    changed = differences(old.get("config", {}), fingerprint["config"])
-    if changed:
+    if changed := differences(old.get("config", {}), fingerprint["config"]):
         raise ConfigError(f"cannot resume {run_dir}: the config differs from the run being resumed "
                           f"({'; '.join(changed)}); restore it, or run without --resume to start afresh")
     if state.get("world_size", 1) != world:
@@ -198,10 +194,9 @@ def _clear_run(run_dir: Path, say: Callable[[str], None] = print) -> None:
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
 
 
-def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cfg: RunConfig,
-          resume: bool = False, extra_modules: list[torch.nn.Module] = (),
-          on_step: Callable[[int], None] | None = None, inputs: dict | None = None,
-          precision: Precision | None = None,
+def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cfg: RunConfig, resume: bool = False,
+          extra_modules: list[torch.nn.Module] = (), on_step: Callable[[int], None] | None = None,
+          inputs: dict | None = None, precision: Precision | None = None,
           on_checkpoint_write: Callable[[Path], None] | None = None) -> tuple[torch.nn.Module, TrainResult]:
     """Train ``model`` with ``loss_fn`` for ``cfg.train.max_steps``; returns the unwrapped model.
 
@@ -212,8 +207,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
     from accelerate.state import AcceleratorState
     from accelerate.utils import gather_object, set_seed
 
-    tc = cfg.train
-    run_dir = cfg.run_dir
+    tc, run_dir = cfg.train, cfg.run_dir
     # Without CUDA, accelerate forms a CPU process group (gloo) only when told cpu=True: a multi-process
     # launch would otherwise train N independent copies, every one of them writing the same files.
     cpu = pick_device(cpu=tc.cpu).type == "cpu"
@@ -266,15 +260,14 @@ def train(model: torch.nn.Module, loss_fn: LossFn, blocks: dict[str, Blocks], cf
     metrics_path = run_dir / METRICS_FILE
     if ckpt is not None:
         optimizer.load_state_dict(ckpt_io.load_optimizer_state(ckpt))
-        for group in optimizer.param_groups:
-            group["initial_lr"] = tc.lr
         if not ckpt_io.restore_rng(ckpt, rank):
             log.warning("%s: no RNG state for process %d; continuing from the seed", ckpt, rank)
         step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
         if main:
             atomic_write_text(metrics_path, training_log_text(run_dir, step))
         say(f"resumed from {ckpt} at step {step}")
-    # The schedule is a function of the step: rebuilt, not stored (last_epoch = steps already taken − 1).
+    # The schedule is a function of the step: rebuilt, not stored (last_epoch = steps already taken − 1);
+    # a resumed run's saved initial_lr is train.lr already (the config fingerprint includes it).
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", tc.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc), last_epoch=step - 1)

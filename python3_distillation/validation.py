@@ -3,10 +3,7 @@
     python -c "from python3_distillation.validation import Temperature; from pydantic import TypeAdapter; \
 print(TypeAdapter(Temperature).validate_python(0.7))"
 
-Configs, sampling parameters, request bodies, CLI JSONL rows and augmentation settings are pydantic
-models sharing the bounds declared once below (free of torch, so a typo is reported at once). Built
-from keywords, one raises its edge's :class:`BadInput` (one line naming the field), not pydantic's
-multi-line ``ValidationError``.
+Design notes: docs/design/training.md.
 """
 
 from __future__ import annotations

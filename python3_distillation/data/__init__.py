@@ -2,10 +2,7 @@
 
     gpt2-distill prepare-data --config teacher          # tokenize ahead of training, print the manifest
 
-Memory stays bounded whatever the corpus size: documents are read as a stream (documents.py,
-sources.py: local files, the embedded ``austen`` corpus or a streamed hub set), tokenized in pieces
-(tokenizing.py), each followed by EOS and appended to one flat ``uint16``/``uint32`` file per split
-(shards.py), and training reads just the rows of each batch (blocks.py).
+Memory stays bounded whatever the corpus size. Design notes: docs/design/data.md.
 """
 
 from python3_distillation.data.blocks import Blocks, MixedBlocks, TokenBlocks, batch_indices

@@ -118,11 +118,9 @@ def expand(spec: str) -> list[Path]:
 
 def is_local_spec(spec: str) -> bool:
     """Local when a part exists, names a .txt/.jsonl file, or is written as a path; else a hub id."""
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        if (Path(part).expanduser().exists() or part.startswith(("/", "./", "../", "~"))
-                or Path(part).suffix.lower() in SUFFIXES):
-            return True
-    return False
+    return any(Path(part).expanduser().exists() or part.startswith(("/", "./", "../", "~"))
+               or Path(part).suffix.lower() in SUFFIXES
+               for part in (p.strip() for p in spec.split(",") if p.strip()))
 
 
 def local_documents(spec: str, files: list[Path], cfg: DataConfig) -> Iterator[tuple[str, int]]:

@@ -93,12 +93,6 @@ def _read_manifest(folder: Path) -> dict | None:
     return None if problem else manifest
 
 
-def shard_key(plan: Plan, tokenizer, cfg: DataConfig) -> tuple[str, dict]:
-    key_src = {"v": CACHE_VERSION, "tok": tokenizer_fingerprint(tokenizer), "data": plan.fingerprint,
-               "doc": cfg.document, "field": cfg.text_field}
-    return sha256_json(key_src)[:20], key_src
-
-
 @contextlib.contextmanager
 def locked(root: Path) -> Iterator[None]:
     """Hold the lock of the token folder ``root`` (``<root>.lock`` beside it): processes that prepare
@@ -123,7 +117,9 @@ def prepare_tokens(cfg: DataConfig, tokenizer, data_dir: Path | None = None, see
         raise DataError("the tokenizer has no EOS token to separate documents")
     data_dir = Path(data_dir or default_data_dir())
     plan = plan_sources(cfg, data_dir, seed)
-    key, key_src = shard_key(plan, tokenizer, cfg)
+    key_src = {"v": CACHE_VERSION, "tok": tokenizer_fingerprint(tokenizer), "data": plan.fingerprint,
+               "doc": cfg.document, "field": cfg.text_field}
+    key = sha256_json(key_src)[:20]
     root = data_dir / TOKENS_DIR
     work = WorkFolder(root / key)
     manifest = _read_manifest(work.dest)
@@ -220,11 +216,8 @@ def _write_piece(chunks, name: str, plan: Plan, state: dict, work: Path) -> None
     holdout = plan.holdout is not None and name == "train"
     for chunk in chunks:
         ids, lengths = chunk_ids(chunk)
-        if holdout:
-            held = held_out(stream["docs"], len(lengths), *plan.holdout)
-            state["held"] += int(held.sum())
-        else:
-            held = np.zeros(len(lengths), dtype=bool)
+        held = held_out(stream["docs"], len(lengths), *plan.holdout) if holdout else np.zeros(len(lengths), bool)
+        state["held"] += int(held.sum())
         if held.any():
             by_token = np.repeat(held, lengths)
             writes = [("train", ids[~by_token], int((~held).sum())), ("validation", ids[by_token], int(held.sum()))]

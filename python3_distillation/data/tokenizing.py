@@ -27,8 +27,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     post-processor, added tokens, and the EOS id. Not padding or truncation: they are call settings
     that transformers changes per call, and the tokenization here uses neither."""
     h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    if (backend := getattr(tokenizer, "backend_tokenizer", None)) is not None:
         # Each component's own serialization (bytes), so the ~1.5 MB vocabulary + merges of GPT-2 are
         # hashed without being parsed into Python objects (~20 MB).
         for part in (backend.model, backend.normalizer, backend.pre_tokenizer, backend.post_processor):

@@ -59,14 +59,13 @@ def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: di
         lines.append(f"| seed | {meta['seed']} |")
     if meta.get("teacher_val_ppl") is not None:
         lines.append(f"| teacher validation perplexity | {fmt(meta.get('teacher_val_ppl'))} |")
-    for key, label in (("size_mb", "size on disk (MB)"), ("top1_teacher", "top-1 agreement with the teacher"),
-                       ("kl_teacher", "mean KL(teacher ‖ model) per position"),
-                       ("decode_tok_s_b1", "generation, batch 1 (tokens/s)"),
-                       ("decode_tok_s_b8", "generation, batch 8 (tokens/s)"), ("device", "measured on")):
-        if measured and measured.get(key) is not None:
-            value = measured[key]
-            spec = ".3f" if key in ("top1_teacher", "kl_teacher") else ".1f"
-            lines.append(f"| {label} | {value if isinstance(value, str) else fmt(value, spec)} |")
+    for key, label, spec in (("size_mb", "size on disk (MB)", ".1f"),
+                             ("top1_teacher", "top-1 agreement with the teacher", ".3f"),
+                             ("kl_teacher", "mean KL(teacher ‖ model) per position", ".3f"),
+                             ("tok_s_b1", "generation, batch 1 (tokens/s)", ".1f"),
+                             ("tok_s_b8", "generation, batch 8 (tokens/s)", ".1f"), ("device", "measured on", "")):
+        if (measured or {}).get(key) is not None:
+            lines.append(f"| {label} | {fmt(measured[key], spec)} |")
     lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f'tok = AutoTokenizer.from_pretrained("{folder}"); '
               f'model = AutoModelForCausalLM.from_pretrained("{folder}")', "```", ""]

@@ -2,14 +2,12 @@
 
     python -c "from python3_distillation.evaluation.measure import forward_flops_per_token as f; print(f(12, 768, 50257, 64))"
 
-The one place quality and speed are measured: the report, the experiments, ``quantize`` and the
-benchmarks all call it. Compared things are timed interleaved in one process (``interleaved``) so
-drift on a shared machine hits them all alike. Softmaxes and KLs run on the model's device in fp32;
-only the reduced sums come back to the host, once per call.
+The one place quality and speed are measured (design notes: docs/design/evaluation.md).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -64,27 +62,21 @@ def device_label(device: torch.device | str) -> str:
     return f"CPU, {n} thread{'s' if n > 1 else ''} (torch {torch.__version__})"
 
 
-def model_device(model) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else next(iter(model.buffers())).device
-
-
 @torch.no_grad()
 def quality(models: dict, blocks: Blocks, reference: str | None = None, batch_size: int = EVAL_BATCH,
             progress: str | None = None) -> dict[str, dict[str, float]]:
-    """Every model's mean next-token loss (nats/token) and perplexity on ``blocks`` and, with
-    ``reference`` (a key of ``models``), its fidelity to that model: ``top1``, the share of positions
-    where both pick the same most likely next token, and ``kl``, the mean KL(reference ‖ model) in
-    nats per position (T = 1). fp32, no autocast.
+    """Every model's mean next-token loss (nats/token) and perplexity on ``blocks``; with ``reference``, fidelity.
 
-    One pass: each batch runs every model once and the reference's log-probabilities are shared.
+    ``reference`` is a key of ``models``; fidelity to it is ``top1``, the share of positions where both pick the
+    same most likely next token, and ``kl``, the mean KL(reference ‖ model) in nats per position (T = 1). fp32, no
+    autocast; one pass, each batch running every model once (the reference's log-probabilities shared).
     ``progress`` labels a progress bar over the batches.
     """
     states = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
     # fp64 sums (Python floats' arithmetic) on each model's device; reference log-probs move only across devices.
-    devices = {k: model_device(m) for k, m in models.items()}
+    devices = {k: next(itertools.chain(m.parameters(), m.buffers())).device for k, m in models.items()}
     acc = {k: torch.zeros(3, dtype=torch.float64, device=devices[k]) for k in models}  # loss, top1, kl sums
     targets = positions = 0
     starts = range(0, len(blocks), batch_size)
@@ -92,8 +84,7 @@ def quality(models: dict, blocks: Blocks, reference: str | None = None, batch_si
         ids = blocks.ids[torch.arange(start, min(len(blocks), start + batch_size))]
         ref = None
         if reference is not None:
-            ref_logits = models[reference](input_ids=ids.to(devices[reference])).logits
-            ref = F.log_softmax(ref_logits.float(), -1)
+            ref = F.log_softmax(models[reference](input_ids=ids.to(devices[reference])).logits.float(), -1)
         for k, m in models.items():
             on = ids.to(devices[k])
             logits = m(input_ids=on).logits.float()

@@ -21,6 +21,7 @@ def _pyplot():
 
 
 def _save(fig, out: Path) -> None:
+    fig.tight_layout()
     with atomic_file(out, "a chart") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     _pyplot().close(fig)
@@ -39,8 +40,7 @@ def pareto_front(points: dict[str, tuple[float, float]], higher_x_better: bool =
 def plot_training_curves(curves: dict[str, list[dict]], out: Path) -> None:
     """Train cross-entropy (the students' total loss mixes in the KL, so CE is what compares) and
     validation loss against step, one colour per run."""
-    plt = _pyplot()
-    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_t, ax_v) = _pyplot().subplots(1, 2, figsize=(11, 4.2))
     for i, (label, rows) in enumerate(curves.items()):
         color = f"C{i % 10}"
         train = [(r["step"], r.get("ce", r.get("loss"))) for r in rows if r.get("ce", r.get("loss")) is not None]
@@ -57,15 +57,13 @@ def plot_training_curves(curves: dict[str, list[dict]], out: Path) -> None:
             ax.legend()
     if not (ax_t.lines or ax_v.lines):
         fig.text(0.5, 0.5, "no training logs found", ha="center", va="center")
-    fig.tight_layout()
     _save(fig, out)
 
 
 def plot_tradeoffs(models: dict[str, dict], out: Path) -> dict[str, list[str]]:
     """Perplexity against batch-1 tokens/s and against size on disk, one point per model, the Pareto
     front of each chart joined by a dashed line. Returns each chart's front (labels)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(12, 4.8))
     fronts = {}
     charts = (("tok_s_b1", True, "greedy generation, batch 1 (tokens/s)", "speed"),
               ("size_mb", False, "size on disk (MB)", "size"))
@@ -85,7 +83,6 @@ def plot_tradeoffs(models: dict[str, dict], out: Path) -> dict[str, list[str]]:
         ax.set_title(f"perplexity vs {name} ({'lower right' if higher_better else 'lower left'} is better)")
         ax.grid(alpha=0.3)
         ax.margins(0.2)
-    fig.tight_layout()
     _save(fig, out)
     return fronts
 
@@ -107,5 +104,4 @@ def bar_panels(panels: list[tuple[str, str, dict[str, float]]], title: str, out:
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
     _save(fig, out)

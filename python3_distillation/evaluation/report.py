@@ -4,15 +4,14 @@
     python -m python3_distillation report --quick               # fewer blocks, tokens and rounds
     python -m python3_distillation report --models teacher,v2,my/folder,alt=other/folder
 
-Every model is measured on the same validation blocks (the teacher's data config) and timed in
-interleaved rounds; each model folder's README.md card is rewritten with the measured numbers. A
-student is only put beside the teacher it was made from (the teacher weights hash it records).
-Results in README.md, "Results on the embedded default"; design notes: docs/design/evaluation.md.
+Results in README.md, "Results on the embedded default"; what is measured and how, and the lineage
+check: docs/design/evaluation.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -94,17 +93,15 @@ def resolve_models(spec: str) -> tuple[list[tuple[str, Path]], list[str]]:
 
 
 def load_entry(label: str, path: Path) -> Entry:
-    model, tok, meta = open_model(path)
-    return Entry(label, Path(path), model, tok, meta, saved_config(path))
+    return Entry(label, Path(path), *open_model(path), saved_config(path))
 
 
 def check_lineage(entries: list[Entry]) -> list[str]:
     """Refuse a student beside a teacher it was not distilled from; notes for what cannot be checked."""
     notes = []
     by_path = {e.path.resolve(): e for e in entries}
-    for e in entries:  # an int8 copy must be of the model now in its source folder
-        if e.meta.get("stage") != "quantize":
-            continue
+    # An int8 copy must be of the model now in its source folder.
+    for e in (q for q in entries if q.meta.get("stage") == "quantize"):
         source = by_path.get(Path(e.meta.get("source", "")).resolve())
         if source is not None and weights_sha256(source.model) != e.meta.get("source_sha256"):
             raise ModelError(f"{e.label} ({e.path}) is an int8 copy of an earlier {source.label}: {source.path} has "
@@ -171,10 +168,8 @@ def training_log(entry: Entry) -> list[dict]:
     found = next((f for f in candidates if f.exists()), None)
     rows = []
     for line in found.read_text(encoding="utf-8", errors="replace").splitlines() if found else []:
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
     return rows
 
 
@@ -214,18 +209,15 @@ def _loss_text(m: dict) -> str:
 
 def render_markdown(report: dict) -> str:
     models, s = report["models"], report["settings"]
-    lines = [
-        "# Distillation report",
-        "",
-        f"Measured {report['date']} on {report['device']}, all models in one run. Validation: "
-        f"{s['eval_blocks']} blocks × {s['block_size']} tokens of `{s['data']}` (the teacher's data config; "
-        f"the same blocks for every model), fp32 (int8 models in their own kernels). Fidelity: on the same "
-        f"blocks, the share of positions where the model's most likely next token is the teacher's, and the "
-        f"mean KL(teacher ‖ model) per position. Speed: greedy, {s['new_tokens']} new tokens after "
-        f"{measure.PROMPT_TOKENS}-token prompts from the validation text, EOS ignored, median of {s['rounds']} "
-        "interleaved rounds." + (" **Quick run** (fewer blocks, tokens and rounds)." if s.get("quick") else ""),
-        "",
-    ]
+    lines = ["# Distillation report", "",
+             f"Measured {report['date']} on {report['device']}, all models in one run. Validation: "
+             f"{s['eval_blocks']} blocks × {s['block_size']} tokens of `{s['data']}` (the teacher's data config; "
+             f"the same blocks for every model), fp32 (int8 models in their own kernels). Fidelity: on the same "
+             f"blocks, the share of positions where the model's most likely next token is the teacher's, and the "
+             f"mean KL(teacher ‖ model) per position. Speed: greedy, {s['new_tokens']} new tokens after "
+             f"{measure.PROMPT_TOKENS}-token prompts from the validation text, EOS ignored, median of {s['rounds']} "
+             "interleaved rounds." + (" **Quick run** (fewer blocks, tokens and rounds)." if s.get("quick") else ""),
+             ""]
     front = set(report.get("pareto", {}).get("speed", [])) | set(report.get("pareto", {}).get("size", []))
     lines += markdown_table(
         ["model", "precision", "layers × width", "params", "size MB", "val ppl", "ppl × teacher", "top-1 = teacher",
@@ -246,9 +238,8 @@ def render_markdown(report: dict) -> str:
     if ideal:
         lines += ["", "Ideal batch-1 speed-up from forward FLOPs per token (the 50k-vocabulary LM head stays in "
                   "every student): " + ", ".join(ideal) + "."]
-    lines += ["", "## KD vs CE-only", ""]
     kc = report.get("kd_vs_ce")
-    lines.append(kc["statement"] if kc else "Not compared: v2 and v2_ce are both needed.")
+    lines += ["", "## KD vs CE-only", "", kc["statement"] if kc else "Not compared: v2 and v2_ce are both needed."]
     lines += ["", "## Training", "", "Seconds: the training loop's, and the whole stage's (the command that made "
               "the model, start to finish: imports, data, evaluation and saving included).", ""]
     lines += markdown_table(
@@ -273,9 +264,7 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     entries, data_cfg, blocks, scores, lineage = measure_side_by_side(pairs, max_eval_blocks, quick, device)
     notes = [*(notes or []), *lineage]
     new_tokens, rounds = (16, 2) if quick else (32, 5)
-    ctx = min(e.model.config.n_positions for e in entries)
-    new_tokens = max(1, min(new_tokens, ctx - measure.PROMPT_TOKENS))
-    teacher = next((e for e in entries if e.label == "teacher"), None)
+    new_tokens = max(1, min(new_tokens, min(e.model.config.n_positions for e in entries) - measure.PROMPT_TOKENS))
     for label, q in scores.items():
         print(f"{label}: validation perplexity {q['ppl']:.2f}", file=sys.stderr)
     gens = {e.label: Generator(e.model, e.tokenizer, device=device, name=e.label) for e in entries}
@@ -283,8 +272,7 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     # One timing round holds every model at both batch sizes, so drift hits them all alike.
     speed = measure.decode_speed(gens, {1: prompts[:1], 8: prompts}, new_tokens, rounds)
 
-    prompt_len = statistics.mean(len(ids) for ids in entries[0].tokenizer(prompts)["input_ids"])
-    mean_ctx = prompt_len + new_tokens / 2
+    mean_ctx = statistics.mean(len(ids) for ids in entries[0].tokenizer(prompts)["input_ids"]) + new_tokens / 2
     models: dict[str, dict] = {}
     for e in entries:
         m, meta, q = e.model, e.meta, scores[e.label]
@@ -302,7 +290,7 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
                                         "alpha_ce", "temperature", "loss")},
             "train_precision": (meta.get("precision") or {}).get("label"),
         }
-    if teacher is not None:
+    if "teacher" in models:
         t = models["teacher"]
         for row in models.values():
             row.update(ppl_x_teacher=row["val_ppl"] / t["val_ppl"], speedup_b1=row["tok_s_b1"] / t["tok_s_b1"],
@@ -311,33 +299,26 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     else:
         notes.append("no teacher in --models: the × teacher and fidelity columns are n/a")
 
-    report = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": measure.device_label(device),
-        "settings": {"data": data_cfg.train, "block_size": data_cfg.block_size, "eval_blocks": len(blocks),
-                     "eval_tokens": blocks.n_tokens, "new_tokens": new_tokens, "rounds": rounds,
-                     "prompts": prompts, "quick": quick},
-        "models": models,
-        "kd_vs_ce": kd_vs_ce(models),
-        "pareto": plot_tradeoffs(models, out_dir / "tradeoffs.png"),
-        "notes": notes,
-    }
-    curves = {e.label: training_log(e) for e in entries}
-    plot_training_curves({k: v for k, v in curves.items() if v}, out_dir / "training_curves.png")
+    report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "device": measure.device_label(device),
+              "settings": {"data": data_cfg.train, "block_size": data_cfg.block_size, "eval_blocks": len(blocks),
+                           "eval_tokens": blocks.n_tokens, "new_tokens": new_tokens, "rounds": rounds,
+                           "prompts": prompts, "quick": quick},
+              "models": models, "kd_vs_ce": kd_vs_ce(models),
+              "pareto": plot_tradeoffs(models, out_dir / "tradeoffs.png"), "notes": notes}
+    plot_training_curves({e.label: rows for e in entries if (rows := training_log(e))}, out_dir / "training_curves.png")
     report["report_seconds"] = process_seconds()
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
     atomic_write_text(out_dir / "report.md", render_markdown(report))
 
     for e in entries:
         row = models[e.label]
-        measured = {"size_mb": row["size_mb"], "decode_tok_s_b1": row["tok_s_b1"], "decode_tok_s_b8": row["tok_s_b8"],
-                    "top1_teacher": row["top1_teacher"], "kl_teacher": row["kl_teacher"], "device": report["device"]}
         # The card shows this report's perplexity (fp32, the shared blocks), not the training eval.
         meta = {**e.meta, "val_ppl": row["val_ppl"]}
-        if teacher is not None and e is not teacher:
+        if "teacher" in models and e.label != "teacher":
             meta["teacher_val_ppl"] = models["teacher"]["val_ppl"]
-        name = e.cfg.name if e.cfg else e.label
-        update_model_files(e.path, card=model_card(name, meta, e.cfg, measured, folder=e.path.name))
+        update_model_files(e.path, card=model_card(e.cfg.name if e.cfg else e.label, meta, e.cfg,
+                                                   {**row, "device": report["device"]}, folder=e.path.name))
     return report
 
 

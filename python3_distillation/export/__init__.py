@@ -3,9 +3,8 @@
     gpt2-distill export python3_distillation/gpt2_student_v2 --to gguf --type q8_0   # → gpt2_student_v2-q8_0.gguf
     gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx [--int8]      # → gpt2_student_v2_onnx/
 
-An int8 folder is refused: its weights are already rounded, so a GGUF or ONNX made from it would be
-rounded twice; export the fp32 folder it came from and choose the target's 8-bit type (``--type q8_0``,
-``--int8``). Sources, outputs (complete or not at all) and engines: README.md, "Run your student elsewhere".
+Sources, outputs (complete or not at all) and engines: README.md, "Run your student elsewhere"; why an
+int8 folder is refused: docs/design/generation.md.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
     gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx            # → ..._v2_onnx/model.onnx
     gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx --int8     # → ..._v2_onnx_int8/ (ORT int8)
 
-One graph serves the prompt and every next token, the KV cache as inputs and outputs under optimum's
-GPT-2 names (``past_key_values.i.key`` / ``.value`` in, of length 0 on the first call; ``present.i.key`` /
-``.value`` out). Shapes and how it is made: docs/design/generation.md.
+One graph for the prompt and every next token, the KV cache in and out under optimum's GPT-2 names;
+names, shapes and how it is made: docs/design/generation.md.
 """
 
 from __future__ import annotations

@@ -5,6 +5,5 @@ g = Generator.from_pretrained('python3_distillation/gpt2_student_v2'); print(g.g
 """
 
 from python3_distillation.generation.generator import (  # noqa: F401
-    FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Completion, DecodeBatch, Generator, RowInput, StreamEvent,
-    complete_rows)
+    Completion, DecodeBatch, Generator, RowInput, StreamEvent, complete_rows)
 from python3_distillation.generation.sampling import GenerationError, SamplingParams  # noqa: F401

@@ -2,12 +2,9 @@
 
     HF_HUB_OFFLINE=1 DISTILL_COMPILE=1 python python3_distillation/distill_infer_v2.py "Emma"
 
-``CompiledGPT2Decoder`` is ``GPT2Decoder`` with the same cache layout; prefill stays eager, and each
-``step`` is one call for the whole batch (``CompiledStep``: AOTInductor on CPU, ``torch.compile`` on
-CUDA). Rows and columns are bucketed to powers of two, so that rows joining and the cache growing
-compile nothing new past their bucket. fp32 logits equal the eager step's to fp32 rounding; an int8
-logit may round one bfloat16 step the other way. When it is used and what it gains: README.md, "Serving"
-and "Benchmarks". Design notes: docs/design/generation.md.
+``CompiledGPT2Decoder`` is ``GPT2Decoder`` whose ``step`` is one call for the whole batch (``CompiledStep``);
+prefill stays eager. When it is used and what it gains: README.md, "Serving" and "Benchmarks"; engines,
+buckets and exactness: docs/design/generation.md.
 """
 
 from __future__ import annotations
@@ -176,18 +173,11 @@ CPU_FLOAT_OPTIONS = {"freezing": True}
 
 
 class CompiledStep:
-    """One model's ``StepGraph``, compiled: ``step(tokens, pos, col, valid, cache) → logits``. Engines:
+    """One model's ``StepGraph``, compiled: ``step(tokens, pos, col, valid, cache) → logits``.
 
-    * ``"aoti"``, the default on CPU: AOTInductor, the exported graph compiled ahead of time into a package
-      called as one C++ function: no dynamo guards and no Python between kernels (~0.2 ms of a 0.75 ms int8
-      step at batch 1 on 2 cores). Two packages per model: 1 row (static, so inductor's GEMMs pick their
-      blocking for it: int8 batch 1 0.53 against 0.77 ms a step with the rows dynamic) and 2 or more rows
-      (dynamic); columns are dynamic in both. Kept in ``<data dir>/compiled/`` under ``package_key``: a
-      restart loads each in ~0.1 s instead of compiling (~10–20 s).
-    * ``"dynamo"``, the default on CUDA: ``torch.compile`` per (rows, columns) bucket; on CUDA
-      ``mode="reduce-overhead"`` captures the step (no data-dependent control flow) as a CUDA graph, the
-      tensors it mutates marked static. It also runs on CPU (tests keep it honest).
-
+    ``engine``: ``"aoti"`` (AOTInductor, the default on CPU: one package for 1 row, one for 2+, kept in
+    ``<data dir>/compiled/`` under ``package_key``) or ``"dynamo"`` (``torch.compile`` per (rows, columns)
+    bucket, the default on CUDA); why each: docs/design/generation.md.
     ``options``: inductor's (defaults ``CPU_*_OPTIONS`` for AOTInductor, none for dynamo).
     ``compile_seconds``: each bucket's first call (compile or load + one run), keyed by rows for
     AOTInductor (``1`` or ``"2+"``), by (rows, columns) for dynamo.
@@ -214,9 +204,8 @@ class CompiledStep:
             self.key = package_key(self.graph, self.options)
             return
         self.mode = "reduce-overhead" if self.device.type == "cuda" and not self.options else None
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                               RECOMPILE_LIMIT)
+        for limit in ("recompile_limit", "accumulated_recompile_limit"):
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
         self.fn = torch.compile(self.graph, dynamic=False, fullgraph=True, mode=self.mode,
                                 options=self.options or None)
 

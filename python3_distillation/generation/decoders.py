@@ -93,18 +93,14 @@ def head(model, head_t: torch.Tensor | None) -> Fn:
     """``h [n, d] → float32 logits [n, V]``."""
     w = plain_head(model)
     if w is None:
-        module = model.lm_head
-        return lambda h: module(h).float()
+        return lambda h, module=model.lm_head: module(h).float()
     if head_t is None:
         return lambda h: F.linear(h, w).float()
     return lambda h: float_logits(h, w, head_t)
 
 
 def float_logits(h: torch.Tensor, w: torch.Tensor, head_t: torch.Tensor | None) -> torch.Tensor:
-    """``h [n, d] @ wᵀ`` as float32.
-
-    One row through ``head_t`` (``cpu_head_t``); several as a gemm with ``w`` as stored (measured fastest).
-    """
+    """``h [n, d] @ wᵀ`` in float32: one row via ``head_t`` (``cpu_head_t``), several as a gemm with ``w`` (fastest)."""
     if head_t is not None and h.shape[0] == 1:
         return torch.mm(h, head_t).float()
     return torch.mm(w, h.t()).t().contiguous().float()
@@ -123,14 +119,12 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class GPT2Decoder:
     """GPT-2's forward over the HF model's own modules, for decoding, with a cache rows can join.
 
-    The maths of ``GPT2LMHeadModel`` with SDPA attention (its GELU fused), minus the per-step work of the
-    general forward (building a 4-D mask, growing the cache by concatenation, keyword plumbing). Each layer's
-    cache is one tensor [rows, 2 (k/v), heads, columns, head dim]. Rows share the column axis: every row's
-    newest token is in column ``t - 1``, its older tokens to the left, its first real token at ``first[row]``
-    (left of it: other rows' history, masked out). A joining row's prompt is written right-aligned to ``t``;
-    the cache grows by reallocation (rows and columns) and columns no live row can see are cut off the left.
-    Everything is zero-initialised: masked columns still enter the attention product, and garbage there
-    could be NaN (NaN · 0 = NaN).
+    Each layer's cache is one tensor [rows, 2 (k/v), heads, columns, head dim]. Rows share the column axis:
+    every row's newest token is in column ``t - 1``, its older tokens to the left, its first real token at
+    ``first[row]`` (left of it: other rows' history, masked out). A joining row's prompt is written
+    right-aligned to ``t``; the cache grows by reallocation (rows and columns) and columns no live row can
+    see are cut off the left. Everything is zero-initialised: masked columns still enter the attention
+    product, and garbage there could be NaN (NaN · 0 = NaN). Why it is written out: docs/design/generation.md.
     """
 
     def __init__(self, model, head_t: torch.Tensor | None = None):
@@ -152,12 +146,10 @@ class GPT2Decoder:
     def supports(model) -> bool:
         """A transformers GPT2LMHeadModel of the standard shape; its modules may be of any type."""
         cfg = model.config
-        if type(model) is not GPT2LMHeadModel or cfg.n_embd % cfg.n_head:
-            return False
-        if getattr(cfg, "add_cross_attention", False) or getattr(cfg, "reorder_and_upcast_attn", False):
-            return False
         # A float Linear head with a bias would be skipped by plain_head's fast path; any other head is called.
-        return not (type(model.lm_head) is torch.nn.Linear and model.lm_head.bias is not None)
+        return (type(model) is GPT2LMHeadModel and not cfg.n_embd % cfg.n_head
+                and not (getattr(cfg, "add_cross_attention", False) or getattr(cfg, "reorder_and_upcast_attn", False))
+                and not (type(model.lm_head) is torch.nn.Linear and model.lm_head.bias is not None))
 
     @property
     def capacity(self) -> tuple[int, int]:
@@ -217,14 +209,13 @@ class GPT2Decoder:
             self.t, self.first = width, []  # a fresh batch starts with its prompts' width
         self._fit(self.n + k, width, max(room, 1))
         r0, r1, c0, c1 = self.n, self.n + k, self.t - width, self.t
-        dev = self.device
         self.valid[r0:r1] = False
         self.valid[r0:r1, c0:c1] = mask
         pos = (mask.long().cumsum(1) - 1).clamp_(min=0)
         self.pos[r0:r1] = pos[:, -1] + 1
-        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril_()
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril_()
         # Pad queries attend to themselves only, so no softmax row is empty (which would be NaN).
-        allowed = (causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)[None]
+        allowed = (causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)[None]
         h = self.wte(ids) + self.wpe(pos)
         h = self._blocks(h, slice(r0, r1), c0, c1, c0, additive(allowed[:, None], self.dtype))
         pads = (~mask).long().sum(1).tolist()  # left padding: real tokens start after the pads
@@ -257,9 +248,8 @@ class GPT2Decoder:
         for hole, src in zip(holes, movers):
             for kv in self.cache:
                 kv[hole, :, :, lo:self.t] = kv[src, :, :, lo:self.t]
-            self.valid[hole] = self.valid[src]
-            self.pos[hole] = self.pos[src]
-            self.first[hole] = self.first[src]
+            for per_row in (self.valid, self.pos, self.first):
+                per_row[hole] = per_row[src]
             order[hole] = src
         self.n = n_keep
         self.first = self.first[:n_keep]
@@ -341,8 +331,7 @@ class HFDecoder:
         select = getattr(self.cache, "batch_select_indices", None)
         if select is None:
             return None
-        gone = set(rows)
-        keep = [i for i in range(self.n) if i not in gone]
+        keep = sorted(set(range(self.n)) - set(rows))
         idx = torch.tensor(keep, device=self.mask.device)
         select(idx)
         self.mask, self.pos = self.mask[idx], self.pos[idx]

@@ -3,14 +3,12 @@
     HF_HUB_OFFLINE=1 python -c "from python3_distillation.generation import Generator, SamplingParams as P; \
 g = Generator.from_pretrained('python3_distillation/gpt2_student_v2'); print(g.generate(['It is'], P(seed=1))[0].text)"
 
-``DecodeBatch.step`` runs one forward for the rows decoding, prefills the rows joining (LEFT padded,
-per-row ``position_ids``, into the same cache) and picks one token per row; finished rows leave a few at
-a time. A row whose own data fails a step (its prefill, sampling or text) fails alone, with an error
-event; a failing forward of the whole batch fails every row. Continuous batching: README.md, "Serving".
+Continuous batching: README.md, "Serving"; how a step runs and fails: docs/design/generation.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -199,8 +197,7 @@ class Generator:
     def generate(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams],
                  truncate: bool = False) -> list[Completion]:
         """Complete every prompt in one batched decode; results in prompt order."""
-        done = _finished(self.stream_batch(prompts, params, truncate=truncate))
-        return [done[i] for i in range(len(done))]
+        return [c for _, c in sorted(_finished(self.stream_batch(prompts, params, truncate=truncate)).items())]
 
     def stream(self, prompt: str, params: SamplingParams, truncate: bool = False) -> Iterator[str]:
         """Text pieces of one completion as they are produced (they concatenate to its ``text``)."""
@@ -219,9 +216,8 @@ class Generator:
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise GenerationError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
-        for p in plist:
-            if not isinstance(p, SamplingParams):
-                raise GenerationError(f"expected SamplingParams, got {type(p).__name__}")
+        if bad := [p for p in plist if not isinstance(p, SamplingParams)]:
+            raise GenerationError(f"expected SamplingParams, got {type(bad[0]).__name__}")
         rows = [RowInput(i, p, self.check_prompt(p, q, truncate), q) for i, (p, q) in enumerate(zip(prompts, plist))]
         return self._run(rows, cancelled)
 
@@ -312,15 +308,11 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def step(self, new: Sequence[RowInput] = (), stop: Callable[[Any], bool] | None = None) -> list[StreamEvent]:
-        events: list[StreamEvent] = []
-        if stop is not None:
-            events += [self._finish(r, FINISH_CANCELLED) for r in self.rows if not r.done and stop(r.key)]
-        joining = []
-        for inp in new:
-            if stop is not None and stop(inp.key):
-                events.append(self._finish(self._row(inp), FINISH_CANCELLED))
-            else:
-                joining.append(inp)
+        stop = stop or (lambda key: False)
+        events = [self._finish(r, FINISH_CANCELLED) for r in self.rows if not r.done and stop(r.key)]
+        stopped = [stop(inp.key) for inp in new]
+        events += [self._finish(self._row(inp), FINISH_CANCELLED) for inp, s in zip(new, stopped) if s]
+        joining = [inp for inp, s in zip(new, stopped) if not s]
         self._prune(force=bool(joining))
         logits = []
         if self.rows:
@@ -348,22 +340,19 @@ class DecodeBatch:
         rows = [self._row(inp) for inp in inputs]
         room = max([r.remaining for r in rows] + [r.remaining for r in self.rows if not r.done])
         if len(rows) > 1:
-            try:
+            with contextlib.suppress(Exception):  # retried row by row below
                 return self._prefill(rows, room)
-            except Exception:
-                pass  # retried row by row below
         logits = [x for x in self._alone(rows, lambda j, r: self._prefill([r], room), events, "join") if x is not None]
         return torch.cat(logits) if logits else None
 
     def _alone(self, rows: list[_Row], fn: Callable[[int, _Row], Any], events: list[StreamEvent], what: str) -> list:
         """``fn(j, row)`` of each row alone, after the batch's call failed: only the rows at fault fail (None)."""
-        out = []
+        out = [None] * len(rows)
         for j, r in enumerate(rows):
             try:
-                out.append(None if r.done else fn(j, r))
+                out[j] = None if r.done else fn(j, r)
             except Exception as e:
                 self._fail(r, e, events, what)
-                out.append(None)
         return out
 
     def _fail(self, row: _Row, e: Exception, events: list[StreamEvent], what: str) -> None:

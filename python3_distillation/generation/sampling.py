@@ -2,10 +2,8 @@
 
     python -c "from python3_distillation.generation import SamplingParams; print(SamplingParams(temperature=0))"
 
-Every row has its own settings (greedy, temperature, top-k, top-p, CTRL repetition penalty), applied to
-the whole batch at once. Each sampled row owns a CPU ``torch.Generator`` and draws exactly one uniform number
-per sampled token, turned into a token by inverse-CDF on the row's own probabilities on the model's device,
-so a seed means the same text on CPU and CUDA whatever batch position or neighbours the row has.
+Per-row settings, applied to the whole batch at once; why a seed gives the same text on CPU and CUDA in any
+batch position: docs/design/generation.md.
 """
 
 from __future__ import annotations

@@ -78,8 +78,6 @@ class RowText:
         return hold
 
     def _emit(self, upto: int) -> str:
-        if upto <= self.emitted:
-            return ""
-        out = self.text[self.emitted:upto]
-        self.emitted = upto
+        out = self.text[self.emitted:upto]  # "" when nothing new is safe
+        self.emitted = max(self.emitted, upto)
         return out

@@ -5,9 +5,8 @@
     curl -s localhost:6006/api/generate -H 'Content-Type: application/json' \\
          -d '{"prompts": ["It is a truth", "Emma"], "max_new_tokens": 20, "temperature": 0}'
 
-Native ``/api/generate`` and ``/api/info``; OpenAI's ``/v1/completions`` and ``/v1/models``. Rows are checked
-and tokenized on the request's own thread, so a bad request fails alone with a 4xx before the model's worker
-sees it. Routes and the fields accepted: README.md, "Serving". Design notes: docs/design/serving.md.
+Native ``/api/generate`` and ``/api/info``; OpenAI's ``/v1/completions`` and ``/v1/models``. Routes and the
+fields accepted: README.md, "Serving". Design notes: docs/design/serving.md.
 """
 
 from __future__ import annotations
@@ -81,16 +80,12 @@ class Admitted:
     """A job in the running batch, counted in flight until ``release`` (which may be called any number of times)."""
 
     def __init__(self, st: ServingState, job: Job):
-        self.job, self._st, self._released = job, st, False
-        self._lock = threading.Lock()
+        self.job, self._st, self._once = job, st, threading.Lock()
         st.metrics.in_flight.inc()
 
     def release(self) -> None:
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        self._st.metrics.in_flight.dec()
+        if self._once.acquire(blocking=False):  # never released: only the first call gets it
+            self._st.metrics.in_flight.dec()
 
 
 def submit(st: ServingState, batcher: Batcher, rows: list[RowInput]) -> Admitted:
@@ -145,8 +140,7 @@ def collect(admitted: Admitted) -> list[Completion]:
         raise job_error(e) from None
     finally:
         admitted.release()
-    missing = [i for i, c in enumerate(done) if c is None]
-    if missing:
+    if missing := [i for i, c in enumerate(done) if c is None]:
         raise ApiError(500, f"rows {missing} ended without a completion", "server_error")
     return done  # type: ignore[return-value]
 
@@ -190,13 +184,10 @@ def generate() -> Response:
     key = "prompt" if req.prompt is not None else "prompts"
     if len(prompts) > st.config.max_prompts:
         raise invalid(f"{len(prompts)} prompts in one request; the limit is {st.config.max_prompts}", key)
-    params = req.params()
-    rows = rows_for(gen, prompts, [params] * len(prompts), key)
+    rows = rows_for(gen, prompts, [req.params()] * len(prompts), key)
     t0 = time.monotonic()
     admitted = submit(st, batcher, rows)
-    done = collect(admitted)
-    job = admitted.job
-    total = time.monotonic() - t0
+    done, job = collect(admitted), admitted.job
     out = [{"index": i, "prompt": c.prompt, "text": c.text, "prompt_tokens": c.prompt_tokens,
             "completion_tokens": c.completion_tokens, "finish_reason": job.finish_reason(c),
             "seconds": round(c.seconds, 4),
@@ -204,7 +195,7 @@ def generate() -> Response:
            for i, c in enumerate(done)]
     return jsonify({"model": name, "completions": out, "usage": usage(done),
                     "timings": {"queue_seconds": round((job.started or t0) - job.submitted, 4),
-                                "total_seconds": round(total, 4), "batch_rows": job.batch_rows}})
+                                "total_seconds": round(time.monotonic() - t0, 4), "batch_rows": job.batch_rows}})
 
 
 @bp.get("/api/info")
@@ -232,12 +223,12 @@ def completions() -> Response:
     samples = [base if base.seed is None or j == 0
                else base.model_copy(update={"seed": (base.seed + j) % SEED_LIMIT}) for j in range(n)]
     row_prompts = [p for p in prompts for _ in range(n)]
-    rows = rows_for(gen, row_prompts, [samples[j] for _ in prompts for j in range(n)])
     first_rows = list(range(0, len(row_prompts), n))
-    admitted = submit(st, batcher, rows)
+    admitted = submit(st, batcher, rows_for(gen, row_prompts, samples * len(prompts)))
     job = admitted.job
-    cid, created, echo = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), bool(req.echo)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": name}
+    echo, include_usage = bool(req.echo), bool(req.stream_options and req.stream_options.include_usage)
 
     def choice(i: int, text: str, c: Completion | None = None) -> dict[str, Any]:
         """Choice ``i`` with ``text``; finished when its completion ``c`` is given."""
@@ -248,17 +239,13 @@ def completions() -> Response:
 
     if not req.stream:
         done = collect(admitted)
-        return jsonify({"id": cid, "object": "text_completion", "created": created, "model": name,
-                        "system_fingerprint": None,
+        return jsonify({**head, "system_fingerprint": None,
                         "choices": [choice(i, (c.prompt if echo else "") + c.text, c) for i, c in enumerate(done)],
                         "usage": usage(done, first_rows)})
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        obj = {"id": cid, "object": "text_completion", "created": created, "model": name, "choices": choices}
-        if include_usage:
-            obj["usage"] = None
-        obj.update(extra)
-        return sse(obj)
+        # With include_usage every chunk has "usage": null but the last, which carries the totals.
+        return sse({**head, "choices": choices, **({"usage": None} | extra if include_usage else extra)})
 
     def events() -> Iterator[str]:
         done: list[Completion | None] = [None] * len(row_prompts)

@@ -4,14 +4,14 @@
 app = create_app({'model_dirs': ['python3_distillation/gpt2_student_v2'], 'load_in_background': False}); \
 print(app.test_client().get('/ready').get_json()); app.extensions['distill'].close()"
 
-Here: the page, the probes and what every request passes through (the Host allow-list, JSON-only POST
-bodies, request ids, metrics, security headers). ``app.extensions["distill"]`` is the app's state; its
-``close()`` stops the batcher threads (done at process exit for every app still open). Routes and the
-guards' reasons: README.md, "Serving". Design notes: docs/design/serving.md.
+Here: the page, the probes and what every request passes through (Host allow-list, JSON-only POST bodies,
+request ids, metrics, security headers). ``app.extensions["distill"]`` is the app's state (``close()`` stops
+its batchers). Routes and the guards' reasons: README.md, "Serving"; design notes: docs/design/serving.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -73,10 +73,8 @@ def create_app(config: ServeConfig | Mapping | None = None,
 
 
 def _load_quietly(st: ServingState) -> None:
-    try:
+    with contextlib.suppress(Exception):  # already logged; /health and /ready report it with 503
         st.load()
-    except Exception:
-        pass  # already logged; /health and /ready report it with 503
 
 
 def host_name(header: str) -> str:
@@ -96,14 +94,11 @@ class HostAllowList:
         binds = [host_name(b) for b in config.host.split(",")]
         self.any_host = "*" in config.allowed_hosts
         self.any_ip = any(b in WILDCARD_BINDS for b in binds)
-        self.names = LOOPBACK_NAMES | {b for b in binds if b not in WILDCARD_BINDS} | {
-            host_name(h) for h in config.allowed_hosts}
+        self.names = LOOPBACK_NAMES | (set(binds) - WILDCARD_BINDS) | {host_name(h) for h in config.allowed_hosts}
 
     def allows(self, header: str | None) -> bool:
-        if self.any_host:
-            return True
-        if not header:
-            return False
+        if self.any_host or not header:
+            return self.any_host
         name = host_name(header)
         if name in self.names:
             return True

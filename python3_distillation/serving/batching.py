@@ -2,14 +2,12 @@
 
     HF_HUB_OFFLINE=1 python -m pytest tests/serving/test_batching.py -q
 
-One worker thread per model, the only thread that runs it; request threads ``submit`` a ``Job`` to its
-bounded waiting line and read the job's event queue. ``continuous=False`` is static batching (new jobs
-wait for the running batch), kept for the benchmark. Explained and measured in README.md, "Serving"
-(continuous batching). Design notes: docs/design/serving.md.
+Explained and measured in README.md, "Serving" (continuous batching). Design notes: docs/design/serving.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -61,10 +59,6 @@ class Job:
     failed: bool = False
     _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    def __post_init__(self) -> None:
-        if not self.rows:
-            raise ValueError("a job needs at least one row")
 
     def cancel(self) -> None:
         """Stop this job's rows at the next decode step (the client went away or gave up)."""
@@ -126,7 +120,6 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self.error: str | None = None  # why the worker died, if it did
-        self.running_rows = 0
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -145,11 +138,8 @@ class Batcher:
 
     def withdraw(self, job: Job) -> None:
         """Take ``job`` out of the line if it is still waiting (its client gave up)."""
-        with self._cond:
-            try:
-                self._line.remove(job)
-            except ValueError:
-                return
+        with self._cond, contextlib.suppress(ValueError):
+            self._line.remove(job)
             self._set_depth()
 
     def close(self) -> None:
@@ -176,10 +166,7 @@ class Batcher:
         """Jobs that join at this step (None: closed). Blocks only while nothing is decoding."""
         with self._cond:
             if not running:
-                while not self._line and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return None
+                self._cond.wait_for(lambda: self._line or self._closed)
                 # An idle model waits a moment for company: a burst of requests shares one prefill.
                 start, seen = time.monotonic(), len(self._line)
                 quiet_until = start + self.window_s
@@ -195,11 +182,10 @@ class Batcher:
                 return None
             if running and (not self.continuous or not accepts):
                 return []
-            jobs, rows = [], running
-            while self._line and rows + len(self._line[0].rows) <= self.max_rows:
-                job = self._line.popleft()
-                jobs.append(job)
-                rows += len(job.rows)
+            jobs = []
+            while self._line and running + len(self._line[0].rows) <= self.max_rows:
+                jobs.append(self._line.popleft())
+                running += len(jobs[-1].rows)
             if jobs:
                 self._set_depth()
             return jobs
@@ -219,7 +205,6 @@ class Batcher:
             reason = BatcherStopped(self.error or "the server is shutting down")
             for job in list(live) + waiting:
                 job.put(FAILED, reason)
-            self.running_rows = 0
 
     def _loop(self, live: dict[Job, None]) -> None:
         batch, m = self.generator.new_batch(), self.metrics
@@ -236,17 +221,15 @@ class Batcher:
                 else:
                     joining.append(job)
                     new += [RowInput((job, i), r.prompt, r.ids, r.params) for i, r in enumerate(job.rows)]
-            decoding = len(batch) + len(new)
             for job in joining:
-                job.started, job.remaining, job.batch_rows = now, len(job.rows), decoding
+                job.started, job.remaining, job.batch_rows = now, len(job.rows), len(batch) + len(new)
                 live[job] = None
                 job.put(STARTED)
                 m.queue_wait.labels(model=self.name).observe(now - job.submitted)
             events = batch.step(new, stop=lambda key: key[0].should_stop())
-            self.running_rows = len(batch)
             for event in events:
                 self._deliver(event, live)
-            m.running_rows.labels(model=self.name).set(self.running_rows)
+            m.running_rows.labels(model=self.name).set(len(batch))
             if batch.rows_in_use:
                 m.steps.labels(model=self.name).inc()
                 m.batch_rows.labels(model=self.name).observe(batch.rows_in_use)

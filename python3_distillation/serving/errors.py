@@ -54,18 +54,15 @@ def error_response(err: ApiError) -> Response:
 
 
 def _http_error(e: HTTPException) -> Response:
-    code = e.code or 500
-    message = e.description or e.name
+    code, message, headers = e.code or 500, e.description or e.name, {}
     if code == 404:
         message = f"no route {request.method} {request.path[:200]}"
     elif code == 413:
         message = f"request body over the {current_app.config['MAX_CONTENT_LENGTH']} byte limit"
-    err = ApiError(code, message, HTTP_ERROR_TYPES.get(code, "http_error"))
-    if isinstance(e, MethodNotAllowed) and e.valid_methods:
-        err.message = (f"{request.method[:20]} is not allowed on {request.path[:200]}; "
-                       f"use {', '.join(sorted(e.valid_methods))}")
-        err.headers["Allow"] = ", ".join(sorted(e.valid_methods))
-    return error_response(err)
+    elif isinstance(e, MethodNotAllowed) and e.valid_methods:
+        headers["Allow"] = ", ".join(sorted(e.valid_methods))
+        message = f"{request.method[:20]} is not allowed on {request.path[:200]}; use {headers['Allow']}"
+    return error_response(ApiError(code, message, HTTP_ERROR_TYPES.get(code, "http_error"), headers=headers))
 
 
 def _bad_input(e: BadInput) -> Response:  # a body breaking its schema, sampling values, a prompt too long...

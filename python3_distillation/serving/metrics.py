@@ -2,8 +2,7 @@
 
     curl -s localhost:6006/metrics
 
-Label values come from closed sets only, so no request can add series. The values are per process: run
-one gunicorn worker (the production command does). Design notes: docs/design/serving.md.
+Label values come from closed sets only. Design notes: docs/design/serving.md.
 """
 
 from __future__ import annotations
@@ -27,6 +26,10 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+
+        def per_model(kind, name: str, doc: str, *labels: str, **kw):
+            return kind(name, doc, ("model", *labels), registry=r, **kw)
+
         self.requests = Counter("distill_http_requests", "HTTP requests by route, method and status.",
                                 ("route", "method", "status"), registry=r)
         self.errors = Counter("distill_http_errors", "Error responses by route and error type.", ("route", "type"),
@@ -38,24 +41,18 @@ class ServerMetrics:
                                "Generation requests admitted (waiting or decoding) and not yet answered.", registry=r)
         self.rejected = Counter("distill_generations_rejected",
                                 "Generation requests refused with 429 because the waiting line was full.", registry=r)
-        self.queue_depth = Gauge("distill_queue_depth", "Requests waiting for a place in the running batch.",
-                                 ("model",), registry=r)
-        self.queue_wait = Histogram("distill_queue_wait_seconds", "From a request's arrival to its rows joining.",
-                                    ("model",), buckets=LATENCY_BUCKETS, registry=r)
-        self.running_rows = Gauge("distill_running_rows", "Rows decoding now.", ("model",), registry=r)
-        self.steps = Counter("distill_decode_steps", "Decode steps run (one token for every row).", ("model",),
-                             registry=r)
-        self.batch_rows = Histogram("distill_batch_rows", "Rows per decode step.", ("model",), buckets=ROW_BUCKETS,
-                                    registry=r)
-        self.joins = Counter("distill_prefills", "Prefills: groups of requests joining the batch.", ("model",),
-                             registry=r)
-        self.prompt_tokens = Counter("distill_prompt_tokens", "Prompt tokens processed.", ("model",), registry=r)
-        self.generated_tokens = Counter("distill_generated_tokens", "Tokens generated.", ("model",), registry=r)
-        self.ttft = Histogram("distill_time_to_first_token_seconds",
-                              "From a request's arrival to its first generated text.", ("model",),
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.finished = Counter("distill_completions", "Finished completions by finish reason.", ("model", "reason"),
-                                registry=r)
+        self.queue_depth = per_model(Gauge, "distill_queue_depth", "Requests waiting for a place in the running batch.")
+        self.queue_wait = per_model(Histogram, "distill_queue_wait_seconds",
+                                    "From a request's arrival to its rows joining.", buckets=LATENCY_BUCKETS)
+        self.running_rows = per_model(Gauge, "distill_running_rows", "Rows decoding now.")
+        self.steps = per_model(Counter, "distill_decode_steps", "Decode steps run (one token for every row).")
+        self.batch_rows = per_model(Histogram, "distill_batch_rows", "Rows per decode step.", buckets=ROW_BUCKETS)
+        self.joins = per_model(Counter, "distill_prefills", "Prefills: groups of requests joining the batch.")
+        self.prompt_tokens = per_model(Counter, "distill_prompt_tokens", "Prompt tokens processed.")
+        self.generated_tokens = per_model(Counter, "distill_generated_tokens", "Tokens generated.")
+        self.ttft = per_model(Histogram, "distill_time_to_first_token_seconds",
+                              "From a request's arrival to its first generated text.", buckets=LATENCY_BUCKETS)
+        self.finished = per_model(Counter, "distill_completions", "Finished completions by finish reason.", "reason")
         self.ready = Gauge("distill_ready", "1 once every model is loaded.", registry=r)
 
     def add_model(self, name: str) -> None:

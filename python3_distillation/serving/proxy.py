@@ -3,12 +3,12 @@
     vllm serve python3_distillation/gpt2_student_v2 --port 8000
     DISTILL_BACKEND_URL=http://127.0.0.1:8000 python python3_distillation/distill_api_server_v2.py
 
-What it forwards: README.md, "Serving" (another engine behind the page). Design notes:
-docs/design/serving.md.
+What it forwards: README.md, "Serving" (another engine behind the page); design notes: docs/design/serving.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -62,10 +62,8 @@ class Backend:
 
     def get_json(self, path: str, timeout: float) -> tuple[int, Any]:
         conn, resp = self.open("GET", path, None, timeout)
-        try:
+        with contextlib.closing(conn):
             raw = resp.read()
-        finally:
-            conn.close()
         try:
             return resp.status, json.loads(raw)
         except ValueError:
@@ -132,20 +130,13 @@ def completions() -> Response:
     conn, resp = st.backend.open("POST", "/v1/completions", raw, st.config.time_limit_s)
     kind = resp.getheader("Content-Type", "application/json")
     if not kind.startswith("text/event-stream"):
-        try:
-            body = resp.read()
-        finally:
-            conn.close()
-        return Response(body, status=resp.status, content_type=kind)
+        with contextlib.closing(conn):
+            return Response(resp.read(), status=resp.status, content_type=kind)
 
     def relay() -> Iterator[bytes]:
         started = time.monotonic()
         try:
-            while True:
-                piece = resp.read1(CHUNK)
-                if not piece:
-                    return
-                yield piece
+            yield from iter(lambda: resp.read1(CHUNK), b"")  # until the backend ends the stream
         except OSError as e:  # the backend went away mid-stream: end with an error event the page shows
             log.warning("backend stream broke after %.1f s: %r", time.monotonic() - started, e)
             err = ApiError(502, f"the backend stream broke ({type(e).__name__})", "backend_error")

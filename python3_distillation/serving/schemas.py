@@ -4,8 +4,7 @@
 print(parse(CompletionRequest, b'{\"prompt\": \"Hi\", \"max_tokens\": 4}'))"
 
 Errors are :class:`SchemaError` naming the field (``param``) at fault: 400 for a body that is not JSON, 422
-for JSON that breaks the schema. Bounds that depend on the model are checked where it is known. The bounds:
-README.md, "Serving" (limits). Design notes: docs/design/serving.md.
+for JSON that breaks the schema. The bounds: README.md, "Serving" (limits); design notes: docs/design/serving.md.
 """
 
 from __future__ import annotations

@@ -66,28 +66,21 @@ class ServeConfig(BaseSettings):
     host: str = "127.0.0.1"  # the bind address: also allowed as a Host header
     port: int = 6006
     device: str | None = None
-    # Weights' dtype: auto = bf16 on GPUs with native bf16, fp16 on older tensor-core GPUs, fp32 on
-    # CPU; an int8 folder stays int8 on CPU and is dequantized once to that dtype on CUDA
-    # (device_plan.serving_dtype).
+    # Weights' dtype (device_plan.serving_dtype): auto = bf16 on GPUs with native bf16, fp16 on older tensor-core
+    # GPUs, fp32 on CPU; an int8 folder stays int8 on CPU and is dequantized once to that dtype on CUDA.
     dtype: Literal[tuple(SERVING_DTYPES)] = "auto"
     max_body_bytes: int = Field(1 << 20, ge=1)  # larger bodies → 413
     max_prompts: int = Field(16, ge=1)  # rows per request (prompts × n) → 422 past it
     max_batch_rows: int = Field(32, ge=1)  # rows decoding together; requests join as rows free up
     max_queue: int = Field(64, ge=1)  # requests waiting for a place in the batch; past it → 429 with Retry-After
-    # Per request, from arrival: 504 while waiting, "time_limit" once generating.
-    time_limit_s: float = Field(60.0, gt=0)
+    time_limit_s: float = Field(60.0, gt=0)  # per request, from arrival: 504 waiting, "time_limit" once generating
     batch_window_ms: float = Field(2.0, ge=0)  # an idle model waits this long for more requests to prefill together...
     batch_max_wait_ms: float = 20.0  # ...but never longer than this after the first one
     batching: Literal["continuous", "static"] = "continuous"  # static: new requests wait for the running batch
     load_in_background: bool = True  # /ready answers 503 while loading, then 200
-    # The compiled decode step (generation/compiled.py), compiled or loaded before /ready says 200:
-    # auto = on a CPU with a C++ compiler, falling back to eager decoding if compiling fails.
-    compile: Literal["auto"] | bool = "auto"
-    # Host headers accepted besides loopback names and the bind address ("*": any; a wildcard bind
-    # also accepts any IP address, which DNS rebinding cannot produce).
-    allowed_hosts: Strings = []
-    # An OpenAI-compatible server to answer instead of local models.
-    backend_url: Annotated[str | None, BeforeValidator(_backend_url)] = None
+    compile: Literal["auto"] | bool = "auto"  # the compiled decode step: ServingState.compile_step says when
+    allowed_hosts: Strings = []  # Host headers accepted besides loopback names and the bind address ("*": any)
+    backend_url: Annotated[str | None, BeforeValidator(_backend_url)] = None  # OpenAI-compatible, instead of models
 
     def __init__(self, **values: Any):
         try:

@@ -24,7 +24,7 @@ from python3_distillation.generation import Generator
 from python3_distillation.generation.compiled import cpp_compiler
 from python3_distillation.int8 import is_int8_dir
 from python3_distillation.serving.batching import Batcher
-from python3_distillation.serving.errors import ApiError, invalid, not_ready
+from python3_distillation.serving.errors import ApiError, not_ready
 from python3_distillation.serving.metrics import ServerMetrics
 from python3_distillation.serving.settings import ServeConfig
 
@@ -102,8 +102,7 @@ class ServingState:
         return serving_dtype(self.config.dtype, device, int8=is_int8_dir(folder))
 
     def install(self, generators: Mapping[str, Generator | tuple[Generator, Path | None]]) -> None:
-        info, batchers = {}, {}
-        c = self.config
+        info, batchers, c = {}, {}, self.config
         for name, value in generators.items():
             gen, folder = value if isinstance(value, tuple) else (value, None)
             info[name] = describe(name, gen, folder)
@@ -134,15 +133,13 @@ class ServingState:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """Liveness: (HTTP status, body)."""
-        failure = self._failure()
-        if failure:
+        if failure := self._failure():
             return 503, {"status": "failed", "reason": failure}
         return 200, {"status": "ok", "models": "ready" if self.ready.is_set() else "loading"}
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
         """Readiness: (HTTP status, body with the reason when not ready)."""
-        failure = self._failure()  # batchers exist only once loaded, so a dead one means a loaded model
-        if failure:
+        if failure := self._failure():  # batchers exist only once loaded, so a dead one means a loaded model
             return 503, {"status": "failed", "reason": failure}
         if not self.ready.is_set():
             waited = time.monotonic() - self.loading_since
@@ -156,9 +153,7 @@ class ServingState:
 
     def model(self, name: str | None) -> tuple[str, Generator, Batcher]:
         self.require_ready()
-        name = name or self.default
-        if not isinstance(name, str):
-            raise invalid("'model' must be a string", "model")
+        name = name or self.default  # a str: the schemas' "model" is one, and ready means a default is set
         if name not in self.batchers:
             raise ApiError(404, f"model {name[:100]!r} is not loaded; available: {sorted(self.batchers)}",
                            "model_not_found", "model")
