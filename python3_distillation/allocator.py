@@ -2,8 +2,7 @@
 
     LD_PRELOAD="$(python -m python3_distillation.allocator)" python -m python3_distillation teacher
 
-Prints the path of ``libtcmalloc_minimal.so.4`` for ``LD_PRELOAD`` (the Makefile's stages use it),
-or nothing, with the reason on stderr, when it cannot be had; then the stages run on glibc's malloc.
+Prints the library's path for ``LD_PRELOAD``, or nothing (the reason on stderr) when it cannot be had.
 ``DISTILL_MALLOC=glibc`` opts out. Design notes (why, measured): docs/design/data.md.
 """
 
@@ -25,21 +24,6 @@ LIBRARY = "libtcmalloc_minimal.so.4"
 IN_PACKAGE = re.compile(r"/libtcmalloc_minimal\.so\.4(\.\d+)*$")
 
 
-def _loads(path: Path) -> bool:
-    """Whether a Python process starts and allocates with ``path`` preloaded (right architecture,
-    a working library): checked in a child, since a running process cannot swap its allocator."""
-    probe = subprocess.run([sys.executable, "-c", "b = [bytearray(1 << 20) for _ in range(64)]"],
-                           env={**os.environ, "LD_PRELOAD": str(path)}, capture_output=True, timeout=60)
-    return probe.returncode == 0 and not probe.stderr.strip()
-
-
-def tcmalloc_path(root: Path | None = None) -> Path:
-    """The library to preload: an installed one, else the one unpacked under ``<data dir>/malloc``
-    (fetched once). Raises AssetError saying why when neither can be had."""
-    installed = sorted(glob.glob(f"/usr/lib/*/{LIBRARY}")) + sorted(glob.glob(f"/usr/lib/{LIBRARY}"))
-    return Path(installed[0]) if installed else unpacked(Path(root or data_dir()))
-
-
 def unpacked(root: Path) -> Path:
     """``root/malloc/libtcmalloc_minimal.so.4``, from the package's .deb on first use, checked to load."""
     lib = root / "malloc" / LIBRARY
@@ -49,7 +33,10 @@ def unpacked(root: Path) -> Path:
 
         deb = fetch_deb(PACKAGE, root / "downloads", "set DISTILL_MALLOC=glibc to train without it")
         atomic_write_bytes(lib, read_deb_member(deb, IN_PACKAGE))
-    if not _loads(lib):
+    # A child Python allocating with it preloaded (a running process cannot swap its allocator).
+    probe = subprocess.run([sys.executable, "-c", "b = [bytearray(1 << 20) for _ in range(64)]"],
+                           env={**os.environ, "LD_PRELOAD": str(lib)}, capture_output=True, timeout=60)
+    if probe.returncode != 0 or probe.stderr.strip():
         raise AssetError(f"{lib} does not load into Python here (another architecture?); "
                          "delete it to fetch it again, or set DISTILL_MALLOC=glibc")
     return lib
@@ -58,8 +45,10 @@ def unpacked(root: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     if os.environ.get("DISTILL_MALLOC", "tcmalloc") == "glibc":
         return 0
+    # An installed library, else the one unpacked under <data dir>/malloc (fetched once).
+    installed = sorted(glob.glob(f"/usr/lib/*/{LIBRARY}")) + sorted(glob.glob(f"/usr/lib/{LIBRARY}"))
     try:
-        print(tcmalloc_path())
+        print(installed[0] if installed else unpacked(data_dir()))
     except AssetError as e:
         print(f"allocator: glibc malloc (tcmalloc unavailable: {e})", file=sys.stderr)
     return 0

@@ -4,8 +4,7 @@ cut from the training text, and each continuation is appended to a JSONL file wi
     gpt2-distill augment --out runs/augment/teacher_samples.jsonl --n-samples 512 --temperature 1.0 --top-p 0.95
     gpt2-distill distill --config v2 data.train=austen,runs/augment/teacher_samples.jsonl "data.mix=[0.75, 0.25]"
 
-Run again after a kill, it continues where it stopped; the line format, seeding and resuming:
-docs/design/evaluation.md.
+Run again after a kill, it continues where it stopped; line format, seeding, resuming: docs/design/evaluation.md.
 """
 
 from __future__ import annotations

@@ -40,8 +40,7 @@ def _config_parser(prog: str, description: str, default_config: str | None, exam
 
 
 def _load(args, default_config: str | None):
-    files = args.config if args.config else ([default_config] if default_config else [])
-    return load_config(files, args.overrides)
+    return load_config(args.config or ([default_config] if default_config else []), args.overrides)
 
 
 def cmd_assets(argv: list[str]) -> int:
@@ -119,8 +118,7 @@ def cmd_cache_teacher(argv: list[str]) -> int:
 
 
 def _delegate(module: str):
-    """The command whose ``main(argv)`` is in ``module``, imported when run: ``--help`` needs no torch.
-    (Full module names, so tests/test_layout.py counts these imports with the others.)"""
+    """``module``'s ``main(argv)``, imported when run (``--help`` needs no torch); full names for test_layout."""
     return lambda argv: importlib.import_module(module).main(argv)
 
 

@@ -2,8 +2,7 @@
 
     python -c "from python3_distillation.errors import BadInput; e = BadInput('top_p: too big', param='top_p'); print(e.status, e.exit_status)"
 
-Caught once by commands (``cli.run_guarded``) and the server (``serving/errors.py``). Design notes:
-docs/design/training.md.
+Design notes (who catches it, where): docs/design/training.md.
 """
 
 from __future__ import annotations
@@ -12,13 +11,9 @@ EXIT_BAD_INPUT = 2  # the exit status of every command for input the user can fi
 
 
 class BadInput(ValueError):
-    """Input the user can fix; the message is the whole one-line report.
+    """Input the user can fix; the message is the whole one-line report, ``param`` the field at fault (the API's)."""
 
-    ``param`` names the field at fault (the API's ``param``); ``status`` is the HTTP status a server
-    answers with: 422 for a value that breaks a rule, 400 for a body that is not even JSON.
-    """
-
-    status = 422
+    status = 422  # what a server answers: 422 for a value that breaks a rule, 400 for a body that is not even JSON
     exit_status = EXIT_BAD_INPUT
 
     def __init__(self, message: str, *, param: str | None = None, status: int | None = None):
@@ -57,5 +52,4 @@ class CheckpointError(BadInput):
 
 
 class DiskFullError(BadInput):
-    """A write ran out of disk space (the message says what, where, about how much it needs, and
-    what is still intact); nothing already published was harmed."""
+    """Out of disk space (the message says what, where, the space needed, what is intact); nothing published harmed."""

@@ -3,8 +3,7 @@
     python -m python3_distillation.experiments                 # every question; run again after a kill to resume
     python -m python3_distillation.experiments --only losses   # one question
 
-Results in README.md, "Experiments: pruning, teacher-generated data, the loss family"; the three
-questions, which config answers what, and how stages resume: docs/design/evaluation.md.
+Results: README.md, "Experiments: pruning, teacher-generated data, the loss family"; design: docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -202,8 +201,7 @@ def run_experiments(only: list[str] | None = None, root: Path = DEFAULT_ROOT, ou
 
     stages = [(f"prune{pct}", lambda t=t, pct=pct: prune_stage(teacher_dir, root / f"pruned{pct}", t, prune_batches))
               for pct, t in TARGETS.items() if "pruning" in questions]
-    if "augmentation" in questions:
-        # appends what is missing, checks what is there
+    if "augmentation" in questions:  # appends what is missing, checks what is there
         stages.append(("augment", lambda: run_augment(base, samples, augment)))
     mixed_data = f"data.train={base.data.train},{samples}"
     mix = _cfg("exp_kd_augmented", root, list(overrides), [mixed_data]).data.mix

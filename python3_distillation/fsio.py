@@ -37,13 +37,10 @@ def _fsync_path(path: Path) -> None:
             os.close(fd)
 
 
-def _libc():
-    with contextlib.suppress(OSError):
-        name = ctypes.util.find_library("c")
-        return ctypes.CDLL(name, use_errno=True) if name else None
-
-
-_LIBC = _libc()
+_LIBC = None
+with contextlib.suppress(OSError):
+    if _name := ctypes.util.find_library("c"):
+        _LIBC = ctypes.CDLL(_name, use_errno=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -119,10 +116,8 @@ def reporting_disk_full(what: str, where: str | Path, need: int | None = None,
 
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path, what: str = "files", need: int | None = None) -> Iterator[Path]:
-    """``with atomic_dir(out) as tmp: write into tmp`` → on success ``tmp`` replaces ``out`` atomically.
-
-    ``tmp`` sits beside ``dest`` (same file system: the rename is atomic) and is removed if the block raises.
-    """
+    """``with atomic_dir(out) as tmp: write into tmp`` → on success ``tmp`` replaces ``out`` atomically;
+    ``tmp`` sits beside ``dest`` (same file system: the rename is atomic) and is removed if the block raises."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-tmp-", dir=dest.parent))
@@ -136,10 +131,8 @@ def atomic_dir(dest: str | Path, what: str = "files", need: int | None = None) -
 
 @contextlib.contextmanager
 def atomic_file(dest: str | Path, what: str = "a file", need: int | None = None) -> Iterator[Path]:
-    """``with atomic_file(out) as tmp: write the file tmp`` → on success ``tmp`` replaces ``out`` in one rename.
-
-    For writers that want a path rather than bytes (GGUF, ONNX); ``tmp`` is removed if the block raises.
-    """
+    """``with atomic_file(out) as tmp: write the file tmp`` → on success ``tmp`` replaces ``out`` in one rename,
+    for writers that want a path rather than bytes (GGUF, ONNX); ``tmp`` is removed if the block raises."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)

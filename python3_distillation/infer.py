@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tqdm import tqdm
 
@@ -28,6 +28,7 @@ from python3_distillation.generation import Generator, SamplingParams
 from python3_distillation.paths import model_arg, model_dir
 from python3_distillation.validation import Stop, Text
 
+MODEL_LABELS = {"v1": "the v1 student", "v2": "the v2 student", "teacher": "the teacher"}
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed", "ignore_eos")
 
 EPILOG = """\
@@ -55,15 +56,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _model_label(default_model: str) -> str:
-    return {"v1": "the v1 student", "v2": "the v2 student", "teacher": "the teacher"}.get(default_model, default_model)
-
-
 def add_arguments(p: argparse.ArgumentParser, default_model: str = "v2") -> argparse.ArgumentParser:
     """Add the inference options to ``p`` (for ``gpt2-distill infer`` or the entry scripts)."""
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt(s) to continue")
     p.add_argument("--model", metavar="DIR", default=None, help="model folder or name, e.g. v2_int8 (default: "
-                   f"{_model_label(default_model)}, {model_dir(default_model)})")
+                   f"{MODEL_LABELS.get(default_model, default_model)}, {model_dir(default_model)})")
     p.add_argument("--prompts-file", metavar="FILE", help="a .txt or .jsonl file of prompts (see below)")
     p.add_argument("--output", "-o", metavar="FILE", help="write JSON lines here instead of stdout")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts decoded together (default 8)")
@@ -147,7 +144,7 @@ def check_items(gen, items: list[Item], errors: list[tuple[int, str]]) -> list[I
         except GenerationError as e:
             errors.append((it.line, f"{it.where}: {e}"))
             continue
-        n, room = gen.count_tokens(it.prompt), gen.context_length - it.params.max_new_tokens
+        n, room = len(gen.encode(it.prompt)), gen.context_length - it.params.max_new_tokens
         if n > room:
             print(f"warning: {it.where}: prompt is {n} tokens, more than the {room} that fit with "
                   f"{it.params.max_new_tokens} new tokens in the context of {gen.context_length}; "
@@ -165,10 +162,9 @@ def tokens_per_second(c) -> float:
     return c.completion_tokens / c.seconds if c.seconds > 0 else 0.0
 
 
-def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int | None = None) -> str:
+def side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
     """Two texts in columns under their titles, wrapped to the terminal width."""
-    width = width or shutil.get_terminal_size((120, 24)).columns
-    col = max(20, (width - 3) // 2)
+    col = max(20, (shutil.get_terminal_size((120, 24)).columns - 3) // 2)
 
     def wrap(text: str) -> list[str]:  # paragraphs kept, an empty one as an empty line
         return [ln for para in text.split("\n") for ln in textwrap.wrap(para, col, replace_whitespace=False) or [""]]
@@ -183,11 +179,12 @@ def describe(label: str, gen, c) -> str:
             f"{c.finish_reason}")
 
 
-def load_generator(folder: Path, what: str, args: argparse.Namespace):
+def load_generator(args: argparse.Namespace, flag: str, default: str):
+    """The model of ``--model`` / ``--teacher`` (``flag``), else the one ``default`` names."""
+    folder = model_arg(getattr(args, flag)) if getattr(args, flag) else model_dir(default)
     if not folder.is_dir():
-        flag = "--teacher" if what == "teacher" else "--model"
-        raise ModelError(f"{what + ' ' if what else ''}model folder {folder} not found; `make run` creates it "
-                         f"(or pass {flag} DIR)")
+        what = "teacher " if flag == "teacher" else "" if args.model else "student "
+        raise ModelError(f"{what}model folder {folder} not found; `make run` creates it (or pass --{flag} DIR)")
     return Generator.from_pretrained(folder, device=args.device, dtype=args.dtype)
 
 
@@ -213,23 +210,11 @@ def streamed(gen, items: list[Item]):
         yield it, c, None
 
 
-def run_file(args, gen, teacher, items: list[Item], out: IO[str]) -> None:
-    """One JSON line per item, in input order."""
-    with tqdm(total=len(items), file=sys.stderr, unit="prompt", desc=gen.name, dynamic_ncols=True) as bar:
-        for _, c, t in completed(gen, teacher, items, args.batch_size):
-            rec = record(c)
-            if t is not None:
-                rec["teacher"] = {k: v for k, v in record(t).items() if k != "prompt"}
-            print(json.dumps(rec, ensure_ascii=False), file=out, flush=True)
-            bar.update()
-
-
 def run_prompts(args, gen, teacher, items: list[Item]) -> None:
     """Prompts from the command line: printed as text (streamed or whole), or side by side with the teacher."""
-    if args.stream:
-        results = streamed(gen, items)
-    else:  # --compare decodes each prompt alone, so each model's tokens/s are its own
-        results = completed(gen, teacher, items, 1 if teacher is not None else args.batch_size)
+    # --compare decodes each prompt alone, so each model's tokens/s are its own
+    results = (streamed(gen, items) if args.stream
+               else completed(gen, teacher, items, 1 if teacher is not None else args.batch_size))
     for k, (it, c, t) in enumerate(results):
         if t is None:
             if not args.stream:
@@ -271,22 +256,24 @@ def run(args: argparse.Namespace) -> int:
             # One seed for both models, so a rerun with it shows the same pair.
             base["seed"] = random.randrange(2**31)
             cli_params = flag_params(base)
-        items = []
-        for k, prompt in enumerate(args.prompts, 1):
-            if not prompt.strip():
-                raise GenerationError(f"prompt {k} is empty" if len(args.prompts) > 1 else "prompt is empty")
-            items.append(Item(f"prompt {k}", prompt, cli_params))
+        if empty := [k for k, prompt in enumerate(args.prompts, 1) if not prompt.strip()]:
+            raise GenerationError(f"prompt {empty[0]} is empty" if len(args.prompts) > 1 else "prompt is empty")
+        items = [Item(f"prompt {k}", prompt, cli_params) for k, prompt in enumerate(args.prompts, 1)]
         if args.prompts_file:
             file_items, errors = read_prompts_file(Path(args.prompts_file), base)
             items += file_items
-        folder = model_arg(args.model) if args.model else model_dir(args.default_model)
-        gen = load_generator(folder, "student" if not args.model else "", args)
-        teacher = (load_generator(model_arg(args.teacher) if args.teacher else model_dir("teacher"), "teacher", args)
-                   if args.compare else None)
+        gen = load_generator(args, "model", args.default_model)
+        teacher = load_generator(args, "teacher", "teacher") if args.compare else None
         items = check_items(gen, items, errors)
-        if args.prompts_file or args.output:
-            with open(args.output, "w", encoding="utf-8") if args.output else nullcontext(sys.stdout) as out:
-                run_file(args, gen, teacher, items, out)
+        if args.prompts_file or args.output:  # one JSON line per item, in input order
+            with (open(args.output, "w", encoding="utf-8") if args.output else nullcontext(sys.stdout) as out,
+                  tqdm(total=len(items), file=sys.stderr, unit="prompt", desc=gen.name, dynamic_ncols=True) as bar):
+                for _, c, t in completed(gen, teacher, items, args.batch_size):
+                    rec = record(c)
+                    if t is not None:
+                        rec["teacher"] = {k: v for k, v in record(t).items() if k != "prompt"}
+                    print(json.dumps(rec, ensure_ascii=False), file=out, flush=True)
+                    bar.update()
         else:
             run_prompts(args, gen, teacher, items)
     except BadInput as e:
@@ -304,7 +291,8 @@ def main(argv: list[str] | None = None, default_model: str = "v2", prog: str | N
     prog = prog or ("gpt2-distill infer" if default_model == "v2" else f"distill_infer ({default_model})")
     try:
         p = _Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-                    description=f"Continue prompts with a GPT-2 model (default: {_model_label(default_model)}).")
+                    description="Continue prompts with a GPT-2 model "
+                                f"(default: {MODEL_LABELS.get(default_model, default_model)}).")
         args = add_arguments(p, default_model).parse_args(argv)
     except SystemExit as e:  # --help, or a one-line usage error
         return int(e.code or 0)

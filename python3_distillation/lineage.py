@@ -49,10 +49,9 @@ def weights_sha256(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     seen: set[int] = set()
     for name, t in sorted(model.state_dict(keep_vars=False).items()):
-        if t.data_ptr() in seen and t.numel():  # a tied weight (lm_head = wte) is counted once
-            continue
-        seen.add(t.data_ptr())
-        _hash_tensor(h, t, f"{name}|")
+        if t.data_ptr() not in seen or not t.numel():  # a tied weight (lm_head = wte) is counted once
+            seen.add(t.data_ptr())
+            _hash_tensor(h, t, f"{name}|")
     return h.hexdigest()
 
 
@@ -69,10 +68,7 @@ def stage_fingerprint(cfg: RunConfig, inputs: dict) -> dict:
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 

@@ -65,12 +65,9 @@ MODEL_DIRS = {**{k: PACKAGE_DIR / v for k, v in _TRAINED.items()},
 
 
 def model_dir(name: str) -> Path:
-    """Folder of a named model (``teacher``, ``v1``, ``v2``, ``v2_ce``, ``v2_narrow``, ``<name>_int8``).
-
-    Training writes to ``python3_distillation/<folder>`` under the working directory; that folder
-    is used when it exists there (an installed package trained in a project folder), else the one
-    inside the package (a checkout, wherever the command runs from).
-    """
+    """Folder of a named model (``teacher``, ``v1``, ``v2``, ``v2_ce``, ``v2_narrow``, ``<name>_int8``):
+    ``python3_distillation/<folder>`` under the working directory, where training writes, when it exists (an
+    installed package trained in a project folder), else the package's own (a checkout, run from anywhere)."""
     try:
         path = MODEL_DIRS[name]
     except KeyError:

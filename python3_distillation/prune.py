@@ -4,8 +4,7 @@ share of the block parameters; recovered afterwards by distillation from the unp
     gpt2-distill prune python3_distillation/gpt2_teacher --target 0.5   # → python3_distillation/gpt2_teacher_pruned50
     gpt2-distill distill --config exp_prune50 student.from_dir=python3_distillation/gpt2_teacher_pruned50
 
-Explained in README.md, "Experiments: pruning, teacher-generated data, the loss family"; what can go
-and how it is chosen: docs/design/evaluation.md.
+See README.md, "Experiments: pruning, teacher-generated data, the loss family", and docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -65,11 +64,8 @@ def candidate_shapes(model: GPT2LMHeadModel, target: float) -> list[tuple[int, i
 
 @torch.no_grad()
 def shrink(model: GPT2LMHeadModel, layers: list[int], neurons: list[torch.Tensor], seed: int = 0) -> GPT2LMHeadModel:
-    """A new GPT-2 holding blocks ``layers`` of ``model``, block ``i`` keeping MLP neurons ``neurons[i]``.
-
-    Embeddings, final norm, layer norms and attention are copied unchanged; the MLP's input columns
-    and output rows of the kept neurons too. All ``neurons[i]`` have one length (``n_inner``).
-    """
+    """A new GPT-2 holding blocks ``layers`` of ``model``, block ``i`` keeping MLP neurons ``neurons[i]`` (all
+    of one length, ``n_inner``); every kept weight copied unchanged. ValueError on mismatched lists."""
     if len(layers) != len(neurons) or len({len(n) for n in neurons}) != 1:
         raise ValueError("one neuron index list per kept block, all of one length")
     config = copy.deepcopy(model.config)
@@ -101,12 +97,8 @@ def _loss(model, batches: list[torch.Tensor]) -> float:
 
 
 def neuron_importance(model: GPT2LMHeadModel, batches: list[torch.Tensor]) -> torch.Tensor:
-    """``[n_layer, n_inner]`` first-order Taylor importance of every MLP neuron.
-
-    A gate g = 1 multiplies each neuron's activation a (the input of ``mlp.c_proj``); ∂L/∂g =
-    Σ a·∂L/∂a over the batch's positions. The score is |∂L/∂g| averaged over batches (Michel et al.
-    take the absolute value per batch so that opposite-signed batches do not cancel).
-    """
+    """``[n_layer, n_inner]`` first-order Taylor importance of every MLP neuron: |∂L/∂g| averaged over
+    batches, for a gate g = 1 on each neuron's activation (the input of ``mlp.c_proj``)."""
     model.eval()
     gates = [torch.ones(mlp_width(model.config), requires_grad=True) for _ in model.transformer.h]
     hooks = [block.mlp.c_proj.register_forward_pre_hook(lambda _m, args, g=g: (args[0] * g.to(args[0].dtype),))

@@ -229,13 +229,12 @@ def _decompress_index(data: bytes) -> bytes:
     raise RDataError(f"lazy-load index starts with {data[:6]!r}: not gzip, bzip2, xz or an XDR stream")
 
 
-# makeLazyLoadDB's compress = TRUE is zlib, 2 is bzip2, and 3 prefixes the body with a type byte.
+# makeLazyLoadDB's compress = TRUE (the default) is zlib, 2 is bzip2, and 3 prefixes the body with a type byte.
 ENTRY_CODECS = {b"1": zlib.decompressobj, b"2": bz2.BZ2Decompressor, b"Z": lzma.LZMADecompressor}
 
 
 def _decompress_entry(blob: bytes, compressed: int) -> bytes:
-    """One .rdb entry: a 4-byte big-endian uncompressed length, then the (compressed) data; stored
-    as is when compress = FALSE."""
+    """One .rdb entry: a 4-byte big-endian uncompressed length + compressed data; stored as is if compress = FALSE."""
     if compressed == 0:
         return blob
     if len(blob) < 4:
@@ -270,7 +269,6 @@ def read_lazyload_db(rdx: BytesOrPath, rdb: BytesOrPath) -> dict[str, object]:
     variables = parts.get("variables")
     if not isinstance(variables, RVector) or variables.rtype != "list":
         raise RDataError("lazy-load index has no 'variables' list")
-    # makeLazyLoadDB's `compress`: TRUE (zlib, the default), 2 (bzip2), 3 (type byte), FALSE.
     comp = parts.get("compressed", [True])
     compressed = int(comp[0]) if isinstance(comp, list) and len(comp) == 1 and comp[0] is not None else -1
     if compressed not in (0, 1, 2, 3):

@@ -85,11 +85,9 @@ def file_entries(folder: Path) -> dict[str, dict]:
 
 
 def check_files(folder: Path, files: dict[str, dict], keys=("bytes", "sha256"), complete: bool = False) -> str | None:
-    """Why the files in ``folder`` do not match ``files`` (name → its manifest entry), or None when they do.
-
+    """Why the files in ``folder`` do not match ``files`` (name → its manifest entry), or None when they do;
     ``keys``: what is compared, ``bytes`` (the size: cheap, catches a truncated file) and/or ``sha256``
-    (reads every byte). ``complete``: anything in the folder that is not listed is a mismatch too.
-    """
+    (reads every byte); ``complete``: anything in the folder that is not listed is a mismatch too."""
     folder = Path(folder)
     if complete and (extra := sorted({p.name for p in folder.iterdir() if p.name != MANIFEST} - set(files))):
         return f"files not in its manifest: {', '.join(extra)} (tampered with?)"

@@ -24,8 +24,7 @@ def check_block_size(cfg: RunConfig, n_positions: int, what: str) -> None:
 
 
 def trained_meta(model, result, cfg: RunConfig, **stage) -> dict:
-    """The lineage every trained model records (distill_meta.json): the ``stage``'s own fields, then
-    its shape, the run's numbers and the weights' hash."""
+    """The lineage every trained model records (distill_meta.json): ``stage``'s fields, shape, run, weights hash."""
     return {**stage, "n_params": count_parameters(model), "n_layer": model.config.n_layer,
             "n_embd": model.config.n_embd, "val_loss": result.val_loss, "val_ppl": result.val_ppl,
             "train_steps": result.step, "train_tokens": result.tokens, "train_seconds": round(result.seconds, 1),

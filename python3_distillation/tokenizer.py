@@ -46,14 +46,11 @@ def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
     """Rank-ordered BPE on ``token`` using only merges ranked below ``max_rank``."""
     parts = [bytes([b]) for b in token]
     while True:
-        best_i, best_rank = -1, max_rank
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < best_rank:
-                best_i, best_rank = i, rank
-        if best_i < 0:
+        best_rank, i = min(((ranks.get(a + b, max_rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))),
+                           default=(max_rank, -1))
+        if best_rank >= max_rank:
             return parts
-        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
 
 
 def ranks_to_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:

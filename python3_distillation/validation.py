@@ -47,9 +47,7 @@ Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(valid_u
 
 def _stop_list(v: Any) -> Any:
     """OpenAI accepts one stop string or a list of them; null means none."""
-    if v is None:
-        return []
-    return [v] if isinstance(v, str) else v
+    return [] if v is None else [v] if isinstance(v, str) else v
 
 
 Stop = Annotated[StopList, BeforeValidator(_stop_list)]  # as request bodies and JSONL rows give it

@@ -55,10 +55,9 @@ def model_card(name: str, meta: dict, cfg: RunConfig | None = None, measured: di
     lines.append(f"| validation perplexity | {fmt(meta.get('val_ppl'))} |")
     if meta.get("precision"):
         lines.append(f"| trained in | {meta['precision'].get('label')} ({meta['precision'].get('reason')}) |")
-    if meta.get("seed") is not None:
-        lines.append(f"| seed | {meta['seed']} |")
-    if meta.get("teacher_val_ppl") is not None:
-        lines.append(f"| teacher validation perplexity | {fmt(meta.get('teacher_val_ppl'))} |")
+    for key, label, spec in (("seed", "seed", ""), ("teacher_val_ppl", "teacher validation perplexity", ".2f")):
+        if meta.get(key) is not None:
+            lines.append(f"| {label} | {fmt(meta[key], spec)} |")
     for key, label, spec in (("size_mb", "size on disk (MB)", ".1f"),
                              ("top1_teacher", "top-1 agreement with the teacher", ".3f"),
                              ("kl_teacher", "mean KL(teacher ‖ model) per position", ".3f"),

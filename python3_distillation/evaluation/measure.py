@@ -32,11 +32,9 @@ def weights_bytes(path: str | Path) -> int:
 
 
 def non_embedding_params(n_layer: int, n_embd: int, n_inner: int | None = None) -> int:
-    """GPT-2 parameters outside the token/position embeddings: blocks + final norm.
-
-    Per block: attention qkv (d·3d + 3d) and output (d² + d), MLP (d·f + f, f·d + d), two norms (4d).
-    """
+    """GPT-2 parameters outside the token/position embeddings: blocks + final norm."""
     d, f = n_embd, n_inner or 4 * n_embd
+    # attention qkv and output, the MLP's two matrices, two norms
     per_block = 3 * d * d + 3 * d + d * d + d + d * f + f + f * d + d + 4 * d
     return n_layer * per_block + 2 * d
 
@@ -44,9 +42,8 @@ def non_embedding_params(n_layer: int, n_embd: int, n_inner: int | None = None) 
 def forward_flops_per_token(n_layer: int, n_embd: int, vocab: int, ctx: float, n_inner: int | None = None) -> float:
     """Forward FLOPs for one token at context ``ctx``: 2·(non-embedding params + LM head) + 2·n_layer·ctx·n_embd.
 
-    The LM head (``n_embd × vocab``, tied to the token embedding) is a real matrix product per token,
-    so it is counted; the embedding lookups are not. The last term is attention's QKᵀ and AV.
-    """
+    The LM head (tied to the token embedding) is a matrix product per token, so it counts; the embedding
+    lookups do not. The last term is attention's QKᵀ and AV."""
     return 2.0 * (non_embedding_params(n_layer, n_embd, n_inner) + n_embd * vocab) + 2.0 * n_layer * ctx * n_embd
 
 
@@ -69,9 +66,7 @@ def quality(models: dict, blocks: Blocks, reference: str | None = None, batch_si
 
     ``reference`` is a key of ``models``; fidelity to it is ``top1``, the share of positions where both pick the
     same most likely next token, and ``kl``, the mean KL(reference ‖ model) in nats per position (T = 1). fp32, no
-    autocast; one pass, each batch running every model once (the reference's log-probabilities shared).
-    ``progress`` labels a progress bar over the batches.
-    """
+    autocast; one pass, each batch running every model once (the reference's log-probabilities shared)."""
     states = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
@@ -91,9 +86,8 @@ def quality(models: dict, blocks: Blocks, reference: str | None = None, batch_si
             acc[k][0] += lm_loss(logits, on).double() * ids[:, 1:].numel()
             if ref is not None and k != reference:
                 r = ref.to(logits.device)
-                logp = F.log_softmax(logits, -1)
                 acc[k][1] += (logits.argmax(-1) == r.argmax(-1)).sum()
-                acc[k][2] += (r.exp() * (r - logp)).sum().double()
+                acc[k][2] += (r.exp() * (r - F.log_softmax(logits, -1))).sum().double()
         targets += ids[:, 1:].numel()
         positions += ids.numel()
     for k, m in models.items():
@@ -115,16 +109,10 @@ def validation_prompts(tokenizer, blocks: Blocks, n: int = 8, n_tokens: int = PR
     return [t if t.strip() else "It is a truth universally acknowledged" for t in texts]
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def interleaved(jobs: dict, rounds: int) -> dict[object, list[float]]:
-    """Seconds of each job (a no-argument callable) over ``rounds`` interleaved rounds.
-
-    One untimed warm-up of each first; the order rotates every round so no job always runs first.
-    """
+    """Seconds of each job (a no-argument callable) over ``rounds`` interleaved rounds, after one untimed
+    warm-up of each; the order rotates every round so no job always runs first."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     keys = list(jobs)
     for k in keys:
         jobs[k]()
@@ -146,8 +134,7 @@ def decode_speed(generators: dict, prompts: dict[int, list[str]] | list[str], ne
 
     ``prompts`` is one batch of prompts or ``{batch size: prompts}``; the result is keyed by name, or
     by ``(name, batch size)`` for a dict. EOS is ignored so every row of every model decodes exactly
-    ``new_tokens`` tokens: the models do the same work.
-    """
+    ``new_tokens`` tokens: the models do the same work."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     batches = prompts if isinstance(prompts, dict) else {None: prompts}
     counts: dict = {}

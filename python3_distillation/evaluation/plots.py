@@ -13,10 +13,8 @@ from python3_distillation.fsio import atomic_file
 
 def _pyplot():
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     return plt
 
 
@@ -38,20 +36,17 @@ def pareto_front(points: dict[str, tuple[float, float]], higher_x_better: bool =
 
 
 def plot_training_curves(curves: dict[str, list[dict]], out: Path) -> None:
-    """Train cross-entropy (the students' total loss mixes in the KL, so CE is what compares) and
-    validation loss against step, one colour per run."""
+    """Train cross-entropy (students' total loss mixes in the KL; CE compares) and validation loss by step."""
     fig, (ax_t, ax_v) = _pyplot().subplots(1, 2, figsize=(11, 4.2))
     for i, (label, rows) in enumerate(curves.items()):
         color = f"C{i % 10}"
         train = [(r["step"], r.get("ce", r.get("loss"))) for r in rows if r.get("ce", r.get("loss")) is not None]
         val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-        if train:
-            ax_t.plot(*zip(*train), color=color, label=label)
-        if val:
-            ax_v.plot(*zip(*val), "o-", color=color, label=label)
+        for ax, points, style in ((ax_t, train, "-"), (ax_v, val, "o-")):
+            if points:
+                ax.plot(*zip(*points), style, color=color, label=label)
     for ax, title in ((ax_t, "train cross-entropy (nats/token)"), (ax_v, "validation loss (nats/token)")):
-        ax.set_xlabel("step")
-        ax.set_title(title)
+        ax.set(xlabel="step", title=title)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
@@ -61,8 +56,7 @@ def plot_training_curves(curves: dict[str, list[dict]], out: Path) -> None:
 
 
 def plot_tradeoffs(models: dict[str, dict], out: Path) -> dict[str, list[str]]:
-    """Perplexity against batch-1 tokens/s and against size on disk, one point per model, the Pareto
-    front of each chart joined by a dashed line. Returns each chart's front (labels)."""
+    """Perplexity against batch-1 tokens/s and against size on disk, Pareto fronts dashed; returns each front."""
     fig, axes = _pyplot().subplots(1, 2, figsize=(12, 4.8))
     fronts = {}
     charts = (("tok_s_b1", True, "greedy generation, batch 1 (tokens/s)", "speed"),
@@ -78,9 +72,8 @@ def plot_tradeoffs(models: dict[str, dict], out: Path) -> dict[str, list[str]]:
         if len(front) > 1:
             ax.plot(*zip(*(pts[k] for k in fronts[name])), "--", color="grey", zorder=2, label="Pareto front")
             ax.legend()
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation perplexity")
-        ax.set_title(f"perplexity vs {name} ({'lower right' if higher_better else 'lower left'} is better)")
+        ax.set(xlabel=xlabel, ylabel="validation perplexity",
+               title=f"perplexity vs {name} ({'lower right' if higher_better else 'lower left'} is better)")
         ax.grid(alpha=0.3)
         ax.margins(0.2)
     _save(fig, out)

@@ -4,8 +4,7 @@
     python -m python3_distillation report --quick               # fewer blocks, tokens and rounds
     python -m python3_distillation report --models teacher,v2,my/folder,alt=other/folder
 
-Results in README.md, "Results on the embedded default"; what is measured and how, and the lineage
-check: docs/design/evaluation.md.
+Results: README.md, "Results on the embedded default"; what is measured, the lineage check: docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -57,9 +56,8 @@ class Entry:
 def resolve_models(spec: str) -> tuple[list[tuple[str, Path]], list[str]]:
     """``"teacher,v1,v2,v2_ce"`` / folders / ``label=folder`` → [(label, folder)] present, and notes.
 
-    A bare folder is labelled with its config's ``name`` (so a folder trained with configs/v2.yaml is
-    ``v2``). A missing teacher or v2 is an error; a missing v1 / v2_ce / other named model is skipped.
-    """
+    A bare folder is labelled with its config's ``name`` (configs/v2.yaml → ``v2``). A missing teacher
+    or v2 is an error; a missing v1 / v2_ce / other named model is skipped."""
     found, notes = [], []
     for item in filter(None, map(str.strip, spec.split(","))):
         if "=" in item:
@@ -125,32 +123,29 @@ def check_lineage(entries: list[Entry]) -> list[str]:
 
 
 def held_out(entries: list[Entry], max_blocks: int | None = None, quick: bool = False) -> tuple[DataConfig, Blocks]:
-    """The validation blocks every model is measured on, as training's own evaluation reads them, and
-    their data config: the teacher's config and seed (else the first model's, else the defaults; the
-    seed matters when the validation split is a seeded hold-out of the training documents). The first
-    ``max_blocks`` (0 = all; default the config's ``max_eval_blocks``, at most 32 when ``quick``)."""
+    """The data config and first ``max_blocks`` validation blocks (0 = all; default ``max_eval_blocks``, at
+    most 32 when ``quick``) every model is measured on, read as training reads them with the teacher's
+    config and seed (else the first model's, else the defaults; the seed picks a seeded hold-out)."""
     teacher_first = sorted(entries, key=lambda e: e.label != "teacher")
     ref, vocab = teacher_first[0], teacher_first[0].model.config.vocab_size
     cfg = next((e.cfg for e in teacher_first if e.cfg is not None), RunConfig())
-    data_cfg = cfg.data
     for e in entries:
         if e.model.config.vocab_size != vocab:
             raise ModelError(f"{e.label} has a vocabulary of {e.model.config.vocab_size:,}, {ref.label} of {vocab:,}: "
                              "perplexities over different vocabularies do not compare")
-        if data_cfg.block_size > e.model.config.n_positions:
-            raise ConfigError(f"validation blocks of {data_cfg.block_size} tokens do not fit {e.label}'s context "
+        if cfg.data.block_size > e.model.config.n_positions:
+            raise ConfigError(f"validation blocks of {cfg.data.block_size} tokens do not fit {e.label}'s context "
                               f"of {e.model.config.n_positions}")
     if max_blocks is None:
-        max_blocks = min(data_cfg.max_eval_blocks or 32, 32) if quick else data_cfg.max_eval_blocks
-    val = load_blocks(data_cfg, ref.tokenizer, seed=cfg.train.seed)["validation"]
-    return data_cfg, Blocks(val.ids[:max_blocks or len(val)])
+        max_blocks = min(cfg.data.max_eval_blocks or 32, 32) if quick else cfg.data.max_eval_blocks
+    val = load_blocks(cfg.data, ref.tokenizer, seed=cfg.train.seed)["validation"]
+    return cfg.data, Blocks(val.ids[:max_blocks or len(val)])
 
 
 def measure_side_by_side(pairs: list[tuple[str, Path]], max_blocks: int | None = None, quick: bool = False,
                          device: torch.device | None = None, progress: str | None = None):
-    """Load the models of ``pairs``, check their lineage, and measure them all on the same ``held_out``
-    blocks (on ``device``, else where they load): perplexity, and with a ``teacher`` among them each
-    model's fidelity to it (``measure.quality``). Returns (entries, data config, blocks, scores, notes)."""
+    """Load ``pairs``, check their lineage, and score them all on the same ``held_out`` blocks (on ``device``,
+    else where they load) by ``measure.quality``. Returns (entries, data config, blocks, scores, notes)."""
     entries = [load_entry(label, path) for label, path in pairs]
     notes = check_lineage(entries)
     data_cfg, blocks = held_out(entries, max_blocks, quick)
@@ -311,14 +306,12 @@ def build_report(pairs: list[tuple[str, Path]], out_dir: Path, max_eval_blocks: 
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
     atomic_write_text(out_dir / "report.md", render_markdown(report))
 
-    for e in entries:
-        row = models[e.label]
-        # The card shows this report's perplexity (fp32, the shared blocks), not the training eval.
-        meta = {**e.meta, "val_ppl": row["val_ppl"]}
+    for e in entries:  # the card shows this report's perplexity (fp32, the shared blocks), not the training eval
+        meta = {**e.meta, "val_ppl": models[e.label]["val_ppl"]}
         if "teacher" in models and e.label != "teacher":
             meta["teacher_val_ppl"] = models["teacher"]["val_ppl"]
         update_model_files(e.path, card=model_card(e.cfg.name if e.cfg else e.label, meta, e.cfg,
-                                                   {**row, "device": report["device"]}, folder=e.path.name))
+                                                   {**models[e.label], "device": report["device"]}, folder=e.path.name))
     return report
 
 

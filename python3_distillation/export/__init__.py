@@ -38,9 +38,7 @@ def run_export(src: str | Path, to: str, kind: str | None = None, out: str | Pat
     if out.resolve() == src.resolve():
         raise BadInput("--out must differ from the source folder")
     # Fail before the minutes of work when the output's folder cannot be made or written.
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir():
         raise BadInput(f"{out}: cannot write there ({parent} is a file, not a folder)")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -49,10 +49,9 @@ def _tensors(model) -> list[tuple[str, torch.Tensor]]:
     tied = model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     out = []
     for name, t in model.state_dict().items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # old transformers' causal-mask buffers, not weights
-        if name == "lm_head.weight" and tied:
-            continue  # the token embedding serves as the output
+        # Old transformers' causal-mask buffers are not weights; a tied head is the token embedding.
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or (name == "lm_head.weight" and tied):
+            continue
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ModelError(f"no GGUF name for the tensor {name!r}")

@@ -3,8 +3,7 @@
     gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx            # → ..._v2_onnx/model.onnx
     gpt2-distill export python3_distillation/gpt2_student_v2 --to onnx --int8     # → ..._v2_onnx_int8/ (ORT int8)
 
-One graph for the prompt and every next token, the KV cache in and out under optimum's GPT-2 names;
-names, shapes and how it is made: docs/design/generation.md.
+One graph for the prompt and every next token (optimum's GPT-2 names): docs/design/generation.md.
 """
 
 from __future__ import annotations
@@ -41,8 +40,7 @@ class CachedDecoder(nn.Module):
 def write_onnx(model, tokenizer, out: Path, int8: bool = False) -> Path:
     """Write the folder ``out``, atomically: ``model`` (an fp32 GPT2LMHeadModel) as the ONNX decoder.
 
-    ``int8``: then ONNX Runtime's ``quantize_dynamic`` (int8 MatMul weights). The config, generation config
-    and tokenizer go beside it.
+    ``int8``: then ONNX Runtime's ``quantize_dynamic``. The config, generation config and tokenizer go beside it.
     """
     cfg = model.config
     heads, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
@@ -83,8 +81,7 @@ def session(folder_or_file: str | Path, threads: int = 0):
     path = Path(folder_or_file)
     path = path / ONNX_FILE if path.is_dir() else path
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -93,8 +90,7 @@ def greedy(sess, prompt: list[int], max_new_tokens: int, eos_token_id: int | Non
     past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)  # [batch, heads, past, head_dim]
             for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
     ids = np.array([prompt], dtype=np.int64)
-    done = 0
-    out: list[int] = []
+    done, out = 0, []
     for _ in range(max_new_tokens):
         n = ids.shape[1]
         feed = {"input_ids": ids, "attention_mask": np.ones((1, done + n), np.int64),

@@ -2,10 +2,8 @@
 
     HF_HUB_OFFLINE=1 python -m pytest tests/generation/test_decoders.py -q
 
-Interface (generator.py's): ``add(ids, mask, room)`` prefills new, LEFT padded rows → their next-token
-logits [k, V]; ``step(tokens)``, one token per row → [n, V]; ``remove(rows)`` drops batch positions → the
-new order as old positions (None: cannot). ``GPT2Decoder`` writes GPT-2's forward out over the model's own
-modules with a growable cache; ``HFDecoder`` runs any causal LM's own. Both match ``generate`` token for token.
+``GPT2Decoder`` (GPT-2's forward written out) and ``HFDecoder`` (any causal LM's own); their interface, the
+cache layout, the fused GELU and the transposed head: docs/design/generation.md.
 """
 
 from __future__ import annotations
@@ -29,8 +27,7 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 def module_spec(module) -> tuple[str, tuple] | None:
     """What a module computes, as (kind, its tensors) for the kinds written out here, else None.
 
-    ``GPT2Decoder`` calls the float kinds directly and any other module itself; ``StepGraph`` (compiled.py)
-    runs every kind inside its graph, the int8 ones through the same kernel.
+    ``GPT2Decoder`` calls the float kinds directly; ``StepGraph`` (compiled.py) runs every kind in its graph.
     """
     def plain(t) -> bool:  # None, or a float tensor that is not a subclass (e.g. a quantized one)
         return t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype.is_floating_point)
@@ -55,12 +52,7 @@ def module_spec(module) -> tuple[str, tuple] | None:
 
 
 def fast(module: torch.nn.Module) -> Fn:
-    """The module as one callable chosen once.
-
-    The float kinds of ``module_spec`` in their functional form, GPT-2's ``gelu_new`` as PyTorch's fused
-    tanh GELU (one kernel instead of eight; rounding differs by ~1e-7, checked token for token against
-    ``generate``); any other module (e.g. an int8 one) as it is.
-    """
+    """The module as one callable chosen once: ``module_spec``'s float kinds functional (GELU fused), others as-is."""
     kind, t = module_spec(module) or ("", ())
     if kind == "addmm":
         return lambda x, w=t[0], b=t[1]: torch.addmm(b, x, w)
@@ -79,12 +71,7 @@ def plain_head(model) -> torch.Tensor | None:  # the weight of a float, bias-fre
 
 
 def cpu_head_t(model) -> torch.Tensor | None:
-    """The lm-head weight transposed ([d, vocab], contiguous) for a standard head on CPU, else None.
-
-    MKL's product of one row with the vocab×d weight (a gemv, ``F.linear`` at batch 1) runs at a fraction
-    of memory speed, ``x @ Wᵀ`` with ``Wᵀ`` contiguous near it (benchmarks/bench_generate.py); batch 1 is
-    the latency case, so it gets a copy.
-    """
+    """The lm-head weight transposed ([d, vocab], contiguous; fast at batch 1) of a standard head on CPU, else None."""
     w = plain_head(model)
     return w.detach().t().contiguous() if w is not None and w.device.type == "cpu" else None
 
@@ -100,7 +87,7 @@ def head(model, head_t: torch.Tensor | None) -> Fn:
 
 
 def float_logits(h: torch.Tensor, w: torch.Tensor, head_t: torch.Tensor | None) -> torch.Tensor:
-    """``h [n, d] @ wᵀ`` in float32: one row via ``head_t`` (``cpu_head_t``), several as a gemm with ``w`` (fastest)."""
+    """``h [n, d] @ wᵀ`` in float32: one row via ``head_t`` (``cpu_head_t``), more as a gemm with ``w`` (fastest)."""
     if head_t is not None and h.shape[0] == 1:
         return torch.mm(h, head_t).float()
     return torch.mm(w, h.t()).t().contiguous().float()
@@ -117,15 +104,7 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class GPT2Decoder:
-    """GPT-2's forward over the HF model's own modules, for decoding, with a cache rows can join.
-
-    Each layer's cache is one tensor [rows, 2 (k/v), heads, columns, head dim]. Rows share the column axis:
-    every row's newest token is in column ``t - 1``, its older tokens to the left, its first real token at
-    ``first[row]`` (left of it: other rows' history, masked out). A joining row's prompt is written
-    right-aligned to ``t``; the cache grows by reallocation (rows and columns) and columns no live row can
-    see are cut off the left. Everything is zero-initialised: masked columns still enter the attention
-    product, and garbage there could be NaN (NaN · 0 = NaN). Why it is written out: docs/design/generation.md.
-    """
+    """GPT-2's forward over the HF model's own modules, for decoding, with a cache rows can join (design page)."""
 
     def __init__(self, model, head_t: torch.Tensor | None = None):
         tr = model.transformer
@@ -218,8 +197,7 @@ class GPT2Decoder:
         allowed = (causal[None] & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)[None]
         h = self.wte(ids) + self.wpe(pos)
         h = self._blocks(h, slice(r0, r1), c0, c1, c0, additive(allowed[:, None], self.dtype))
-        pads = (~mask).long().sum(1).tolist()  # left padding: real tokens start after the pads
-        self.first += [c0 + p for p in pads]
+        self.first += [c0 + p for p in (~mask).long().sum(1).tolist()]  # real tokens start after the left pads
         self.n = r1
         return self.head(self.ln_f(h[:, -1]))
 
@@ -268,7 +246,7 @@ class HFDecoder:
         sig = inspect.signature(model.forward).parameters
         # transformers 5.x renamed past_key_values → cache (the old name is deprecated).
         self.cache_kw = "cache" if "cache" in sig else "past_key_values"
-        self.logits_to_keep = "logits_to_keep" in sig
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in sig else {}  # only the last position's logits
         self.max_pos = context_length - 1
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [n, T] long
@@ -293,8 +271,7 @@ class HFDecoder:
     def add(self, ids: torch.Tensor, mask: torch.Tensor, room: int = 1) -> torch.Tensor:
         mask = mask.long()
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
-        extra = {"logits_to_keep": 1} if self.logits_to_keep else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self.extra)
         cache, pos = self._out_cache(out), pos[:, -1:] + 1
         if self.n == 0:
             self.cache, self.mask, self.pos = cache, mask, pos

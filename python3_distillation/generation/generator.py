@@ -49,10 +49,9 @@ class Completion:
 
 @dataclass
 class StreamEvent:
-    """New text of one row; ``completion`` is set on the row's last event (``finished=True``).
+    """New text of the row keyed ``row`` (its index for ``stream_batch``); its last event has ``finished=True``.
 
-    ``row`` is the row's key (its index for ``stream_batch``). A row that failed ends with ``finished=True``,
-    ``completion=None`` and the exception in ``error``.
+    ``completion`` is set on that event, or, for a row that failed, ``None`` with the exception in ``error``.
     """
 
     row: Any
@@ -79,10 +78,6 @@ class _Row(RowInput):
     started: float
     token_ids: list[int] = field(default_factory=list)
     done: bool = False
-
-    @property
-    def remaining(self) -> int:
-        return self.params.max_new_tokens - len(self.token_ids)
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -165,9 +160,6 @@ class Generator:
         with self._tokenizer_lock:
             return self.tokenizer.encode(text)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text))
-
     def check_prompt(self, prompt: str, params: SamplingParams, truncate: bool = False) -> list[int]:
         """Token ids of ``prompt``; errors for bad settings, empty or too-long prompts (``truncate``: keep the end)."""
         if not isinstance(prompt, str):
@@ -207,8 +199,8 @@ class Generator:
                      truncate: bool = False, cancelled: Callable[[int], bool] | None = None) -> Iterator[StreamEvent]:
         """One batched decode with per-row params, yielding each row's new text as it is produced.
 
-        Inputs are checked here, before the first event, so a bad prompt raises at the call.
-        ``cancelled(row)`` is asked before every forward (``DecodeBatch.step``'s ``stop``).
+        Inputs are checked before the first event, so a bad prompt raises at the call; ``cancelled(row)`` is
+        asked before every forward (``DecodeBatch.step``'s ``stop``).
         """
         if isinstance(prompts, str):
             raise GenerationError("prompts must be a list of strings, not one string")
@@ -279,7 +271,7 @@ def _finished(events: Iterator[StreamEvent]) -> dict[Any, Completion]:
 class DecodeBatch:
     """Rows decoding together: they join at any step and leave when finished.
 
-    ``step(new, stop)`` → one decode step's events; ``stop(key)``, asked for every row first, finishes it ``cancelled``.
+    ``step(new, stop)`` → one step's events; ``stop(key)``, asked for every row first, finishes it ``cancelled``.
     """
 
     # Drop finished rows from the cache once this share of the batch is finished (each drop copies).
@@ -338,7 +330,7 @@ class DecodeBatch:
     def _join(self, inputs: list[RowInput], events: list[StreamEvent]) -> torch.Tensor | None:
         """Prefill ``inputs`` into the batch; a group that fails is retried row by row, failing only culprits."""
         rows = [self._row(inp) for inp in inputs]
-        room = max([r.remaining for r in rows] + [r.remaining for r in self.rows if not r.done])
+        room = max(r.params.max_new_tokens - len(r.token_ids) for r in rows + self.rows if not r.done)
         if len(rows) > 1:
             with contextlib.suppress(Exception):  # retried row by row below
                 return self._prefill(rows, room)
@@ -370,17 +362,14 @@ class DecodeBatch:
         self.tokens += [self.gen.pad_token_id] * len(rows)  # replaced by their first token below
         self.knobs = None
         if self.seen is not None or any(r.params.repetition_penalty != 1 for r in self.rows):
-            self._extend_seen(rows)
+            # Which tokens each row has seen (prompt and output), for the repetition penalty.
+            fresh = rows if self.seen is not None else self.rows
+            seen = torch.zeros(len(fresh), self.gen.vocab_size, dtype=torch.bool, device=self.gen.device)
+            for j, r in enumerate(fresh):
+                ids = [i for i in r.ids + r.token_ids if 0 <= i < self.gen.vocab_size]
+                seen[j, torch.tensor(ids, dtype=torch.long, device=seen.device)] = True
+            self.seen = seen if self.seen is None else torch.cat([self.seen, seen])
         return logits
-
-    def _extend_seen(self, rows: list[_Row]) -> None:
-        """Which tokens each row has seen (prompt and output), for the repetition penalty."""
-        fresh = rows if self.seen is not None else self.rows
-        seen = torch.zeros(len(fresh), self.gen.vocab_size, dtype=torch.bool, device=self.gen.device)
-        for j, r in enumerate(fresh):
-            ids = [i for i in r.ids + r.token_ids if 0 <= i < self.gen.vocab_size]
-            seen[j, torch.tensor(ids, dtype=torch.long, device=seen.device)] = True
-        self.seen = seen if self.seen is None else torch.cat([self.seen, seen])
 
     def _advance(self, logits: torch.Tensor) -> list[StreamEvent]:
         """Pick every row's next token from ``logits`` [n, V] and turn it into events."""

@@ -2,8 +2,7 @@
 
     python -c "from python3_distillation.generation import SamplingParams; print(SamplingParams(temperature=0))"
 
-Per-row settings, applied to the whole batch at once; why a seed gives the same text on CPU and CUDA in any
-batch position: docs/design/generation.md.
+Per-row settings, applied to the whole batch at once; seeds: docs/design/generation.md.
 """
 
 from __future__ import annotations

@@ -2,9 +2,7 @@
 
     python -c "import python3_distillation.generation.text as t; r = t.RowText(['bc']); print(r.add(b'ab'), r.finish())"
 
-Text is produced from token bytes through an incremental UTF-8 decoder, so a streamed piece never
-holds half a character, and text that could be the start of a stop string is held back until it
-is known not to be one.
+How: docs/design/generation.md.
 """
 
 from __future__ import annotations
@@ -61,21 +59,12 @@ class RowText:
             self.text = self.text[:min(hits)]
             self.stopped = True
             return self._emit(len(self.text))
-        return self._emit(len(self.text) - self._held())
-
-    def _held(self) -> int:
-        """Length of the longest tail of the unsent text that is a proper prefix of a stop string.
-
-        Only unsent text can be held: the work per token is bounded by the stops' length (MAX_STOP_CHARS each).
-        """
-        pending = len(self.text) - self.emitted
-        hold = 0
+        # Hold back the longest tail of the unsent text that is a proper prefix of a stop string. Only unsent
+        # text can be held: the work per token is bounded by the stops' length (MAX_STOP_CHARS each).
+        pending, hold = len(self.text) - self.emitted, 0
         for s in self.stop:
-            for k in range(min(len(s) - 1, pending), hold, -1):
-                if self.text.endswith(s[:k]):
-                    hold = k
-                    break
-        return hold
+            hold = next((k for k in range(min(len(s) - 1, pending), hold, -1) if self.text.endswith(s[:k])), hold)
+        return self._emit(len(self.text) - hold)
 
     def _emit(self, upto: int) -> str:
         out = self.text[self.emitted:upto]  # "" when nothing new is safe

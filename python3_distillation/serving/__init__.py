@@ -2,6 +2,5 @@
 
     python python3_distillation/distill_api_server_v2.py     # gunicorn on http://127.0.0.1:6006
 
-The modules and how they fit: docs/design/serving.md. Nothing here imports Flask at package import, so
-``schemas`` stays light for the command line.
+The modules and how they fit (and why this package imports no Flask itself): docs/design/serving.md.
 """

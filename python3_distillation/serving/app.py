@@ -4,9 +4,7 @@
 app = create_app({'model_dirs': ['python3_distillation/gpt2_student_v2'], 'load_in_background': False}); \
 print(app.test_client().get('/ready').get_json()); app.extensions['distill'].close()"
 
-Here: the page, the probes and what every request passes through (Host allow-list, JSON-only POST bodies,
-request ids, metrics, security headers). ``app.extensions["distill"]`` is the app's state (``close()`` stops
-its batchers). Routes and the guards' reasons: README.md, "Serving"; design notes: docs/design/serving.md.
+Routes and the guards' reasons: README.md, "Serving"; what this module holds: docs/design/serving.md.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from functools import cache
+from functools import cache, partial
 
 from flask import Blueprint, Flask, Response, g, jsonify, render_template, request
 
@@ -65,10 +63,13 @@ def create_app(config: ServeConfig | Mapping | None = None,
     app.extensions["distill"] = st
     app.register_blueprint(bp)
     errors.install(app)
-    allow = HostAllowList(cfg)
-    app.before_request(lambda: _before(allow))
+    app.before_request(partial(_before, HostAllowList(cfg)))
     app.after_request(_after)
-    _attach_gunicorn_logging(app)
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    if gunicorn_log.handlers:  # under gunicorn: one log stream, one level
+        for name in ("python3_distillation", app.logger.name):
+            logging.getLogger(name).handlers = gunicorn_log.handlers
+            logging.getLogger(name).setLevel(gunicorn_log.level)
     return app
 
 
@@ -140,15 +141,6 @@ def _after(response: Response) -> Response:
         response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
         response.headers["Vary"] = "Accept-Language"
     return response
-
-
-def _attach_gunicorn_logging(app: Flask) -> None:
-    gunicorn_log = logging.getLogger("gunicorn.error")
-    if gunicorn_log.handlers:  # under gunicorn: one log stream, one level
-        for name in ("python3_distillation", app.logger.name):
-            logger = logging.getLogger(name)
-            logger.handlers = gunicorn_log.handlers
-            logger.setLevel(gunicorn_log.level)
 
 
 @cache

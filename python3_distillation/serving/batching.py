@@ -95,8 +95,7 @@ class Job:
             raise JobFailed(RuntimeError(f"unexpected {kind} before start"))
 
     def events(self, grace: float = 10.0):
-        """Yield ``(row, StreamEvent)`` until every row finished; rows stop at the deadline by themselves,
-        ``grace`` only bounds the wait when one decode step hangs far beyond it."""
+        """``(row, StreamEvent)`` until every row finished; rows stop at the deadline, ``grace`` bounds a hung step."""
         while True:
             kind, payload = self._get(self.deadline - time.monotonic() + grace)
             if kind == DONE:
@@ -186,8 +185,7 @@ class Batcher:
             while self._line and running + len(self._line[0].rows) <= self.max_rows:
                 jobs.append(self._line.popleft())
                 running += len(jobs[-1].rows)
-            if jobs:
-                self._set_depth()
+            self._set_depth()
             return jobs
 
     def _run(self) -> None:
@@ -226,8 +224,7 @@ class Batcher:
                 live[job] = None
                 job.put(STARTED)
                 m.queue_wait.labels(model=self.name).observe(now - job.submitted)
-            events = batch.step(new, stop=lambda key: key[0].should_stop())
-            for event in events:
+            for event in batch.step(new, stop=lambda key: key[0].should_stop()):
                 self._deliver(event, live)
             m.running_rows.labels(model=self.name).set(len(batch))
             if batch.rows_in_use:

@@ -108,8 +108,7 @@ class ServeConfig(BaseSettings):
 
     def check_model_dirs(self) -> ServeConfig:
         """``self``, once every model folder exists (ModelError otherwise: fail before claiming to be up)."""
-        missing = [d for d in self.model_dirs if not os.path.isdir(d)]
-        if missing:
+        if missing := [d for d in self.model_dirs if not os.path.isdir(d)]:
             raise ModelError(f"model folder(s) not found: {', '.join(missing)} "
                              "(train them first: `make run`, or pass --model / DISTILL_MODEL_DIR)")
         return self

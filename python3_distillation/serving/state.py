@@ -123,24 +123,21 @@ class ServingState:
             b.close()
         self.metrics.ready.set(0)
 
-    def _failure(self) -> str | None:
-        """Why this process cannot serve: loading failed, or a batcher thread died."""
-        for name, b in self.batchers.items():
-            if not b.alive:
-                return public(f"the batcher thread of model {name!r} is not running"
-                              + (f": {b.error}" if b.error else ""))
-        return self.load_error
+    def _failed(self) -> tuple[int, dict[str, Any]] | None:
+        """503 and why when this process cannot serve: a batcher thread died, or loading failed."""
+        dead = [public(f"the batcher thread of model {name!r} is not running" + (f": {b.error}" if b.error else ""))
+                for name, b in self.batchers.items() if not b.alive]
+        reason = dead[0] if dead else self.load_error
+        return (503, {"status": "failed", "reason": reason}) if reason else None
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """Liveness: (HTTP status, body)."""
-        if failure := self._failure():
-            return 503, {"status": "failed", "reason": failure}
-        return 200, {"status": "ok", "models": "ready" if self.ready.is_set() else "loading"}
+        return self._failed() or (200, {"status": "ok", "models": "ready" if self.ready.is_set() else "loading"})
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
         """Readiness: (HTTP status, body with the reason when not ready)."""
-        if failure := self._failure():  # batchers exist only once loaded, so a dead one means a loaded model
-            return 503, {"status": "failed", "reason": failure}
+        if failed := self._failed():  # batchers exist only once loaded, so a dead one means a loaded model
+            return failed
         if not self.ready.is_set():
             waited = time.monotonic() - self.loading_since
             return 503, {"status": "loading", "reason": f"models are still loading ({waited:.0f} s so far)"}
@@ -162,8 +159,7 @@ class ServingState:
 
 def describe(name: str, gen: Generator, folder: Path | None) -> dict[str, Any]:
     """What the page, /api/info and /v1/models show about a model (no filesystem paths)."""
-    tensors = list(gen.model.parameters()) + list(gen.model.buffers())
-    size = sum(t.numel() * t.element_size() for t in tensors)
+    size = sum(t.numel() * t.element_size() for t in (*gen.model.parameters(), *gen.model.buffers()))
     disk = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in {".safetensors", ".bin"}) \
         if folder and folder.is_dir() else None
     return {"id": name, "n_params": int(gen.n_params), "size_bytes": int(size), "size": human_bytes(size),
