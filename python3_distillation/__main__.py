@@ -1,7 +1,7 @@
-"""``gpt2-distill`` as a module: for when the console script is not on PATH, and for ``accelerate launch``.
+"""python -m python3_distillation assets|prepare-data|teacher|distill|cache-teacher|report|quantize|export|prune|augment|infer|serve ...
 
-    python -m python3_distillation infer "It is a truth"      # any command of cli.py; --help lists them
-    accelerate launch -m python3_distillation distill --config v2
+The same commands as ``gpt2-distill`` (see :mod:`python3_distillation.cli`), for when the console
+script is not on PATH, and for ``accelerate launch -m python3_distillation distill ...``.
 """
 
 from python3_distillation.cli import main
