@@ -83,8 +83,7 @@ def _ar_members(data: bytes, name: str) -> dict[str, bytes]:
             raise CorpusError(f"{name}: corrupt ar member size at byte {pos}") from None
         start = pos + 60
         if start + size > len(data):
-            raise CorpusError(f"{name}: truncated (member {member} needs {size} bytes, "
-                              f"{len(data) - start} left)")
+            raise CorpusError(f"{name}: truncated (member {member} needs {size} bytes, {len(data) - start} left)")
         members[member] = data[start : start + size]
         pos = start + size + (size & 1)
     return members

@@ -44,8 +44,6 @@ def pick_device(device: str | torch.device | None = None, *, cpu: bool = False) 
     return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
 
 
-# ------------------------------------------------------------------------------------- precision
-
 @dataclasses.dataclass(frozen=True)
 class Precision:
     """The mixed-precision mode to use (``"no"`` = fp32, ``"bf16"``, ``"fp16"``) and why."""
@@ -81,12 +79,8 @@ def _alternating_best(a: Callable[[], object], b: Callable[[], object], pairs: i
 
 
 def probe_cpu_bf16() -> float:
-    """fp32 time ÷ bf16-autocast time of a training-shaped ``F.linear`` on this CPU (>1: bf16 faster).
-
-    Two stages so a machine without native bf16 pays milliseconds, not seconds: a small matmul first
-    (on the scalar fallback it is already >5× slower than fp32, and the probe stops), then the shape
-    of a d768 block's projection over 512 tokens, 16 alternating pairs (~0.1 s with native bf16).
-    """
+    """fp32 time ÷ bf16-autocast time of a training-shaped ``F.linear`` on this CPU (>1: bf16 faster); a small
+    matmul first, so a CPU on the scalar fallback pays milliseconds, not seconds (docs/design/training.md)."""
     gen = torch.Generator().manual_seed(0)
 
     def ratio(tokens: int, d_in: int, d_out: int, pairs: int) -> float:
@@ -121,11 +115,8 @@ _CPU_PROBE: float | None = None  # the probe's answer, measured once per process
 
 
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether this GPU does bf16 matmuls in hardware (CUDA compute capability ≥ 8.0: A100, L4, H100).
-
-    Not ``torch.cuda.is_bf16_supported()`` alone: by default it counts emulation, so it says True on
-    a T4 or V100 (7.x), where bf16 is far slower than fp16; and it asks about the current device.
-    """
+    """Whether this GPU does bf16 matmuls in hardware (CUDA compute capability ≥ 8.0: A100, L4, H100; not
+    ``torch.cuda.is_bf16_supported()`` alone: docs/design/training.md)."""
     major, _ = torch.cuda.get_device_capability(device)
     rocm = bool(getattr(torch.version, "hip", None))  # ROCm: torch knows per GPU architecture
     return (rocm or major >= 8) and bool(torch.cuda.is_bf16_supported(including_emulation=False))
@@ -187,8 +178,6 @@ def decide_for_run(requested: str, cpu: bool = False) -> Precision:
         broadcast_object_list(choice, from_process=0)
     return choice[0]
 
-
-# --------------------------------------------------------------------------- KL chunks, compile, the plan
 
 def kd_chunk_elements(device: torch.device | str | None = None) -> int:
     """Logits per chunk of the chunked KL (losses.py) on ``device`` (None = CPU)."""
@@ -296,8 +285,6 @@ def plan(device: torch.device | str, precision: Precision | None = None, mixed_p
     on, why = decide_compile(compile, device, has_triton)
     return DevicePlan(str(device), precision, on, why, compile)
 
-
-# --------------------------------------------------------------------------------------- serving
 
 SERVING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -250,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports", help="where experiments.md goes (default reports/)")
     p.add_argument("--eval-blocks", type=int, default=64, help="validation blocks every model is measured on (default 64)")
     p.add_argument("--prune-batches", type=int, default=4, help="batches of 4 blocks that score the units (default 4)")
-    n_samples = AugmentSettings().n_samples
-    p.add_argument("--augment-samples", type=int, default=n_samples,
-                   help=f"teacher continuations to sample (default {n_samples})")
+    p.add_argument("--augment-samples", type=int, default=AugmentSettings().n_samples,
+                   help="teacher continuations to sample (default %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="applied to every variant, e.g. train.max_steps=50 (steps stay equal across variants)")
     args = p.parse_args(argv)

@@ -85,7 +85,8 @@ def publish_dir(tmp: Path, dest: Path) -> None:
     _fsync_path(dest.parent)
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
+    """Bytes in decimal units (``3.0 MB``), as the report's and the README's sizes are."""
     for unit in ("B", "KB", "MB"):
         if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -109,8 +110,8 @@ def reporting_disk_full(what: str, where: str | Path, need: int | None = None,
         where = Path(where)
         probe = next((p for p in (where, *where.parents) if p.exists()), Path("."))
         free = shutil.disk_usage(probe).free
-        needs = f"needs about {_size(need)}, " if need else ""
-        raise DiskFullError(f"out of disk space writing {what} to {where} ({needs}{_size(free)} free there); "
+        needs = f"needs about {human_size(need)}, " if need else ""
+        raise DiskFullError(f"out of disk space writing {what} to {where} ({needs}{human_size(free)} free there); "
                             f"{intact}; free some space and run the command again") from None
 
 

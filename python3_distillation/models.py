@@ -230,14 +230,8 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 @torch.no_grad()
 def narrow_init(student: GPT2LMHeadModel, teacher: GPT2LMHeadModel, layers: list[int], rule: str = "truncate") -> None:
     """Start a narrower student from the teacher: every residual-stream weight is projected onto the
-    basis P (``residual_basis``), and each block keeps its largest heads and MLP neurons.
-
-    With the teacher's residual stream h ≈ P·h_s: embeddings E·P; a layer norm's gain and bias
-    become diag(Pᵀ diag(g) P) and Pᵀb (a layer norm does not commute with a rotation, so this is
-    the closest diagonal); a matmul reading the stream gets Pᵀ·W on its input side, one writing to
-    it W·P on its output side. Heads keep the teacher's head size; the heads kept are those with
-    the largest weight norm (query, key, value and output rows together), likewise MLP neurons.
-    """
+    basis P (``residual_basis``), and each block keeps its largest heads and MLP neurons (the algebra:
+    docs/design/training.md)."""
     t, s = teacher.transformer, student.transformer
     d_t, d_s = teacher.config.n_embd, student.config.n_embd
     hs = d_t // teacher.config.n_head
@@ -282,12 +276,8 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def write_config(folder: str | Path, config: dict) -> None:
-    """``config.json`` plus the fields model converters read but transformers 5 no longer writes for GPT-2.
-
-    llama.cpp's ``convert_hf_to_gguf.py`` reads ``n_ctx`` (GPT-2's original name for the context
-    length) and stops with ``KeyError: 'n_ctx'`` without it. transformers reads it back as a plain
-    extra attribute: no weight or behaviour changes.
-    """
+    """``config.json`` plus ``n_ctx``, which llama.cpp's converter needs and transformers 5 no longer writes (why:
+    docs/design/training.md)."""
     config = dict(config)
     if "n_positions" in config:
         config.setdefault("n_ctx", config["n_positions"])

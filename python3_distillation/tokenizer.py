@@ -35,13 +35,6 @@ GPT2_VOCAB_SIZE = 50257
 KNOWN_ENCODINGS = {"Hello world": [15496, 995], " Hello world": [18435, 995]}
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte → printable-character map (openai/gpt-2 ``encoder.py``, as transformers has it)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return bytes_to_unicode()
-
-
 def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
     """Rank-ordered BPE on ``token`` using only merges ranked below ``max_rank``."""
     parts = [bytes([b]) for b in token]
@@ -59,6 +52,8 @@ def ranks_to_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], 
     Each multi-byte token was made by exactly one merge; re-running BPE on its bytes with only the
     merges ranked before it leaves the two halves of that merge.
     """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte → printable-character map
+
     b2u = bytes_to_unicode()
 
     def show(b: bytes) -> str:

@@ -107,10 +107,8 @@ class BatchPrefetcher:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == k:
             batch = ahead[1]
-        elif self.prefetch:
-            batch = make_batch(self.blocks, self.indices(k), self.device, pin=True)
         else:
-            batch = make_batch(self.blocks, self.indices(k), self.device)
+            batch = make_batch(self.blocks, self.indices(k), self.device, pin=self.prefetch)
         if self.prefetch and k + 1 < self.end:
             self._ahead = (k + 1, make_batch(self.blocks, self.indices(k + 1), self.device, pin=True))
         return batch

@@ -136,7 +136,7 @@ def test_prefetcher_makes_the_next_batch_ahead_only_when_asked(monkeypatch):
     made.clear()
     plain = train_module.BatchPrefetcher(blocks, rows, "cpu", prefetch=False, end=3)
     assert [plain.get(k)["k"] for k in range(3)] == [0, 1, 2]
-    assert made == [(0, None), (1, None), (2, None)]  # made when asked, the call the loop always made
+    assert made == [(0, False), (1, False), (2, False)]  # made when asked, unpinned
 
 
 def test_the_loop_reads_losses_back_only_when_it_logs(tmp_path, text_corpus, monkeypatch):

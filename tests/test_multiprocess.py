@@ -105,14 +105,14 @@ real_make_batch = train_module.make_batch
 train_calls = 0
 
 
-def make_batch(blocks, idx, device):
+def make_batch(blocks, idx, device, **kwargs):
     global train_calls
     record(kind="batch", n=len(blocks), idx=idx.tolist())
     if len(blocks) == int(os.environ["MP_TRAIN_BLOCKS"]):
         train_calls += 1
         if train_calls == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-    return real_make_batch(blocks, idx, device)
+    return real_make_batch(blocks, idx, device, **kwargs)
 
 
 train_module.make_batch = make_batch

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import codecs
 
-from python3_distillation.tokenizer import bytes_to_unicode
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
 def token_byte_table(tokenizer, size: int) -> list[bytes]:

@@ -180,7 +180,7 @@ def generate() -> Response:
     st = state()
     req: GenerateRequest = read(GenerateRequest)
     name, gen, batcher = st.model(req.model)
-    prompts = req.prompt_list()
+    prompts = [req.prompt] if req.prompt is not None else req.prompts
     key = "prompt" if req.prompt is not None else "prompts"
     if len(prompts) > st.config.max_prompts:
         raise invalid(f"{len(prompts)} prompts in one request; the limit is {st.config.max_prompts}", key)

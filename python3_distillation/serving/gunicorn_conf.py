@@ -13,7 +13,6 @@ import os
 
 from python3_distillation.serving.settings import ServeConfig
 
-
 bind = ["127.0.0.1:6006"]
 worker_class = "gthread"
 workers = 1

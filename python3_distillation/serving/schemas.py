@@ -53,9 +53,6 @@ class GenerateRequest(SamplingParams):
             raise ValueError("give exactly one of 'prompt' (a string) or 'prompts' (a list of strings)")
         return self
 
-    def prompt_list(self) -> list[str]:
-        return [self.prompt] if self.prompt is not None else list(self.prompts or [])
-
 
 class StreamOptions(BaseModel):
     model_config = SamplingParams.model_config

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from python3_distillation.device_plan import pick_device, serving_dtype
+from python3_distillation.evaluation.measure import weights_bytes
+from python3_distillation.fsio import human_size
 from python3_distillation.generation import Generator
 from python3_distillation.generation.compiled import cpp_compiler
 from python3_distillation.int8 import is_int8_dir
@@ -160,21 +162,12 @@ class ServingState:
 def describe(name: str, gen: Generator, folder: Path | None) -> dict[str, Any]:
     """What the page, /api/info and /v1/models show about a model (no filesystem paths)."""
     size = sum(t.numel() * t.element_size() for t in (*gen.model.parameters(), *gen.model.buffers()))
-    disk = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in {".safetensors", ".bin"}) \
-        if folder and folder.is_dir() else None
-    return {"id": name, "n_params": int(gen.n_params), "size_bytes": int(size), "size": human_bytes(size),
+    disk = weights_bytes(folder) if folder and folder.is_dir() else None
+    return {"id": name, "n_params": int(gen.n_params), "size_bytes": int(size), "size": human_size(size),
             "disk_bytes": disk, "context_length": int(gen.context_length), "device": str(gen.device),
             "precision": gen.precision, "precision_reason": getattr(gen, "dtype_reason", None),
             "decode_step": "compiled" if gen.compile else "eager",
             "n_layer": getattr(gen.model.config, "n_layer", None)}
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 @atexit.register

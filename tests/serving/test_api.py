@@ -35,6 +35,7 @@ def test_health_ready_info_models(client):
     (m,) = info["models"]
     assert m["n_params"] > 1_000_000 and m["context_length"] == 64 and m["size_bytes"] >= 4 * m["n_params"]
     assert m["precision"] == "fp32" and "path" not in m
+    assert m["size"] == f"{m['size_bytes'] / 1e6:.1f} MB"  # decimal units, as the report's and the README's sizes
     models = client.get("/v1/models").get_json()
     assert models["object"] == "list" and [d["id"] for d in models["data"]] == ["tiny"]
 
@@ -73,6 +74,8 @@ def test_ready_is_503_until_models_are_loaded(make_app, tiny_dir, tiny, monkeypa
     release.set()
     assert wait_for(lambda: c.get("/ready").status_code == 200)
     assert c.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+    (m,) = c.get("/api/info").get_json()["models"]
+    assert m["disk_bytes"] == (tiny_dir / "model.safetensors").stat().st_size  # the weights file on disk
 
 
 def test_missing_model_folder_fails_at_startup(make_app, tmp_path):
